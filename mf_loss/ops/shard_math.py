@@ -1,0 +1,164 @@
+"""Pure per-shard cross-entropy math, in composed MindSpore ops. No communication happens here.
+
+A rank holds `logits[:, vocab_start:vocab_start + Vl]`. The loss of a row needs a few row statistics over
+the whole vocabulary; each is a sum over classes, so each rank computes its share (`local_row_stats`),
+the communication layer gathers the shares, and `combine_row_stats` finishes them identically on every
+rank. All shares are taken relative to the rank's own max `m_r` and re-based on the global max `m`
+with `(m_r - m)` terms: at logits ~1e4 a float32 `lse - x_y` would lose ~5e-4, the shifted form loses
+nothing (x - m is exact when x is close to m, and negligible when it is not).
+
+Columns of the per-rank statistics (N, K):
+    0  row_max      m_r = max_c x_c                           (-inf rows are re-based at 0)
+    1  sum_exp      s_r = sum_c exp(x_c - m_r)
+    2  target_dot   sum_c w_c t_c (x_c - m_r)                  (class index: w_y (x_y - m_r) on the owner)
+    3  target_mass  sum_c w_c t_c                              (class index: w_y on the owner, else 0)
+    4  smooth_dot   sum_c w_c (x_c - m_r)                       (only with label smoothing)
+
+Per token, with lse = m + log_s and V the full vocabulary, W = sum_c w_c:
+    loss = (1-eps) (mass log_s - target_shifted) + eps/V (W log_s - smooth_shifted) + z lse^2
+and the gradient w.r.t. the (soft-capped) logits is
+    dx_c = p_c a - w_c (b + q t_c),   p_c = exp(x_c - m - log_s)
+    a = dout ((1-eps) mass + eps W / V + 2 z lse),   b = dout eps / V,   q = dout (1-eps)
+A row whose a, b and q are all zero (masked, ignored, or zero upstream gradient) gets exact zeros,
+whatever its logits hold.
+
+The fused kernels (`mf_loss.ops.fused`) compute the same statistics and gradient; this module is their
+reference and the portable path for every backend.
+"""
+import mindspore as ms
+from mindspore import ops
+
+# Primitive instances, not functional forms: inside a custom bprop in GRAPH mode the functional
+# `ops.zeros_like` and friends fail to compile ("The func graph is empty").
+_select = ops.Select()
+_zeros_like = ops.ZerosLike()
+_ones_like = ops.OnesLike()
+_exp = ops.Exp()
+_log = ops.Log()
+_tanh = ops.Tanh()
+_cast = ops.Cast()
+_isfinite = ops.IsFinite()
+_stack = ops.Stack(-1)
+_gather_d = ops.GatherD()
+_scatter_add = ops.TensorScatterElements(axis=1, reduction="add")
+
+ROW_MAX, SUM_EXP, TARGET_DOT, TARGET_MASS, SMOOTH_DOT = range(5)
+
+
+def num_stat_columns(label_smoothing: float) -> int:
+    return 5 if label_smoothing > 0 else 4
+
+
+def softcapped(logits, softcap):
+    """The logits in float32, through `softcap * tanh(x / softcap)` when a cap is set."""
+    x = _cast(logits, ms.float32)
+    if softcap is None:
+        return x
+    return softcap * _tanh(x / softcap)
+
+
+def owned_target(label, vocab_start: int, local_vocab: int):
+    """(owned, local index) of each row's class on this rank; the index is 0 where not owned."""
+    local = label - vocab_start
+    owned = ops.logical_and(local >= 0, local < local_vocab)
+    return owned, _select(owned, local, _zeros_like(local))
+
+
+def local_row_stats(logits, label, target_probs, weight, vocab_start: int, softcap, label_smoothing: float):
+    """This rank's (N, K) statistics (see the module docstring) from its logits slice (N, Vl).
+
+    `label` (N,) int32 global class ids is used when `target_probs` is None; otherwise `target_probs`
+    (N, Vl) holds this slice's target probabilities. `weight` is this slice's class weights (Vl,) or None.
+    """
+    x = softcapped(logits, softcap)
+    row_max = x.max(axis=-1)
+    # A slice that is all -inf is legal (the row's mass lives on another rank): re-base it at 0 so that
+    # its shares stay 0 instead of NaN. +inf and NaN stay as they are and surface as non-finite.
+    row_max = _select(row_max == float("-inf"), _zeros_like(row_max), row_max)
+    shifted = x - row_max.reshape(-1, 1)
+    columns = [row_max, _exp(shifted).sum(axis=-1)]
+    if target_probs is None:
+        owned, index = owned_target(label, vocab_start, x.shape[-1])
+        picked = _gather_d(shifted, 1, index.reshape(-1, 1)).reshape(-1)
+        mass = _ones_like(picked) if weight is None else ops.gather(weight, index, 0)
+        mass = _select(owned, mass, _zeros_like(mass))
+        columns += [_select(owned, mass * picked, _zeros_like(picked)), mass]
+    else:
+        weighted_target = _cast(target_probs, ms.float32)
+        if weight is not None:
+            weighted_target = weighted_target * weight
+        columns += [(weighted_target * shifted).sum(axis=-1), weighted_target.sum(axis=-1)]
+    if label_smoothing > 0:
+        columns.append((shifted if weight is None else shifted * weight).sum(axis=-1))
+    return _stack(columns)
+
+
+def combine_row_stats(gathered, rank_weight_sums):
+    """Finish the row statistics from every rank's share, identically on every rank.
+
+    gathered: (mp, N, K) from the exchange; rank_weight_sums: (mp,) float32, each rank's sum of class
+    weights (its vocabulary size when unweighted). Returns a dict of (N,) float32 tensors: row_max,
+    log_sum_exp (log of sum exp(x - row_max)), target_shifted (sum_c w_c t_c (x_c - row_max)),
+    target_mass, and smooth_shifted (sum_c w_c (x_c - row_max)) with label smoothing.
+    """
+    rank_max = gathered[:, :, ROW_MAX]
+    row_max = rank_max.max(axis=0)
+    rebase = rank_max - row_max  # (mp, N), <= 0; exact when the maxima are close
+    stats = {
+        "row_max": row_max,
+        "log_sum_exp": _log((gathered[:, :, SUM_EXP] * _exp(rebase)).sum(axis=0)),
+        "target_mass": gathered[:, :, TARGET_MASS].sum(axis=0),
+    }
+    target_rebase = _select(gathered[:, :, TARGET_MASS] == 0, _zeros_like(rebase), gathered[:, :, TARGET_MASS] * rebase)
+    stats["target_shifted"] = (gathered[:, :, TARGET_DOT] + target_rebase).sum(axis=0)
+    if gathered.shape[-1] > SMOOTH_DOT:
+        stats["smooth_shifted"] = (gathered[:, :, SMOOTH_DOT] + rank_weight_sums.reshape(-1, 1) * rebase).sum(axis=0)
+    return stats
+
+
+def token_loss(stats, label_smoothing: float, num_classes: int, weight_total: float, z_loss_weight: float):
+    """Per-token loss (N,) from combined statistics: smoothed cross entropy plus z-loss."""
+    log_sum_exp = stats["log_sum_exp"]
+    loss = stats["target_mass"] * log_sum_exp - stats["target_shifted"]
+    if label_smoothing > 0:
+        smooth = weight_total * log_sum_exp - stats["smooth_shifted"]
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smooth
+    if z_loss_weight > 0:
+        lse = stats["row_max"] + log_sum_exp
+        loss = loss + z_loss_weight * lse * lse
+    return loss
+
+
+def grad_coefficients(stats, dout, label_smoothing: float, num_classes: int, weight_total: float,
+                      z_loss_weight: float):
+    """The per-row coefficients (a, b, q) of the gradient formula in the module docstring."""
+    coef = (1.0 - label_smoothing) * stats["target_mass"]
+    if label_smoothing > 0:
+        coef = coef + label_smoothing * weight_total / num_classes
+    if z_loss_weight > 0:
+        coef = coef + 2.0 * z_loss_weight * (stats["row_max"] + stats["log_sum_exp"])
+    return coef * dout, dout * (label_smoothing / num_classes), dout * (1.0 - label_smoothing)
+
+
+def logits_grad(logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp,
+                a, b, q, label_smoothing: float):
+    """Gradient w.r.t. this rank's logits slice (N, Vl), in the logits' dtype (formula in the docstring)."""
+    x = softcapped(logits, softcap)
+    probs = _exp((x - row_max.reshape(-1, 1)) - log_sum_exp.reshape(-1, 1))
+    grad = probs * a.reshape(-1, 1)
+    if label_smoothing > 0:
+        grad = grad - (b.reshape(-1, 1) if weight is None else b.reshape(-1, 1) * weight)
+    if target_probs is None:
+        owned, index = owned_target(label, vocab_start, x.shape[-1])
+        at_target = q if weight is None else q * ops.gather(weight, index, 0)
+        at_target = _select(owned, -at_target, _zeros_like(at_target))
+        grad = _scatter_add(grad, index.reshape(-1, 1), at_target.reshape(-1, 1))
+    else:
+        target_term = q.reshape(-1, 1) * _cast(target_probs, ms.float32)
+        grad = grad - (target_term if weight is None else target_term * weight)
+    if softcap is not None:
+        grad = grad * (1.0 - (x / softcap) * (x / softcap))
+    live = ops.logical_or(ops.logical_or(a != 0, b != 0), q != 0).reshape(-1, 1)
+    grad = _select(ops.broadcast_to(live, grad.shape), grad, _zeros_like(grad))
+    return _cast(grad, logits.dtype)
+
