@@ -47,15 +47,12 @@ def check_call_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask
                              "ids must be an integer tensor")
     elif label_dtype not in _INT_DTYPES:
         raise TypeError(f"label must be integer class ids or float probabilities, got {label_dtype}")
-    else:
-        label_rows = 1
-        for size in label_shape:
-            label_rows *= size
-        if tuple(label_shape) not in (tuple(logits_shape[:-1]), (rows,)):
-            raise ValueError(f"label must have shape {tuple(logits_shape[:-1])} or ({rows},) to match logits "
-                             f"{logits_shape}, got {label_shape}")
+    elif tuple(label_shape) not in (tuple(logits_shape[:-1]), (rows,)):
+        expected = f"{tuple(logits_shape[:-1])}" if len(logits_shape) == 2 else f"{tuple(logits_shape[:-1])} or ({rows},)"
+        raise ValueError(f"label must have shape {expected} to match logits {logits_shape}, got {label_shape}")
     if mask_shape is not None:
-        allowed = (tuple(logits_shape[:-1]), (rows,), (rows, 1))
+        allowed = (tuple(logits_shape[:-1]), (rows, 1)) if len(logits_shape) == 2 else \
+            (tuple(logits_shape[:-1]), (rows,), (rows, 1))
         if tuple(mask_shape) not in allowed:
             raise ValueError(f"input_mask must have shape {' or '.join(map(str, allowed))} to match logits "
                              f"{logits_shape}, got {mask_shape}")
@@ -187,6 +184,9 @@ class CrossEntropyLoss(nn.Cell):
                 "slice")
 
     def __call__(self, *args, **kwargs):
+        # Runs only when the loss is called from Python (PYNATIVE, or a top-level GRAPH call): clean
+        # messages first; inside a bigger compiled graph the same checks run at compile time in construct.
+        self._check_call(*args, **kwargs)
         eager = ms.get_context("mode") == ms.PYNATIVE_MODE
         if eager:
             self._check_labels_eagerly(*args, **kwargs)
@@ -194,6 +194,12 @@ class CrossEntropyLoss(nn.Cell):
         if eager and self.check_for_nan:
             self.check_finite()
         return result
+
+    @staticmethod
+    def _check_call(logits, label, input_mask=None):
+        if isinstance(logits, Tensor) and isinstance(label, Tensor):
+            check_call_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
+                              input_mask.shape if isinstance(input_mask, Tensor) else None)
 
     def _check_labels_eagerly(self, logits, label, input_mask=None):
         if not isinstance(label, Tensor) or not isinstance(logits, Tensor) or label.dtype in _FLOAT_DTYPES:

@@ -1,0 +1,208 @@
+"""GRAPH mode, ms.jit and a real training step; NaN checks; every user error names what is wrong."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from cases import CORE_CASES, Case, evaluate, full_inputs, loss_options, to_tensors
+from mf_loss import CrossEntropyLoss, NonFiniteLossError, ParallelConfig
+from reference import numpy_cross_entropy
+
+GRAPH_CASES = [c for c in CORE_CASES if c.name in
+               ("ignore_and_int_mask", "per_token", "bfloat16", "probs_smoothing_weight", "zloss_softcap",
+                "none_float_mask", "all_masked")]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: c.name)
+def test_graph_mode_equals_pynative(case):
+    arrays = full_inputs(case)
+    options = loss_options(case)
+    eager = evaluate(CrossEntropyLoss(**options), *to_tensors(case, arrays), options.get("reduction", "mean"))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    graph = evaluate(CrossEntropyLoss(**options), *to_tensors(case, arrays), options.get("reduction", "mean"))
+    for a, b in zip(eager[0] + [eager[1]], graph[0] + [graph[1]]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_jit_value_and_grad_matches_reference():
+    case = Case("jit")
+    logits, label, mask = full_inputs(case)
+    loss_fn = CrossEntropyLoss()
+    def objective(x, y, m):
+        return loss_fn(x, y, m)
+
+    grad_fn = ms.value_and_grad(objective, grad_position=0)
+
+    @ms.jit
+    def step(x, y, m):
+        return grad_fn(x, y, m)
+
+    value, grad = step(*to_tensors(case, (logits, label, mask)))
+    (expected,), expected_grad, _ = numpy_cross_entropy(logits, label, mask)
+    np.testing.assert_allclose(value.asnumpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(grad.asnumpy(), expected_grad, rtol=1e-6, atol=1e-8)
+
+
+class TinyLM(nn.Cell):
+    def __init__(self, hidden, vocab):
+        super().__init__()
+        self.head = nn.Dense(hidden, vocab, has_bias=False)
+        self.loss = CrossEntropyLoss()
+
+    def construct(self, features, label, mask):
+        return self.loss(self.head(features), label, mask)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_train_one_step_cell_descends(mode):
+    ms.set_context(mode=mode)
+    ms.set_seed(0)
+    rng = np.random.default_rng(0)
+    features = Tensor(rng.standard_normal((32, 8)).astype(np.float32))
+    label = Tensor(rng.integers(0, 16, 32).astype(np.int32))
+    mask = Tensor(np.ones(32, np.float32))
+    net = TinyLM(8, 16)
+    head = net.head.weight.asnumpy().astype(np.float64)
+    # The first SGD step must move the head weight by exactly -lr * dL/dW from the NumPy reference.
+    logits = features.asnumpy() @ head.T
+    _, dlogits, _ = numpy_cross_entropy(logits.astype(np.float32), label.asnumpy(), mask.asnumpy())
+    expected_head = head - 0.5 * dlogits.T @ features.asnumpy()
+    train = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.5))
+    losses = [float(train(features, label, mask).asnumpy()) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    net2 = TinyLM(8, 16)
+    net2.head.weight.set_data(Tensor(head.astype(np.float32)))
+    nn.TrainOneStepCell(net2, nn.SGD(net2.trainable_params(), learning_rate=0.5))(features, label, mask)
+    np.testing.assert_allclose(net2.head.weight.asnumpy(), expected_head, rtol=1e-5, atol=1e-6)
+
+
+def nan_inputs():
+    case = Case("nan", mask="int")
+    logits, label, mask = full_inputs(case)
+    logits[1, 4] = np.nan
+    logits[6, 0] = np.inf
+    mask[1], mask[6] = 1, 0
+    label[1], label[6] = 3, 3
+    return case, (logits, label, mask)
+
+
+def test_nan_check_raises_in_pynative_with_rank_and_count():
+    case, arrays = nan_inputs()
+    loss_fn = CrossEntropyLoss(check_for_nan_in_loss_and_grad=True)
+    with pytest.raises(NonFiniteLossError, match=r"rank 0 \(dp 0, mp 0\): 2 token\(s\) \(1 of them masked out\); "
+                                                 r"2 of them non-finite in this rank's own vocabulary slice"):
+        loss_fn(*to_tensors(case, arrays))
+    # without the check the loss is NaN (the counted row), never silently finite
+    assert np.isnan(CrossEntropyLoss()(*to_tensors(case, arrays)).asnumpy())
+
+
+def test_nan_check_records_in_graph_mode_for_host_side_check(graph_mode):
+    case, arrays = nan_inputs()
+    loss_fn = CrossEntropyLoss(check_for_nan_in_loss_and_grad=True)
+    def objective(x, y, m):
+        return loss_fn(x, y, m)
+
+    grad_fn = ms.value_and_grad(objective, grad_position=0)
+    clean = full_inputs(case)
+    grad_fn(*to_tensors(case, clean))
+    loss_fn.check_finite()  # a clean step passes
+    grad_fn(*to_tensors(case, arrays))
+    with pytest.raises(NonFiniteLossError, match=r"rank 0 \(dp 0, mp 0\): 2 token\(s\)"):
+        loss_fn.check_finite()
+    loss_fn.check_finite()  # the record was consumed
+
+
+def call(loss_fn, logits, label, mask=None):
+    return loss_fn(Tensor(logits), Tensor(label), None if mask is None else Tensor(mask))
+
+
+LOGITS = np.zeros((6, 10), np.float32)
+LABEL = np.arange(6, dtype=np.int32)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+@pytest.mark.parametrize("args, error, message", [
+    ((LOGITS, LABEL[:5]), ValueError, r"label must have shape \(6,\) to match logits \(6, 10\), got \(5,\)"),
+    ((LOGITS, LABEL, np.ones(4, np.float32)), ValueError, r"input_mask must have shape .* got \(4,\)"),
+    ((LOGITS, LABEL.astype(np.float32)), ValueError, r"float label is read as probability targets and must have "
+                                                     r"the logits' shape \(6, 10\).* got \(6,\)"),
+    ((LOGITS.astype(np.int32), LABEL), TypeError, r"logits must be float32, float16 or bfloat16, got Int32"),
+    ((LOGITS[None, None], LABEL), ValueError, r"logits must have shape \(N, V/mp\) or \(B, S, V/mp\)"),
+])
+def test_bad_call_inputs_name_the_argument(mode, args, error, message):
+    ms.set_context(mode=mode)
+    with pytest.raises(error, match=message):
+        call(CrossEntropyLoss(), *args)
+
+
+def test_out_of_range_label_pynative_names_position_and_value():
+    label = LABEL.copy()
+    label[4] = 10
+    with pytest.raises(ValueError, match=r"label\[4\] = 10 is outside \[0, 10\) and is not ignore_index=-100"):
+        call(CrossEntropyLoss(), LOGITS, label)
+
+
+def test_out_of_range_label_in_graph_mode_gives_nan_not_a_wrong_number(graph_mode):
+    label = LABEL.copy()
+    label[4] = -3
+    assert np.isnan(call(CrossEntropyLoss(), LOGITS, label).asnumpy())
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\], got 1.5"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+    (dict(logit_softcap=0.0), ValueError, r"logit_softcap must be None or a float > 0, got 0.0"),
+    (dict(weight=np.array([1.0, -1.0], np.float32)), ValueError, r"weight must be finite and >= 0, got weight\[1\] = -1"),
+    (dict(weight=np.ones((2, 2), np.float32)), ValueError, r"weight must have shape \(V,\) .* got shape \(2, 2\)"),
+    (dict(ignore_indx=-1), TypeError, r"unknown argument 'ignore_indx'; did you mean 'ignore_index'\?"),
+    (dict(calculate_per_token_los=True), TypeError, r"did you mean 'calculate_per_token_loss'\?"),
+    (dict(parallel_config=ParallelConfig(data_parallel=2, model_parallel=2)), RuntimeError,
+     r"data_parallel=2 x model_parallel=2 x pipeline_stage=1 = 4 ranks, but mindspore.communication is not "
+     r"initialised"),
+    (dict(parallel_config={"data_parallel": 0}), ValueError, r"parallel_config.data_parallel must be a positive int"),
+    (dict(empty_mean="inf"), ValueError, r"empty_mean must be one of 'zero', 'nan'"),
+])
+def test_bad_options_name_the_argument(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        CrossEntropyLoss(**kwargs)
+
+
+def test_weight_length_must_match_vocabulary():
+    with pytest.raises(ValueError, match=r"weight has 7 classes but logits of width 10 on 1 model-parallel ranks"):
+        call(CrossEntropyLoss(weight=np.ones(7, np.float32)), LOGITS, LABEL)
+
+
+def test_unrelated_kwargs_are_accepted_like_mindformers():
+    loss_fn = CrossEntropyLoss(parallel_config={"data_parallel": 1, "model_parallel": 1, "vocab_emb_dp": True},
+                               some_model_key=3)
+    assert loss_fn.ignored_kwargs == ["some_model_key"]
+
+
+class OpParallelConfigLike:
+    data_parallel = 1
+    model_parallel = 1
+
+
+def test_parallel_config_accepts_mindformers_style_objects():
+    assert CrossEntropyLoss(parallel_config=OpParallelConfigLike()).parallel_config == ParallelConfig()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), vocab=st.integers(1, 37), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+       seed=st.integers(0, 2**31), smoothing=st.sampled_from([0.0, 0.3]), z=st.sampled_from([0.0, 1e-4]),
+       cap=st.sampled_from([None, 20.0]))
+def test_property_random_shapes_scales_and_masks(rows, vocab, scale, seed, smoothing, z, cap):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
+    label = rng.integers(0, vocab, rows).astype(np.int32)
+    label[rng.random(rows) < 0.2] = -100
+    mask = (rng.random(rows) < 0.8).astype(np.float32)
+    options = dict(label_smoothing=smoothing, z_loss_weight=z, logit_softcap=cap)
+    (value,), grad = evaluate(CrossEntropyLoss(**options), Tensor(logits), Tensor(label), Tensor(mask))
+    (expected,), expected_grad, _ = numpy_cross_entropy(logits, label, mask, **options)
+    np.testing.assert_allclose(value, expected, rtol=2e-6, atol=1e-6 * max(1.0, abs(expected)))
+    # Entries are differences of O(1/denominator) float32 terms: that is the scale of their rounding.
+    term_scale = 1.0 / max(1.0, float((mask * (label != -100)).sum()))
+    np.testing.assert_allclose(grad, expected_grad, rtol=2e-6, atol=2e-6 * max(np.abs(expected_grad).max(), term_scale))
