@@ -5,9 +5,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..options import LossOptions, class_weight_array, reject_typos
-from ..parallel.comm import rank_layout
+from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
+from .semi_auto import SemiAutoCrossEntropy, parallel_mode_is_semi_auto
 from .vocab_parallel import VocabParallelCrossEntropy
 
 _select = ops.Select()
@@ -96,7 +97,10 @@ class CrossEntropyLoss(nn.Cell):
                                    logit_softcap=logit_softcap, empty_mean=empty_mean, backend=backend)
         if not isinstance(seq_split_num, int) or seq_split_num < 1:
             raise ValueError(f"seq_split_num must be a positive int, got {seq_split_num!r}")
-        self.layout = rank_layout(self.parallel_config)
+        # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
+        self.semi_auto = parallel_mode_is_semi_auto()
+        self.layout = (RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="") if self.semi_auto
+                       else rank_layout(self.parallel_config))
         self.check_for_nan = bool(check_for_nan_in_loss_and_grad)
         self.per_token = bool(calculate_per_token_loss) or seq_split_num > 1
         self.return_z_loss = bool(return_z_loss)
@@ -105,9 +109,18 @@ class CrossEntropyLoss(nn.Cell):
         self.empty_mean_nan = empty_mean == "nan"
         core_args = dict(weight=class_weight_array(weight), label_smoothing=self.options.label_smoothing,
                          z_loss_weight=self.options.z_loss_weight, logit_softcap=logit_softcap, backend=backend)
-        self.class_index_core = VocabParallelCrossEntropy(self.layout, probability_targets=False, **core_args)
-        self.probability_core = VocabParallelCrossEntropy(self.layout, probability_targets=True, **core_args)
-        self.num_classes_per_rank = None
+        if self.semi_auto:
+            if weight is not None:
+                raise ValueError("weight is not supported in semi_auto/auto parallel mode yet; use the explicit "
+                                 "vocab-parallel mode (parallel_mode='stand_alone' under msrun)")
+            self.class_index_core = SemiAutoCrossEntropy(
+                self.parallel_config.data_parallel, self.parallel_config.model_parallel,
+                label_smoothing=self.options.label_smoothing, z_loss_weight=self.options.z_loss_weight,
+                logit_softcap=logit_softcap)
+            self.probability_core = None
+        else:
+            self.class_index_core = VocabParallelCrossEntropy(self.layout, probability_targets=False, **core_args)
+            self.probability_core = VocabParallelCrossEntropy(self.layout, probability_targets=True, **core_args)
         # [non-finite rows, of them masked out, of them non-finite in this rank's slice]
         self.nonfinite_counts = Parameter(Tensor(np.zeros(3, np.int32)), name="nonfinite_counts",
                                           requires_grad=False)
@@ -122,6 +135,8 @@ class CrossEntropyLoss(nn.Cell):
                 else _cast(input_mask.reshape(-1), ms.float32))
         counted = mask != 0
         if probability_targets:
+            if self.probability_core is None:
+                raise ValueError("probability targets are not supported in semi_auto/auto parallel mode yet")
             target = label.reshape(-1, logits.shape[-1])
             loss, row_max, log_sum_exp, target_mass, local_nonfinite = self.probability_core(logits, target, counted)
             denominator_terms = mask
