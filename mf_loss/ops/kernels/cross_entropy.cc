@@ -1,0 +1,660 @@
+// Fused per-shard cross-entropy kernels for MindSpore's ops.Custom(func_type="aot") on CPU.
+//
+// The maths is `mf_loss/ops/shard_math.py` (its module docstring is the specification); these kernels
+// compute the same statistics and gradient in one pass over the logits each:
+//
+//   mf_row_stats   (logits, target, [weight], config) -> stats (N, K) float32
+//   mf_logits_grad (logits, target, [weight], row_max, log_sum_exp, a, b, q, config) -> grad (N, Vl)
+//
+// logits (N, Vl) float32 / float16 / bfloat16, read in place in their own dtype, maths in float32 (sums
+// in double). target is either (N,) int32 class ids LOCAL to this slice (label - vocab_start; anything
+// outside [0, Vl) is owned by another rank) or (N, Vl) float32 / float16 / bfloat16 probabilities.
+// weight (Vl,) float32 is present when nparam says so. config (2,) float32 = [softcap (0: none),
+// label smoothing on (1) or off (0): only then is b * w subtracted, as in the composed gradient].
+// K (4 or 5) is read from the output shape; the gradient is written in the logits' dtype.
+//
+// Build: g++ -O3 -std=c++17 -shared -fPIC -ffp-contract=off [-mavx2 -mf16c] (never -ffast-math: the
+// inf / NaN semantics of the loss depend on IEEE comparisons). Every loop that touches a whole row is
+// written lane-wise with selects instead of branches so that gcc vectorises it at -O3; the results do
+// not depend on the vector width (sums use fixed lanes, no fused multiply-add contraction).
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 1024;        // elements of a row processed together (buffers stay in L1)
+constexpr int kLanes = 16;              // independent accumulators of the float reductions
+constexpr int64_t kWorkPerThread = 1 << 16;  // elements below which another thread is not worth it
+
+enum class DType { kF32, kF16, kBF16, kI32, kOther };
+
+DType parse_dtype(const char *name) {
+  if (std::strcmp(name, "float32") == 0) return DType::kF32;
+  if (std::strcmp(name, "float16") == 0) return DType::kF16;
+  if (std::strcmp(name, "bfloat16") == 0) return DType::kBF16;
+  if (std::strcmp(name, "int32") == 0) return DType::kI32;
+  return DType::kOther;
+}
+
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// ---- dtype conversions (exact widening, round-to-nearest-even narrowing, as MindSpore's Cast) ----
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const float normal = as_float((em << 13) + (112u << 23));
+  const float subnormal = static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f;  // exact, no denormal input
+  uint32_t u = as_bits(em < 0x400u ? subnormal : normal);
+  u = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : u;  // inf and NaN keep their payload
+  return as_float(u | sign);
+}
+
+inline uint16_t float_to_half(float f) {
+  uint32_t u = as_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  // >= 65536 or inf: inf; NaN: quiet NaN
+  const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // below 2^-14: the FPU rounds (to nearest even) when the value is added to 0.5
+  const uint32_t small = as_bits(as_float(u) + 0.5f) - 0x3f000000u;
+  // normal: re-bias the exponent and round the 13 dropped bits to nearest even
+  const uint32_t normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  const uint32_t h = u >= 0x47800000u ? big : (u < 0x38800000u ? small : normal);
+  return static_cast<uint16_t>(h | (sign >> 16));
+}
+
+inline float bf16_to_float(uint16_t h) { return as_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = as_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((f != f) ? nan : rounded);
+}
+
+// ---- elementary functions, branch free, accurate to about 1-2 ulp ----
+
+// exp(x) in float32 (Cephes expf: Cody-Waite reduction and a degree-6 polynomial, max error about
+// 1 ulp). `exp_core` assumes x <= 88.72 and not NaN: x < -104 (and -inf) give 0, results below
+// FLT_MIN are correctly rounded subnormals (2^k as two normal factors).
+inline float exp_core(float x) {
+  const float xc = x > -104.0f ? x : -104.0f;  // maxps
+  float kf = xc * 1.44269504088896341f;
+  kf = (kf + 12582912.0f) - 12582912.0f;  // round to nearest integer (|kf| < 2^22)
+  float r = xc - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const int32_t k = static_cast<int32_t>(kf);  // in [-150, 128]
+  const int32_t k1 = k >> 1;                   // arithmetic shift: floor(k / 2)
+  const int32_t k2 = k - k1;
+  const float s1 = as_float(static_cast<uint32_t>(k1 + 127) << 23);
+  const float s2 = as_float(static_cast<uint32_t>(k2 + 127) << 23);
+  return (p * s1) * s2;
+}
+
+// exp(x) for every x: inf above 88.72, NaN stays NaN
+inline float exp_f(float x) {
+  const float xc = x < 88.8f ? x : 88.8f;  // minps (a NaN becomes 88.8 here and is restored below)
+  float y = exp_core(xc);
+  y = x > 88.72283935546875f ? std::numeric_limits<float>::infinity() : y;
+  return (x != x) ? x : y;
+}
+
+// tanh(x) in float32 (Cephes tanhf): odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above.
+inline float tanh_f(float x) {
+  const float z = x < 0.0f ? -x : x;
+  const float s = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const float small = p * s * x + x;
+  float large = 1.0f - 2.0f / (exp_f(z + z) + 1.0f);
+  large = x < 0.0f ? -large : large;
+  return z >= 0.625f ? large : small;
+}
+
+// ---- loading a block of a row as float32 (with the soft cap applied) ----
+
+template <typename T>
+inline float to_float(T v);
+template <>
+inline float to_float<float>(float v) { return v; }
+
+struct Half { uint16_t bits; };
+struct BF16 { uint16_t bits; };
+template <>
+inline float to_float<Half>(Half v) { return half_to_float(v.bits); }
+template <>
+inline float to_float<BF16>(BF16 v) { return bf16_to_float(v.bits); }
+
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) { return v; }
+template <>
+inline Half from_float<Half>(float v) { return Half{float_to_half(v)}; }
+template <>
+inline BF16 from_float<BF16>(float v) { return BF16{float_to_bf16(v)}; }
+
+template <typename T>
+inline void load_block(const T *src, float *dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float<T>(src[i]);
+}
+
+// x -> cap * tanh(x / cap), in the operation order of shard_math.softcapped
+inline void softcap_block(float *x, int64_t n, float cap) {
+  for (int64_t i = 0; i < n; ++i) x[i] = cap * tanh_f(x[i] / cap);
+}
+
+// ---- reductions over a block with fixed lanes (vectorisable without reassociation flags) ----
+
+struct MaxNan {
+  float max;
+  bool nan;
+};
+
+// Native-width generic vectors for the max (its result does not depend on the order of the lanes).
+#if defined(__AVX512F__)
+constexpr int kMaxLanes = 16;
+#elif defined(__AVX__)
+constexpr int kMaxLanes = 8;
+#else
+constexpr int kMaxLanes = 4;
+#endif
+typedef float FVec __attribute__((vector_size(4 * kMaxLanes)));
+typedef int32_t IVec __attribute__((vector_size(4 * kMaxLanes)));
+
+inline MaxNan block_max(const float *x, int64_t n) {
+  FVec lane0, lane1;
+  IVec nan0, nan1;
+  for (int j = 0; j < kMaxLanes; ++j) {
+    lane0[j] = lane1[j] = -std::numeric_limits<float>::infinity();
+    nan0[j] = nan1[j] = 0;
+  }
+  int64_t i = 0;
+  for (; i + 2 * kMaxLanes <= n; i += 2 * kMaxLanes) {
+    FVec v0, v1;
+    std::memcpy(&v0, x + i, sizeof(v0));
+    std::memcpy(&v1, x + i + kMaxLanes, sizeof(v1));
+    lane0 = v0 > lane0 ? v0 : lane0;  // maxps semantics: NaN never replaces the running max
+    lane1 = v1 > lane1 ? v1 : lane1;
+    nan0 |= (v0 != v0);
+    nan1 |= (v1 != v1);
+  }
+  MaxNan r{-std::numeric_limits<float>::infinity(), false};
+  for (int j = 0; j < kMaxLanes; ++j) {
+    r.max = lane0[j] > r.max ? lane0[j] : r.max;
+    r.max = lane1[j] > r.max ? lane1[j] : r.max;
+    r.nan = r.nan || nan0[j] != 0 || nan1[j] != 0;
+  }
+  for (; i < n; ++i) {
+    const float v = x[i];
+    r.max = v > r.max ? v : r.max;
+    r.nan = r.nan || (v != v);
+  }
+  return r;
+}
+
+// sum of x[i] in double lanes
+inline double block_sum(const float *x, int64_t n) {
+  double lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = 0.0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(x[i + j]);
+  for (; i < n; ++i) lane[0] += static_cast<double>(x[i]);
+  double s = 0.0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+// sum of x[i] * y[i] in double lanes (products of two floats are exact in double)
+inline double block_dot(const float *x, const float *y, int64_t n) {
+  double lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = 0.0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(x[i + j]) * static_cast<double>(y[i + j]);
+  for (; i < n; ++i) lane[0] += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+  double s = 0.0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+// ---- threads ----
+
+int thread_budget() {
+  int n = 1;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    n = CPU_COUNT(&set);
+  } else {
+    n = static_cast<int>(std::thread::hardware_concurrency());
+  }
+  if (const char *env = std::getenv("MF_LOSS_NUM_THREADS")) {
+    const int v = std::atoi(env);
+    if (v > 0) n = v;
+  }
+  return std::max(1, n);
+}
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
+  if (rows <= 0) return;
+  const int64_t work = rows * std::max<int64_t>(row_len, 1);
+  int64_t threads = std::min<int64_t>(thread_budget(), rows);
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, work / kWorkPerThread));
+  if (threads <= 1) {
+    fn(0, rows);
+    return;
+  }
+  // contiguous chunks whose sizes differ by at most one row
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  const int64_t base = rows / threads, extra = rows % threads;
+  int64_t begin = 0;
+  int64_t first_end = 0;
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t end = begin + base + (t < extra ? 1 : 0);
+    if (t == 0) {
+      first_end = end;
+    } else {
+      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+    }
+    begin = end;
+  }
+  fn(0, first_end);
+  for (auto &th : pool) th.join();
+}
+
+// ---- the forward: per-row statistics ----
+
+struct StatsArgs {
+  const void *logits;
+  const int32_t *label;   // local class ids, or nullptr
+  const void *probs;      // (N, V) probabilities, or nullptr
+  DType probs_dtype;
+  const float *weight;    // (V,) or nullptr
+  float cap;              // 0: no soft cap
+  int64_t rows, vocab;
+  int64_t cols;           // K
+  float *out;
+};
+
+template <typename T>
+inline void load_row_block(const T *row, int64_t start, int64_t n, float cap, float *x) {
+  load_block<T>(row + start, x, n);
+  if (cap != 0.0f) softcap_block(x, n, cap);
+}
+
+inline void load_probs_block(const void *probs, DType dt, int64_t offset, int64_t n, float *t) {
+  switch (dt) {
+    case DType::kF16: load_block<Half>(static_cast<const Half *>(probs) + offset, t, n); break;
+    case DType::kBF16: load_block<BF16>(static_cast<const BF16 *>(probs) + offset, t, n); break;
+    default: load_block<float>(static_cast<const float *>(probs) + offset, t, n); break;
+  }
+}
+
+template <typename T>
+void row_stats(const StatsArgs &args, int64_t begin, int64_t end) {
+  alignas(64) float x[kBlock];
+  alignas(64) float e[kBlock];
+  alignas(64) float t[kBlock];
+  const int64_t vocab = args.vocab;
+  const bool smoothing = args.cols > 4;
+  const bool probs = args.probs != nullptr;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t r = begin; r < end; ++r) {
+    const T *row = static_cast<const T *>(args.logits) + r * vocab;
+    float max = neg_inf;      // running max of the finite-or-inf values
+    float base = 0.0f;        // the max the exp sum is relative to (0 while everything is -inf)
+    bool nan = false;
+    double sum_exp = 0.0;     // sum exp(x - base)
+    double target_x = 0.0, target_mass = 0.0;  // sum w t x, sum w t          (probabilities)
+    double smooth_x = 0.0, weight_sum = 0.0;   // sum w x, sum w              (label smoothing)
+    for (int64_t start = 0; start < vocab; start += kBlock) {
+      const int64_t n = std::min(kBlock, vocab - start);
+      load_row_block<T>(row, start, n, args.cap, x);
+      const MaxNan bm = block_max(x, n);
+      nan = nan || bm.nan;
+      if (bm.max > max) {
+        // re-base the running sum on the new max; while everything was -inf the sum is exactly 0
+        if (max != -std::numeric_limits<float>::infinity())
+          sum_exp *= std::exp(static_cast<double>(max) - static_cast<double>(bm.max));
+        max = bm.max;
+        base = max;
+      }
+      for (int64_t i = 0; i < n; ++i) e[i] = exp_core(x[i] - base);  // x - base <= 0 (NaN, +inf: below)
+      sum_exp += block_sum(e, n);
+      if (probs) {
+        load_probs_block(args.probs, args.probs_dtype, r * vocab + start, n, t);
+        if (args.weight != nullptr) {
+          const float *w = args.weight + start;
+          for (int64_t i = 0; i < n; ++i) t[i] = t[i] * w[i];
+        }
+        target_x += block_dot(t, x, n);
+        target_mass += block_sum(t, n);
+      }
+      if (smoothing) {
+        if (args.weight != nullptr) {
+          smooth_x += block_dot(args.weight + start, x, n);
+          weight_sum += block_sum(args.weight + start, n);
+        } else {
+          smooth_x += block_sum(x, n);
+          weight_sum += static_cast<double>(n);
+        }
+      }
+    }
+    const double b = static_cast<double>(base);
+    float target_dot = 0.0f, mass = 0.0f;
+    bool reads_target = probs;
+    if (probs) {
+      // sum w t (x - base); products with x = -inf give -inf (or NaN where w t = 0), as the composed sum
+      target_dot = static_cast<float>(target_x - b * target_mass);
+      mass = static_cast<float>(target_mass);
+    } else {
+      const int32_t y = args.label[r];
+      if (y >= 0 && y < vocab) {
+        float xy = to_float<T>(row[y]);
+        if (args.cap != 0.0f) xy = args.cap * tanh_f(xy / args.cap);
+        mass = args.weight != nullptr ? args.weight[y] : 1.0f;
+        target_dot = mass * (xy - base);
+        reads_target = true;
+      }
+    }
+    float *out = args.out + r * args.cols;
+    float row_max = base;
+    float sum = static_cast<float>(sum_exp);
+    float smooth = static_cast<float>(smooth_x - b * weight_sum);
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    if (nan) {  // a NaN logit makes the row max NaN, and with it every statistic relative to it
+      row_max = sum = smooth = qnan;
+      if (reads_target) target_dot = qnan;
+    } else if (max == std::numeric_limits<float>::infinity()) {
+      sum = qnan;  // exp(inf - inf), as in the composed sum
+    }
+    out[0] = row_max;
+    out[1] = sum;
+    out[2] = target_dot;
+    out[3] = mass;
+    if (smoothing) out[4] = smooth;
+  }
+}
+
+// ---- the backward: gradient w.r.t. the logits ----
+
+struct GradArgs {
+  const void *logits;
+  const int32_t *label;
+  const void *probs;
+  DType probs_dtype;
+  const float *weight;
+  const float *row_max, *log_sum_exp, *a, *b, *q;
+  float cap;
+  bool smoothing;         // subtract b * w (label smoothing on)
+  int64_t rows, vocab;
+  void *out;
+};
+
+template <typename T>
+void logits_grad_rows(const GradArgs &args, int64_t begin, int64_t end) {
+  alignas(64) float x[kBlock];
+  alignas(64) float g[kBlock];
+  alignas(64) float t[kBlock];
+  const int64_t vocab = args.vocab;
+  const float cap = args.cap;
+  const float *weight = args.weight;
+  for (int64_t r = begin; r < end; ++r) {
+    const T *row = static_cast<const T *>(args.logits) + r * vocab;
+    T *out = static_cast<T *>(args.out) + r * vocab;
+    const float a = args.a[r], b = args.b[r], q = args.q[r];
+    if (!(a != 0.0f || b != 0.0f || q != 0.0f)) {  // masked / ignored / zero upstream: exact zeros
+      std::memset(static_cast<void *>(out), 0, sizeof(T) * vocab);
+      continue;
+    }
+    const float m = args.row_max[r], lse = args.log_sum_exp[r];
+    for (int64_t start = 0; start < vocab; start += kBlock) {
+      const int64_t n = std::min(kBlock, vocab - start);
+      load_row_block<T>(row, start, n, cap, x);
+      for (int64_t i = 0; i < n; ++i) g[i] = exp_f((x[i] - m) - lse) * a;
+      if (args.smoothing) {
+        if (weight != nullptr) {
+          const float *w = weight + start;
+          for (int64_t i = 0; i < n; ++i) g[i] = g[i] - b * w[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) g[i] = g[i] - b;
+        }
+      }
+      if (args.probs != nullptr) {
+        load_probs_block(args.probs, args.probs_dtype, r * vocab + start, n, t);
+        if (weight != nullptr) {
+          const float *w = weight + start;
+          for (int64_t i = 0; i < n; ++i) g[i] = g[i] - (q * t[i]) * w[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) g[i] = g[i] - q * t[i];
+        }
+      } else {
+        const int32_t y = args.label[r];
+        if (y >= start && y < start + n) {
+          const float at_target = weight != nullptr ? q * weight[y] : q;
+          g[y - start] = g[y - start] + (-at_target);
+        }
+      }
+      if (cap != 0.0f) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float u = x[i] / cap;
+          g[i] = g[i] * (1.0f - u * u);
+        }
+      }
+      T *dst = out + start;
+      for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(g[i]);
+    }
+  }
+}
+
+int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
+int fail(const char *what) {
+  std::fprintf(stderr, "mf_loss fused cross-entropy kernel: %s\n", what);
+  return 1;
+}
+
+// Inputs shared by both kernels: logits, target, optional weight. Returns the index after them.
+int parse_common(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int fixed_after,
+                 DType *logits_dtype, int64_t *rows, int64_t *vocab, const int32_t **label, const void **probs,
+                 DType *probs_dtype, const float **weight) {
+  // nparam = logits, target, [weight], fixed_after inputs, 1 output
+  const int with_weight = nparam - 3 - fixed_after;
+  if (with_weight != 0 && with_weight != 1) return -1;
+  if (ndims[0] != 2) return -1;
+  *logits_dtype = parse_dtype(dtypes[0]);
+  if (*logits_dtype != DType::kF32 && *logits_dtype != DType::kF16 && *logits_dtype != DType::kBF16) return -1;
+  *rows = shapes[0][0];
+  *vocab = shapes[0][1];
+  const DType target_dtype = parse_dtype(dtypes[1]);
+  *label = nullptr;
+  *probs = nullptr;
+  if (target_dtype == DType::kI32) {
+    if (numel(ndims[1], shapes[1]) != *rows) return -1;
+    *label = static_cast<const int32_t *>(params[1]);
+  } else if (target_dtype == DType::kF32 || target_dtype == DType::kF16 || target_dtype == DType::kBF16) {
+    if (numel(ndims[1], shapes[1]) != *rows * *vocab) return -1;
+    *probs = params[1];
+    *probs_dtype = target_dtype;
+  } else {
+    return -1;
+  }
+  *weight = nullptr;
+  if (with_weight) {
+    if (parse_dtype(dtypes[2]) != DType::kF32 || numel(ndims[2], shapes[2]) != *vocab) return -1;
+    *weight = static_cast<const float *>(params[2]);
+  }
+  return 2 + with_weight;
+}
+
+// config: float32 [softcap or 0, label smoothing flag]; returns false when malformed
+bool read_config(void *config, int ndim, const int64_t *shape, const char *dtype, float *cap, bool *smoothing) {
+  if (parse_dtype(dtype) != DType::kF32 || numel(ndim, shape) != 2) return false;
+  const float *c = static_cast<const float *>(config);
+  *cap = c[0];
+  *smoothing = c[1] != 0.0f;
+  return c[0] == c[0];
+}
+
+}  // namespace
+
+extern "C" int mf_row_stats(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  StatsArgs args{};
+  DType logits_dtype;
+  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 1, &logits_dtype, &args.rows, &args.vocab,
+                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
+  if (next < 0) return fail("mf_row_stats: unexpected inputs (shapes or dtypes)");
+  bool smoothing_unused;
+  if (!read_config(params[next], ndims[next], shapes[next], dtypes[next], &args.cap, &smoothing_unused))
+    return fail("mf_row_stats: config must be (2,) float32");
+  const int out = nparam - 1;
+  if (ndims[out] != 2 || shapes[out][0] != args.rows || (shapes[out][1] != 4 && shapes[out][1] != 5) ||
+      parse_dtype(dtypes[out]) != DType::kF32)
+    return fail("mf_row_stats: output must be (N, 4 or 5) float32");
+  args.cols = shapes[out][1];
+  args.logits = params[0];
+  args.out = static_cast<float *>(params[out]);
+  switch (logits_dtype) {
+    case DType::kF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<Half>(args, b, e); });
+      break;
+    case DType::kBF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<BF16>(args, b, e); });
+      break;
+    default:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<float>(args, b, e); });
+  }
+  return 0;
+}
+
+extern "C" int mf_logits_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  GradArgs args{};
+  DType logits_dtype;
+  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 6, &logits_dtype, &args.rows, &args.vocab,
+                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
+  if (next < 0) return fail("mf_logits_grad: unexpected inputs (shapes or dtypes)");
+  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
+  for (int i = 0; i < 5; ++i) {
+    if (parse_dtype(dtypes[next + i]) != DType::kF32 || numel(ndims[next + i], shapes[next + i]) != args.rows)
+      return fail("mf_logits_grad: row_max, log_sum_exp, a, b, q must be (N,) float32");
+    *row_inputs[i] = static_cast<const float *>(params[next + i]);
+  }
+  if (!read_config(params[next + 5], ndims[next + 5], shapes[next + 5], dtypes[next + 5], &args.cap,
+                   &args.smoothing))
+    return fail("mf_logits_grad: config must be (2,) float32");
+  const int out = nparam - 1;
+  if (parse_dtype(dtypes[out]) != logits_dtype || numel(ndims[out], shapes[out]) != args.rows * args.vocab)
+    return fail("mf_logits_grad: output must have the logits' shape and dtype");
+  args.logits = params[0];
+  args.out = params[out];
+  switch (logits_dtype) {
+    case DType::kF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
+      break;
+    case DType::kBF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<BF16>(args, b, e); });
+      break;
+    default:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<float>(args, b, e); });
+  }
+  return 0;
+}
+
+// In place: the gradient overwrites the logits (params[0]); the output is a (1,) int64 token holding the
+// address written (PYNATIVE checks it: MindSpore hands views to a kernel as private copies), which also
+// orders the write before whatever uses the logits next. Each block is read before it is written.
+extern "C" int mf_logits_grad_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                      void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  GradArgs args{};
+  DType logits_dtype;
+  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 6, &logits_dtype, &args.rows, &args.vocab,
+                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
+  if (next < 0) return fail("mf_logits_grad_inplace: unexpected inputs (shapes or dtypes)");
+  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
+  for (int i = 0; i < 5; ++i) {
+    if (parse_dtype(dtypes[next + i]) != DType::kF32 || numel(ndims[next + i], shapes[next + i]) != args.rows)
+      return fail("mf_logits_grad_inplace: row_max, log_sum_exp, a, b, q must be (N,) float32");
+    *row_inputs[i] = static_cast<const float *>(params[next + i]);
+  }
+  if (!read_config(params[next + 5], ndims[next + 5], shapes[next + 5], dtypes[next + 5], &args.cap,
+                   &args.smoothing))
+    return fail("mf_logits_grad_inplace: config must be (2,) float32");
+  const int out = nparam - 1;
+  if (std::strcmp(dtypes[out], "int64") != 0 || numel(ndims[out], shapes[out]) != 1)
+    return fail("mf_logits_grad_inplace: output must be a (1,) int64 token");
+  args.logits = params[0];
+  args.out = params[0];
+  switch (logits_dtype) {
+    case DType::kF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
+      break;
+    case DType::kBF16:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<BF16>(args, b, e); });
+      break;
+    default:
+      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<float>(args, b, e); });
+  }
+  static_cast<int64_t *>(params[out])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  return 0;
+}
+
+// The same kernel under the names the (N, 4) and (N, 5) operators use: MindSpore's PyNative op cache
+// tells operators apart by their function, so each output shape needs its own name.
+extern "C" int mf_row_stats4(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return mf_row_stats(nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+extern "C" int mf_row_stats5(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return mf_row_stats(nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+// Version tag, so that a stale library is never taken for the current source.
+extern "C" int mf_kernel_abi_version() { return 1; }
