@@ -55,6 +55,23 @@ def nan_check(mode, config, dp_rank, mp_rank):
     return None
 
 
+def width_check(mode, config, mp_rank):
+    """The last mp rank holds one column too many: every mp rank must say so (PYNATIVE raises, GRAPH gives a
+    NaN loss and check_finite raises)."""
+    ms.set_context(mode=mode)
+    width = 6 + (mp_rank == config.model_parallel - 1)
+    rng = np.random.default_rng(0)
+    logits = Tensor(rng.standard_normal((5, width)).astype(np.float32))
+    label = Tensor(np.arange(5, dtype=np.int32))
+    loss_fn = CrossEntropyLoss(parallel_config=config)
+    try:
+        value = loss_fn(logits, label)
+        loss_fn.check_finite()
+    except ValueError as error:
+        return str(error), None
+    return None, float(value.asnumpy())
+
+
 class VocabParallelHead(nn.Cell):
     """A model whose output layer holds this rank's rows of the output weight, trained with the loss."""
 
@@ -126,6 +143,8 @@ def main():
         "rank": rank, "dp_rank": dp_rank, "mp_rank": mp_rank,
         "nan_pynative": nan_check(ms.PYNATIVE_MODE, config, dp_rank, mp_rank),
         "nan_graph": nan_check(ms.GRAPH_MODE, config, dp_rank, mp_rank),
+        "width_pynative": width_check(ms.PYNATIVE_MODE, config, mp_rank),
+        "width_graph": width_check(ms.GRAPH_MODE, config, mp_rank),
     }
     ir_dir = os.path.join(args.out, f"ir_rank{rank}")
     report["train_step_loss"] = dump_training_step(config, ir_dir)

@@ -98,6 +98,19 @@ def test_nan_check_fires_on_the_ranks_that_see_it(layout, tmp_path_factory):
                 "in this rank's own vocabulary slice")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_width_disagreeing_between_ranks_is_an_error_on_every_rank(layout, tmp_path_factory):
+    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    for _, report in ranks:
+        mine = 6 + (report["mp_rank"] == mp - 1)
+        other, theirs = (mp - 1, 7) if report["mp_rank"] != mp - 1 else (0, 6)
+        expected = (f"logits width differs between model-parallel ranks: rank {report['rank']} (dp "
+                    f"{report['dp_rank']}, mp {report['mp_rank']}) has {mine} columns, mp rank {other} has {theirs}; "
+                    "every rank must hold V/mp columns of the vocabulary")
+        for mode in ("width_pynative", "width_graph"):
+            assert report[mode] == [expected, None], (mode, report[mode])
+
+
 def test_one_collective_per_training_step(tmp_path_factory):
     _, _, ranks = run_job("mp2", tmp_path_factory)
     for _, report in ranks:

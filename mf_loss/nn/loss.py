@@ -124,6 +124,9 @@ class CrossEntropyLoss(nn.Cell):
         # [non-finite rows, of them masked out, of them non-finite in this rank's slice]
         self.nonfinite_counts = Parameter(Tensor(np.zeros(3, np.int32)), name="nonfinite_counts",
                                           requires_grad=False)
+        # every model-parallel rank's logits width, as seen in the last exchange
+        self.rank_widths = Parameter(Tensor(np.zeros(self.layout.mp_size, np.int32)), name="rank_widths",
+                                     requires_grad=False)
 
     def construct(self, logits, label, input_mask=None):
         mask_shape = None if input_mask is None else input_mask.shape
@@ -138,18 +141,22 @@ class CrossEntropyLoss(nn.Cell):
             if self.probability_core is None:
                 raise ValueError("probability targets are not supported in semi_auto/auto parallel mode yet")
             target = label.reshape(-1, logits.shape[-1])
-            loss, row_max, log_sum_exp, target_mass, local_nonfinite = self.probability_core(logits, target, counted)
+            loss, row_max, log_sum_exp, target_mass, local_nonfinite, rank_widths = self.probability_core(
+                logits, target, counted)
             denominator_terms = mask
         else:
             target = _cast(label.reshape(-1), ms.int32)
             counted = ops.logical_and(counted, target != self.ignore_index)
-            loss, row_max, log_sum_exp, target_mass, local_nonfinite = self.class_index_core(logits, target, counted)
+            loss, row_max, log_sum_exp, target_mass, local_nonfinite, rank_widths = self.class_index_core(
+                logits, target, counted)
             # A label outside [0, V) must never pass silently: its token loss becomes NaN (PYNATIVE raises
             # earlier with the position and value).
             num_classes = logits.shape[-1] * self.layout.mp_size
             out_of_range = ops.logical_and(counted, ops.logical_or(target < 0, target >= num_classes))
             loss = _select(out_of_range, ops.fill(ms.float32, loss.shape, float("nan")), loss)
             denominator_terms = _stop(target_mass) * mask
+        if self.layout.mp_size > 1:
+            ops.assign(self.rank_widths, _cast(rank_widths, ms.int32))
         token_loss = _select(counted, loss * mask, _zeros_like(loss))
         denominator = _select(counted, denominator_terms, _zeros_like(mask)).sum()
         row_max, log_sum_exp = _stop(row_max), _stop(log_sum_exp)
@@ -188,7 +195,9 @@ class CrossEntropyLoss(nn.Cell):
 
     def check_finite(self):
         """Host-side check of the last step (call it after each step in GRAPH mode): raises
-        NonFiniteLossError naming this rank and the number of non-finite tokens."""
+        NonFiniteLossError naming this rank and the number of non-finite tokens, and ValueError when the
+        model-parallel ranks' logits widths disagree."""
+        self._check_rank_widths()
         bad, masked, local = (int(v) for v in self.nonfinite_counts.asnumpy())
         if bad:
             self.nonfinite_counts.set_data(Tensor(np.zeros(3, np.int32)))
@@ -198,6 +207,17 @@ class CrossEntropyLoss(nn.Cell):
                 f"({masked} of them masked out); {local} of them non-finite in this rank's own vocabulary "
                 "slice")
 
+    def _check_rank_widths(self):
+        if self.layout.mp_size == 1:
+            return
+        widths = self.rank_widths.asnumpy()
+        mine = widths[self.layout.mp_rank]
+        other = next((r for r, w in enumerate(widths) if w != mine), None)
+        if other is not None:
+            raise ValueError(f"logits width differs between model-parallel ranks: {self.layout.describe()} has "
+                             f"{mine} columns, mp rank {other} has {widths[other]}; every rank must hold V/mp "
+                             "columns of the vocabulary")
+
     def __call__(self, *args, **kwargs):
         # Runs only when the loss is called from Python (PYNATIVE, or a top-level GRAPH call): clean
         # messages first; inside a bigger compiled graph the same checks run at compile time in construct.
@@ -206,8 +226,10 @@ class CrossEntropyLoss(nn.Cell):
         if eager:
             self._check_labels_eagerly(*args, **kwargs)
         result = super().__call__(*args, **kwargs)
-        if eager and self.check_for_nan:
-            self.check_finite()
+        if eager:
+            self._check_rank_widths()
+            if self.check_for_nan:
+                self.check_finite()
         return result
 
     @staticmethod

@@ -17,7 +17,8 @@ def parallel_mode_is_semi_auto() -> bool:
 
 class SemiAutoCrossEntropy(nn.Cell):
     """construct(logits (N, V), label (N,) int32, active (N,) bool) -> the same five (N,) outputs as
-    `VocabParallelCrossEntropy`: token_loss, row_max, log_sum_exp, target_mass, local_nonfinite."""
+    `VocabParallelCrossEntropy`: token_loss, row_max, log_sum_exp, target_mass, local_nonfinite, and the
+    (1,) logits width (one logical slice)."""
 
     def __init__(self, data_parallel: int, model_parallel: int, *, label_smoothing=0.0, z_loss_weight=0.0,
                  logit_softcap=None):
@@ -61,4 +62,4 @@ class SemiAutoCrossEntropy(nn.Cell):
         loss = self.select(active, loss, ops.zeros_like(loss))
         target_mass = ops.ones_like(loss)
         return loss, row_max.reshape(-1), ops.stop_gradient(log_sum_exp.reshape(-1)), target_mass, \
-            ops.zeros_like(loss)
+            ops.zeros_like(loss), ops.fill(ms.float32, (1,), float(num_classes))

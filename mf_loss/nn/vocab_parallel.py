@@ -21,7 +21,8 @@ _isfinite = ops.IsFinite()
 
 class VocabParallelCrossEntropy(nn.Cell):
     """construct(logits (N, Vl), target, active (N,) bool) ->
-    (token_loss, row_max, log_sum_exp, target_mass, local_nonfinite), each (N,) float32.
+    (token_loss, row_max, log_sum_exp, target_mass, local_nonfinite), each (N,) float32, and
+    rank_widths (mp,): every model-parallel rank's logits width (token_loss is NaN if they differ).
 
     `target` is (N,) int32 class ids over the full vocabulary, or (N, Vl) probabilities of this slice.
     `token_loss` is 0 where `active` is False. Only `token_loss` is differentiable; the other outputs are
@@ -71,18 +72,26 @@ class VocabParallelCrossEntropy(nn.Cell):
         num_classes, vocab_start = self._vocab(logits)
         rank_weight_sums, weight_total = self._weight_sums(logits.shape[-1])
         label, probs = (None, target) if self.probability_targets else (target, None)
+        local_vocab = logits.shape[-1]
         local = self.local_row_stats(logits, label, probs, self.weight, vocab_start,
-                                             self.logit_softcap, self.label_smoothing)
-        stats = math.combine_row_stats(self.exchange(local), rank_weight_sums)
+                                     self.logit_softcap, self.label_smoothing)
+        # Each rank only knows its own width: it rides along in the exchange as one extra row.
+        width_row = ops.concat((ops.fill(ms.float32, (1, 1), float(local_vocab)),
+                                ops.fill(ms.float32, (1, local.shape[-1] - 1), 0.0)), 1)
+        gathered = self.exchange(ops.concat((local, width_row), 0))
+        rank_widths = gathered[:, -1, 0]
+        stats = math.combine_row_stats(gathered[:, :-1, :], rank_weight_sums)
         loss = math.token_loss(stats, self.label_smoothing, num_classes, weight_total, self.z_loss_weight)
-        loss = _select(active, loss, _zeros_like(loss))
+        widths_agree = (rank_widths == float(local_vocab)).all()
+        loss = _select(ops.logical_and(active, widths_agree), loss,
+                       _select(active, ops.fill(ms.float32, loss.shape, float("nan")), _zeros_like(loss)))
         local_nonfinite = _cast(ops.logical_not(_isfinite(local).all(axis=-1)), ms.float32)
-        return loss, stats["row_max"], stats["log_sum_exp"], stats["target_mass"], local_nonfinite
+        return loss, stats["row_max"], stats["log_sum_exp"], stats["target_mass"], local_nonfinite, rank_widths
 
     def bprop(self, logits, target, active, out, dout):
         num_classes, vocab_start = self._vocab(logits)
         _, weight_total = self._weight_sums(logits.shape[-1])
-        _, row_max, log_sum_exp, target_mass, _ = out
+        _, row_max, log_sum_exp, target_mass, _, _ = out
         upstream = _select(active, dout[0], _zeros_like(dout[0]))
         stats = {"row_max": row_max, "log_sum_exp": log_sum_exp, "target_mass": target_mass}
         a, b, q = math.grad_coefficients(stats, upstream, self.label_smoothing, num_classes, weight_total,
