@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="loss and gradients on dp x mp msrun ranks beside one device")
     demo.add_argument("--dp", type=int, default=2)
     demo.add_argument("--mp", type=int, default=2)
-    demo.add_argument("--rows", type=int, default=12, help="tokens in the batch (divisible by dp)")
+    demo.add_argument("--rows", type=int, default=24, help="tokens in the batch (divisible by dp)")
     demo.add_argument("--vocab", type=int, default=16, help="vocabulary size (divisible by mp)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--port", type=int)

@@ -23,8 +23,8 @@ def make_problem(rows: int, vocab: int, seed: int):
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     labels = rng.integers(0, vocab, size=rows).astype(np.int32)
-    labels[rng.random(rows) < 0.2] = IGNORE_INDEX
-    mask = (rng.random(rows) >= 0.15).astype(np.float32)
+    labels[rng.random(rows) < 0.1] = IGNORE_INDEX
+    mask = (rng.random(rows) >= 0.1).astype(np.float32)
     return logits, labels, mask
 
 
@@ -59,7 +59,7 @@ def rank_main(out: str, spec_json: str) -> int:
     return 0
 
 
-def demo_command(dp=2, mp=2, rows=12, vocab=16, seed=0, port=None, timeout=300.0, out=sys.stdout) -> int:
+def demo_command(dp=2, mp=2, rows=24, vocab=16, seed=0, port=None, timeout=300.0, out=sys.stdout) -> int:
     if rows % dp or vocab % mp:
         raise TrainError(f"--rows {rows} must be divisible by --dp {dp} and --vocab {vocab} by --mp {mp}")
     if port is not None:

@@ -6,6 +6,7 @@ progress to <run dir>/progress.log, which this process follows and prints.
 """
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -104,6 +105,10 @@ class _Follower(threading.Thread):
         self.join(timeout=5)
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_dir_for(config: Config, output_dir: Optional[str] = None) -> Path:
     return (Path(output_dir or config["output_dir"]) / config["run_name"]).resolve()
 
@@ -169,10 +174,13 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
     follower = _Follower(run_dir / "progress.log", out)
     follower.start()
     started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so launch() still stops the whole job on the way out.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         result = launch(str(WORKER), worker_args, workers=world, log_dir=str(run_dir / "logs"), timeout=timeout,
                         env=env, port=port, quiet=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         follower.stop()
     if not result.ok:
         raise TrainError(f"{result.message}\n{_checkpoint_note(run_dir, args_text)}")

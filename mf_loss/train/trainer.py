@@ -34,7 +34,9 @@ from .data import BatchSpec, global_batch, rank_micro_batches
 from .model import HEAD, TinyCausalLM
 from .tokenizer import CharTokenizer, corpus_path, read_corpus
 
-FAIL_ENV = "MF_LOSS_FAIL_AT"   # "rank:step": that rank raises at the start of that step (for tests)
+# For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
+# that rank's input mask at that step instead (caught by check_for_nan_in_loss_and_grad).
+FAIL_ENV = "MF_LOSS_FAIL_AT"
 CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "step_time_s", "tokens_per_s")
 
 
@@ -139,6 +141,8 @@ class TrainStep(nn.Cell):
         sizes = [int(np.prod(s)) for s in self.shapes]
         self.offsets = tuple(int(o) for o in np.cumsum([0] + sizes))
         self.dp_reduce = ops.AllReduce(ops.ReduceOp.SUM, dp_group) if dp_group else None
+        # The loss records the non-finite tokens of its last call; a step makes one call per micro-batch.
+        self.check_nan = bool(getattr(loss, "check_for_nan", False))
 
     def forward(self, tokens, labels, mask):
         logits = self.model(tokens)
@@ -147,11 +151,17 @@ class TrainStep(nn.Cell):
 
     def construct(self, tokens, labels, mask, lr):
         (numerator, denominator), grads = self.grad_fn(tokens[0], labels[0], mask[0])
+        if self.check_nan:
+            nonfinite = self.loss.nonfinite_counts + 0
         for i in range(1, self.micro_batch_num):
             (num_i, den_i), grads_i = self.grad_fn(tokens[i], labels[i], mask[i])
             numerator = numerator + num_i
             denominator = denominator + den_i
             grads = tuple(a + b for a, b in zip(grads, grads_i))
+            if self.check_nan:
+                nonfinite = nonfinite + self.loss.nonfinite_counts
+        if self.check_nan:
+            ops.assign(self.loss.nonfinite_counts, nonfinite)  # the step's total, for loss.check_finite()
         # One collective per step: every gradient and both loss sums in one buffer.
         flat = ops.concat([g.reshape(-1) for g in grads] + [ops.stack([numerator, denominator])])
         if self.dp_reduce is not None:
@@ -321,11 +331,12 @@ def _barrier(world_size: int) -> None:
 
 
 def _injected_failure():
+    """(rank, step, kind) from FAIL_ENV, or None."""
     spec = os.environ.get(FAIL_ENV)
     if not spec:
         return None
-    rank, step = spec.split(":")
-    return int(rank), int(step)
+    rank, step, *kind = spec.split(":")
+    return int(rank), int(step), (kind[0] if kind else "raise")
 
 
 def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, world_size: int = 1) -> RunResult:
@@ -392,9 +403,12 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, w
     steady_tokens, steady_time = 0, 0.0
     loop_start = time.perf_counter()
     for step in range(start_step, total_steps):
-        if failure is not None and failure == (rank, step + 1):
-            raise InjectedFailure(f"injected failure on rank {rank} at step {step + 1} ({FAIL_ENV}={os.environ[FAIL_ENV]})")
         batch = rank_micro_batches(global_batch(corpus_ids, spec, config["seed"], step), dp, layout.dp_rank, micro)
+        if failure is not None and failure[:2] == (rank, step + 1):
+            if failure[2] != "nan":
+                raise InjectedFailure(f"injected failure on rank {rank} at step {step + 1} "
+                                      f"({FAIL_ENV}={os.environ[FAIL_ENV]})")
+            batch.mask[0, 0, 0] = np.nan
         lr = learning_rate(config, step)
         tick = time.perf_counter()
         numerator, denominator = step_cell(Tensor(batch.tokens), Tensor(batch.labels), Tensor(batch.mask),
