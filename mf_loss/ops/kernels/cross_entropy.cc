@@ -18,6 +18,9 @@
 // written lane-wise with selects instead of branches so that gcc vectorises it at -O3; the results do
 // not depend on the vector width (sums use fixed lanes, no fused multiply-add contraction).
 #include <sched.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -97,8 +100,7 @@ inline uint16_t float_to_bf16(float f) {
 // exp(x) in float32 (Cephes expf: Cody-Waite reduction and a degree-6 polynomial, max error about
 // 1 ulp). `exp_core` assumes x <= 88.72 and not NaN: x < -104 (and -inf) give 0, results below
 // FLT_MIN are correctly rounded subnormals (2^k as two normal factors).
-inline float exp_core(float x) {
-  const float xc = x > -104.0f ? x : -104.0f;  // maxps
+inline float exp_poly(float xc, float *kf_out) {
   float kf = xc * 1.44269504088896341f;
   kf = (kf + 12582912.0f) - 12582912.0f;  // round to nearest integer (|kf| < 2^22)
   float r = xc - kf * 0.693359375f;
@@ -110,13 +112,33 @@ inline float exp_core(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  *kf_out = kf;
+  return p * r2 + r + 1.0f;
+}
+
+inline float exp_core(float x) {
+  const float xc = x > -104.0f ? x : -104.0f;  // maxps
+  float kf;
+  const float p = exp_poly(xc, &kf);
   const int32_t k = static_cast<int32_t>(kf);  // in [-150, 128]
   const int32_t k1 = k >> 1;                   // arithmetic shift: floor(k / 2)
   const int32_t k2 = k - k1;
   const float s1 = as_float(static_cast<uint32_t>(k1 + 127) << 23);
   const float s2 = as_float(static_cast<uint32_t>(k2 + 127) << 23);
   return (p * s1) * s2;
+}
+
+// exp(x) for x <= 87 and not NaN (the softmax arguments x - max, x - max - lse), one scaling: results
+// below FLT_MIN (x < -87.34) are flushed to 0, as MindSpore's CPU Exp and MXCSR's flush-to-zero do.
+// Equal to exp_core wherever the result is a normal float.
+inline float exp_small(float x) {
+  constexpr float kMinNormal = -87.33654475f;  // log(FLT_MIN)
+  const float xc = x > kMinNormal ? x : kMinNormal;
+  float kf;
+  const float p = exp_poly(xc, &kf);
+  const float s = as_float(static_cast<uint32_t>(static_cast<int32_t>(kf) + 127) << 23);
+  const float y = p * s;
+  return x > kMinNormal ? y : 0.0f;
 }
 
 // exp(x) for every x: inf above 88.72, NaN stays NaN
@@ -250,6 +272,70 @@ inline double block_dot(const float *x, const float *y, int64_t n) {
   return s;
 }
 
+// ---- stores: non-temporal for outputs far larger than the caches (no read-for-ownership, no eviction of
+// the logits being read), plain otherwise; the values written are the same ----
+
+constexpr int64_t kStreamBytes = 16 << 20;
+
+inline bool stream_output(int64_t rows, int64_t vocab, DType dtype) {
+  const int64_t bytes = rows * vocab * (dtype == DType::kF32 ? 4 : 2);
+  return bytes >= kStreamBytes;
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+template <typename T>
+inline void store_block(T *dst, const float *g, int64_t n, bool stream) {
+  alignas(64) T converted[kBlock];
+  T *target = stream ? converted : dst;
+  for (int64_t i = 0; i < n; ++i) target[i] = from_float<T>(g[i]);
+  if (!stream) return;
+#if defined(__SSE2__)
+  // head until 16-byte aligned, then 16-byte non-temporal stores, then the tail
+  const int64_t per = 16 / static_cast<int64_t>(sizeof(T));
+  int64_t i = 0;
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15u) != 0) {
+    dst[i] = converted[i];
+    ++i;
+  }
+  for (; i + per <= n; i += per) {
+    __m128i v;
+    std::memcpy(&v, converted + i, 16);
+    _mm_stream_si128(reinterpret_cast<__m128i *>(dst + i), v);
+  }
+  for (; i < n; ++i) dst[i] = converted[i];
+#else
+  std::memcpy(static_cast<void *>(dst), converted, sizeof(T) * n);
+#endif
+}
+
+template <>
+inline void store_block<float>(float *dst, const float *g, int64_t n, bool stream) {
+  if (!stream) {
+    std::memcpy(dst, g, sizeof(float) * n);
+    return;
+  }
+#if defined(__SSE2__)
+  int64_t i = 0;
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15u) != 0) {
+    dst[i] = g[i];
+    ++i;
+  }
+#if defined(__AVX512F__)
+  for (; i + 16 <= n && (reinterpret_cast<uintptr_t>(dst + i) & 63u) == 0; i += 16)
+    _mm512_stream_ps(dst + i, _mm512_loadu_ps(g + i));
+#endif
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(g + i));
+  for (; i < n; ++i) dst[i] = g[i];
+#else
+  std::memcpy(dst, g, sizeof(float) * n);
+#endif
+}
+
 // ---- threads ----
 
 int thread_budget() {
@@ -275,6 +361,7 @@ void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
   threads = std::min<int64_t>(threads, std::max<int64_t>(1, work / kWorkPerThread));
   if (threads <= 1) {
     fn(0, rows);
+    store_fence();
     return;
   }
   // contiguous chunks whose sizes differ by at most one row
@@ -288,11 +375,15 @@ void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
     if (t == 0) {
       first_end = end;
     } else {
-      pool.emplace_back([&fn, begin, end] { fn(begin, end); });
+      pool.emplace_back([&fn, begin, end] {
+        fn(begin, end);
+        store_fence();
+      });
     }
     begin = end;
   }
   fn(0, first_end);
+  store_fence();
   for (auto &th : pool) th.join();
 }
 
@@ -314,6 +405,19 @@ template <typename T>
 inline void load_row_block(const T *row, int64_t start, int64_t n, float cap, float *x) {
   load_block<T>(row + start, x, n);
   if (cap != 0.0f) softcap_block(x, n, cap);
+}
+
+// The block as float32: the row itself for float32 logits without a soft cap, else converted into `buffer`.
+template <typename T>
+inline const float *block_as_float(const T *row, int64_t start, int64_t n, float cap, float *buffer) {
+  load_row_block<T>(row, start, n, cap, buffer);
+  return buffer;
+}
+template <>
+inline const float *block_as_float<float>(const float *row, int64_t start, int64_t n, float cap, float *buffer) {
+  if (cap == 0.0f) return row + start;
+  load_row_block<float>(row, start, n, cap, buffer);
+  return buffer;
 }
 
 inline void load_probs_block(const void *probs, DType dt, int64_t offset, int64_t n, float *t) {
@@ -343,8 +447,8 @@ void row_stats(const StatsArgs &args, int64_t begin, int64_t end) {
     double smooth_x = 0.0, weight_sum = 0.0;   // sum w x, sum w              (label smoothing)
     for (int64_t start = 0; start < vocab; start += kBlock) {
       const int64_t n = std::min(kBlock, vocab - start);
-      load_row_block<T>(row, start, n, args.cap, x);
-      const MaxNan bm = block_max(x, n);
+      const float *xs = block_as_float<T>(row, start, n, args.cap, x);
+      const MaxNan bm = block_max(xs, n);
       nan = nan || bm.nan;
       if (bm.max > max) {
         // re-base the running sum on the new max; while everything was -inf the sum is exactly 0
@@ -353,7 +457,7 @@ void row_stats(const StatsArgs &args, int64_t begin, int64_t end) {
         max = bm.max;
         base = max;
       }
-      for (int64_t i = 0; i < n; ++i) e[i] = exp_core(x[i] - base);  // x - base <= 0 (NaN, +inf: below)
+      for (int64_t i = 0; i < n; ++i) e[i] = exp_small(xs[i] - base);  // x - base <= 0 (NaN, +inf: below)
       sum_exp += block_sum(e, n);
       if (probs) {
         load_probs_block(args.probs, args.probs_dtype, r * vocab + start, n, t);
@@ -361,15 +465,15 @@ void row_stats(const StatsArgs &args, int64_t begin, int64_t end) {
           const float *w = args.weight + start;
           for (int64_t i = 0; i < n; ++i) t[i] = t[i] * w[i];
         }
-        target_x += block_dot(t, x, n);
+        target_x += block_dot(t, xs, n);
         target_mass += block_sum(t, n);
       }
       if (smoothing) {
         if (args.weight != nullptr) {
-          smooth_x += block_dot(args.weight + start, x, n);
+          smooth_x += block_dot(args.weight + start, xs, n);
           weight_sum += block_sum(args.weight + start, n);
         } else {
-          smooth_x += block_sum(x, n);
+          smooth_x += block_sum(xs, n);
           weight_sum += static_cast<double>(n);
         }
       }
@@ -421,6 +525,7 @@ struct GradArgs {
   const float *row_max, *log_sum_exp, *a, *b, *q;
   float cap;
   bool smoothing;         // subtract b * w (label smoothing on)
+  bool stream;            // non-temporal stores (large outputs)
   int64_t rows, vocab;
   void *out;
 };
@@ -445,7 +550,15 @@ void logits_grad_rows(const GradArgs &args, int64_t begin, int64_t end) {
     for (int64_t start = 0; start < vocab; start += kBlock) {
       const int64_t n = std::min(kBlock, vocab - start);
       load_row_block<T>(row, start, n, cap, x);
-      for (int64_t i = 0; i < n; ++i) g[i] = exp_f((x[i] - m) - lse) * a;
+      int32_t unusual = 0;  // NaN or a positive argument (inconsistent statistics): take the exact path
+      for (int64_t i = 0; i < n; ++i) {
+        const float arg = (x[i] - m) - lse;
+        g[i] = exp_small(arg) * a;
+        unusual |= (arg != arg || arg > 80.0f) ? 1 : 0;
+      }
+      if (unusual) {
+        for (int64_t i = 0; i < n; ++i) g[i] = exp_f((x[i] - m) - lse) * a;
+      }
       if (args.smoothing) {
         if (weight != nullptr) {
           const float *w = weight + start;
@@ -475,8 +588,7 @@ void logits_grad_rows(const GradArgs &args, int64_t begin, int64_t end) {
           g[i] = g[i] * (1.0f - u * u);
         }
       }
-      T *dst = out + start;
-      for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(g[i]);
+      store_block<T>(out + start, g, n, args.stream);
     }
   }
 }
@@ -591,6 +703,7 @@ extern "C" int mf_logits_grad(int nparam, void **params, int *ndims, int64_t **s
     return fail("mf_logits_grad: output must have the logits' shape and dtype");
   args.logits = params[0];
   args.out = params[out];
+  args.stream = stream_output(args.rows, args.vocab, logits_dtype);
   switch (logits_dtype) {
     case DType::kF16:
       parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
@@ -630,6 +743,7 @@ extern "C" int mf_logits_grad_inplace(int nparam, void **params, int *ndims, int
     return fail("mf_logits_grad_inplace: output must be a (1,) int64 token");
   args.logits = params[0];
   args.out = params[0];
+  args.stream = stream_output(args.rows, args.vocab, logits_dtype);
   switch (logits_dtype) {
     case DType::kF16:
       parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
