@@ -17,7 +17,7 @@ from typing import Optional
 from ..config_loader import Config, ConfigError, check_trainable, load_config
 
 RANKS_PER_CORE = 4            # CPU ranks mostly wait on each other; beyond this a step crawls
-RANK_MEMORY_GIB = 1.0         # measured ~0.6 GiB resident per training rank (MindSpore + graph), with margin
+RANK_MEMORY_GIB = 1.0         # measured peak ~0.85 GiB resident per training rank (MindSpore + graph)
 WORKER = Path(__file__).resolve().parent / "worker.py"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -143,7 +143,10 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
         check_port(port)
     run_dir = run_dir_for(config, output_dir)
     resume = resume or config["resume_training"]
-    if not resume:
+    if resume:
+        from .trainer import resume_source
+        resume_source(config, run_dir)  # fails here, before any rank starts, when there is nothing to resume
+    else:
         _fresh_run_dir(run_dir)
     args_text = f"--config {config_path}" + "".join(f" --set {o}" for o in overrides)
     if output_dir:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +187,25 @@ def read_latest(ckpt_dir: Path) -> Optional[dict]:
     return json.loads(path.read_text())
 
 
+def resume_source(config: Config, run_dir: Path):
+    """(checkpoints directory, its latest.json) to resume from: `load_checkpoint` (a run directory or its
+    checkpoints/) when set, else the run's own. Raises when there is none or its layout differs."""
+    source = Path(config["load_checkpoint"]) if config["load_checkpoint"] else checkpoint_dir(run_dir)
+    if (source / "checkpoints").is_dir():
+        source = source / "checkpoints"
+    latest = read_latest(source)
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source} (no latest.json); train "
+                                "without --resume first, or set load_checkpoint to a run directory")
+    p = config.parallel
+    if (latest["data_parallel"], latest["model_parallel"]) != (p["data_parallel"], p["model_parallel"]):
+        raise ConfigError(f"{config.source}: --resume: the checkpoint in {source} was written by data_parallel="
+                          f"{latest['data_parallel']} x model_parallel={latest['model_parallel']}, but the config "
+                          f"asks for {p['data_parallel']} x {p['model_parallel']}; resume with the layout that "
+                          "wrote it")
+    return source, latest
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
@@ -250,9 +268,9 @@ class Progress:
     def step(self, step: int, loss: float, tokens_per_s: float, elapsed: float, seconds_per_step: float) -> None:
         width = 24
         done = int(width * step / self.total)
-        eta = seconds_per_step * (self.total - step)
+        eta = "--" if seconds_per_step is None else f"{seconds_per_step * (self.total - step):.0f}s"
         self.line(f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * done}{'.' * (width - done)}] "
-                  f"loss {loss:.4f}  tok/s {tokens_per_s:,.0f}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+                  f"loss {loss:.4f}  tok/s {tokens_per_s:,.0f}  elapsed {elapsed:.0f}s  eta {eta}")
 
     def close(self):
         if self.file is not None:
@@ -339,8 +357,8 @@ def _injected_failure():
     return int(rank), int(step), (kind[0] if kind else "raise")
 
 
-def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, world_size: int = 1) -> RunResult:
-    """Train on this rank. `world_size` > 1 needs mindspore.communication initialised (msrun)."""
+def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -> RunResult:
+    """Train on this rank; more than one rank needs mindspore.communication initialised (msrun)."""
     check_trainable(config)
     _set_context(config)
     started = time.perf_counter()
@@ -373,16 +391,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, w
     curve_path = run_dir / "loss.csv"
     start_step, resumed_from = 0, None
     if resume:
-        source_dir = Path(config["load_checkpoint"]) if config["load_checkpoint"] else ckpt_dir
-        if (source_dir / "checkpoints").is_dir():
-            source_dir = source_dir / "checkpoints"
-        latest = read_latest(source_dir)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source_dir} (latest.json missing)")
-        if (latest["data_parallel"], latest["model_parallel"]) != (dp, mp):
-            raise ConfigError(f"{config.source}: the checkpoint in {source_dir} was written by data_parallel="
-                              f"{latest['data_parallel']} x model_parallel={latest['model_parallel']}; resume it "
-                              f"with that layout (this config has {dp} x {mp})")
+        source_dir, latest = resume_source(config, run_dir)
         load_rank_checkpoint(state, source_dir / latest["dir"] / f"rank_{rank}.ckpt")
         start_step, resumed_from = latest["step"], str(source_dir / latest["dir"])
     curve = [row for row in read_curve(curve_path) if row["step"] <= start_step] if resume else []
@@ -415,7 +424,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, w
                                            Tensor(lr, ms.float32))
         numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
         seconds = time.perf_counter() - tick
-        if config["loss"].get("check_for_nan_in_loss_and_grad", False):
+        if step_cell.check_nan:
             loss.check_finite()
         value = numerator / max(denominator, 1.0)
         if not math.isfinite(value):
@@ -433,13 +442,13 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, w
         if curve_writer is not None:
             curve_writer.append(curve[-1])
         if is_main and (done % rc["log_interval"] == 0 or done == total_steps or done == start_step + 1):
-            per_step = steady_time / (done - start_step - 1) if done > start_step + 1 else seconds
+            per_step = steady_time / (done - start_step - 1) if done > start_step + 1 else None  # 1st: compiling
             progress.step(done, value, window_tokens / max(window_time, 1e-9), time.perf_counter() - loop_start,
                           per_step)
             window_tokens, window_time = 0, 0.0
         interval = rc["save_checkpoint_steps"]
         if done == total_steps or (interval and done % interval == 0):
-            _save(state, ckpt_dir, done, rank, layout, parallel, rc["keep_checkpoint_max"], is_main)
+            _save(state, ckpt_dir, done, rank, parallel, rc["keep_checkpoint_max"], is_main)
 
     result = RunResult(run_dir, curve)
     if is_main:
@@ -455,7 +464,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, w
     return result
 
 
-def _save(state, ckpt_dir, step, rank, layout, parallel, keep, is_main):
+def _save(state, ckpt_dir, step, rank, parallel, keep, is_main):
     name = f"step_{step:06d}"
     save_rank_checkpoint(state, ckpt_dir / name, rank)
     _barrier(parallel.world_size)  # every rank's file is complete before latest.json points at them

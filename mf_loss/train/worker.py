@@ -53,8 +53,7 @@ def main(argv=None) -> int:
     from mf_loss.config_loader import load_config
     from mf_loss.train.trainer import train as run_training
     config = load_config(args.config, args.overrides, world_size=world)
-    run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1,
-                 world_size=world)
+    run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1)
     return 0
 
 
