@@ -231,3 +231,19 @@ def test_dp2_mp2_resumed_run_matches_the_single_process_run(dp2_mp2_failed, refe
     assert result["weight_max_diff"] <= TOLERANCE, result["per_weight"]
     print(f"dp2 x mp2 vs single process: loss curve max |diff| {result['loss_max_diff']:.2e}, "
           f"weights max |diff| {result['weight_max_diff']:.2e}")
+
+
+@pytest.mark.distributed
+def test_demo_prints_the_parallel_and_single_device_results_side_by_side():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "mf_loss.cli", "demo", "--dp", "1", "--mp", "2", "--timeout", "240"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "dp=1 x mp=2" in proc.stdout and "single device" in proc.stdout
+    loss_line = next(line for line in proc.stdout.splitlines() if line.startswith("loss (global token mean)"))
+    parallel, single, difference = (float(v) for v in loss_line.split()[-3:])
+    assert abs(parallel - single) <= TOLERANCE and difference <= TOLERANCE
+    grad_line = next(line for line in proc.stdout.splitlines() if line.startswith("max |gradient difference|"))
+    assert float(grad_line.split()[-1]) <= TOLERANCE
+    assert "rank 1 (dp 0, mp 1): rows 0-23, vocabulary 8-15" in proc.stdout

@@ -7,14 +7,13 @@ its logits slice, and saves them. The parent sums numerators and denominators ov
 places every gradient slice, divides once by the global token count, and prints both results.
 """
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .run import PACKAGE_ROOT, WORKER, TrainError, check_port
+from .run import WORKER, TrainError, check_port, worker_env
 
 IGNORE_INDEX = -100
 
@@ -25,6 +24,9 @@ def make_problem(rows: int, vocab: int, seed: int):
     labels = rng.integers(0, vocab, size=rows).astype(np.int32)
     labels[rng.random(rows) < 0.1] = IGNORE_INDEX
     mask = (rng.random(rows) >= 0.1).astype(np.float32)
+    # always some ignored and masked tokens, all in the first rows: data-parallel ranks count differently
+    labels[1:rows // 4:2] = IGNORE_INDEX
+    mask[2] = 0.0
     return logits, labels, mask
 
 
@@ -67,12 +69,10 @@ def demo_command(dp=2, mp=2, rows=24, vocab=16, seed=0, port=None, timeout=300.0
     from ..launch import launch
     spec = {"dp": dp, "mp": mp, "rows": rows, "vocab": vocab, "seed": seed}
     work = Path(tempfile.mkdtemp(prefix="mf_loss_demo_"))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     print(f"starting {dp * mp} msrun ranks (dp={dp} x mp={mp}; ~30 s start-up); logs in {work / 'logs'}",
           file=out, flush=True)
     result = launch(str(WORKER), ["demo", "--out", str(work), "--spec", json.dumps(spec)], workers=dp * mp,
-                    log_dir=str(work / "logs"), timeout=timeout, env=env, port=port, quiet=True)
+                    log_dir=str(work / "logs"), timeout=timeout, env=worker_env(), port=port, quiet=True)
     if not result.ok:
         raise TrainError(result.message)
 

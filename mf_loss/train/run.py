@@ -105,6 +105,14 @@ class _Follower(threading.Thread):
         self.join(timeout=5)
 
 
+def worker_env() -> dict:
+    """This process's environment, with the directory holding `mf_loss` on PYTHONPATH for the workers
+    (msrun starts WORKER as a script, which works from a source checkout too)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -170,8 +178,7 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
         worker_args += ["--set", override]
     if resume:
         worker_args.append("--resume")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env = worker_env()
     print(f"starting {world} ranks with msrun (start-up takes ~30 s); logs in {run_dir / 'logs'}", file=out,
           flush=True)
     follower = _Follower(run_dir / "progress.log", out)
