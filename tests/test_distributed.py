@@ -22,7 +22,7 @@ def run_job(name, tmp_path_factory):
         dp, mp = LAYOUTS[name]
         out = tmp_path_factory.mktemp(name)
         result = launch(__file__.replace("test_distributed.py", "dist_worker.py"),
-                        ["--dp", dp, "--mp", mp, "--out", out, "--grid"], workers=dp * mp, log_dir=out / "logs",
+                        ["--dp", dp, "--mp", mp, "--out", out, "--grid", "--backends", "composed,fused"], workers=dp * mp, log_dir=out / "logs",
                         timeout=900)
         ranks = None
         if result.ok:
@@ -37,20 +37,21 @@ def run_job(name, tmp_path_factory):
 _references = {}
 
 
-def single_device(case, dp, dp_rank):
-    """The loss on one device over the full vocabulary for one dp rank's rows (shared by its mp ranks)."""
-    key = (case.name, dp, dp_rank)
+def single_device(case, dp, dp_rank, backend):
+    """The loss on one device over the full vocabulary for one dp rank's rows (shared by its mp ranks), with
+    the same backend (each backend is checked against float64 NumPy by the single-device tests)."""
+    key = (case.name, dp, dp_rank, backend)
     if key not in _references:
         ms.set_context(mode=ms.PYNATIVE_MODE)
         arrays = shard(case, full_inputs(case, dp=dp), dp_rank, 0, 1)
-        options = loss_options(case, dict(backend="composed"))
+        options = loss_options(case, dict(backend=backend))
         _references[key] = evaluate(CrossEntropyLoss(**options), *to_tensors(case, arrays),
                                     options.get("reduction", "mean"))
     return _references[key]
 
 
 def assert_rank_matches(arrays, key, case, dp, mp, dp_rank, mp_rank):
-    outputs, grad = single_device(case, dp, dp_rank)
+    outputs, grad = single_device(case, dp, dp_rank, key.split("/")[1])
     width = grad.shape[-1] // mp
     rtol = 1e-6 if case.dtype == "float32" else 1e-2
     for i, expected in enumerate(outputs):
@@ -63,22 +64,22 @@ def assert_rank_matches(arrays, key, case, dp, mp, dp_rank, mp_rank):
                                err_msg=f"{key} gradient on dp {dp_rank} mp {mp_rank}")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_core_cases_equal_single_device(layout, mode, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
-    for arrays, report in ranks:
-        for case in CORE_CASES:
-            assert_rank_matches(arrays, f"{mode}/composed/{case.name}", case, dp, mp, report["dp_rank"],
-                                report["mp_rank"])
+# (mode, backend, cases): GRAPH runs the core cases with the composed path, PYNATIVE everything with both.
+SUITES = {"graph-composed-core": ("graph", "composed", CORE_CASES),
+          "pynative-composed-core": ("pynative", "composed", CORE_CASES),
+          "pynative-fused-core": ("pynative", "fused", CORE_CASES),
+          "pynative-composed-grid": ("pynative", "composed", grid_cases()),
+          "pynative-fused-grid": ("pynative", "fused", grid_cases())}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_option_grid_equals_single_device(layout, tmp_path_factory):
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_rank_equals_single_device_on_the_full_vocabulary(layout, suite, tmp_path_factory):
     dp, mp, ranks = run_job(layout, tmp_path_factory)
+    mode, backend, cases = SUITES[suite]
     for arrays, report in ranks:
-        for case in grid_cases():
-            assert_rank_matches(arrays, f"pynative/composed/{case.name}", case, dp, mp, report["dp_rank"],
+        for case in cases:
+            assert_rank_matches(arrays, f"{mode}/{backend}/{case.name}", case, dp, mp, report["dp_rank"],
                                 report["mp_rank"])
 
 
