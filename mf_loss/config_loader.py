@@ -112,6 +112,7 @@ OPTIMIZER = Section({
     "eps": Key(float, 1e-8, minimum=0.0),
     "weight_decay": Key(float, 0.0, minimum=0.0),
     "momentum": Key(float, 0.0, minimum=0.0),
+    "max_grad_norm": Key(float, None, minimum=0.0, doc="clip the global gradient norm to this; null: no clipping"),
 })
 
 LR_SCHEDULE = Section({

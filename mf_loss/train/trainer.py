@@ -36,7 +36,7 @@ from .tokenizer import CharTokenizer, corpus_path, read_corpus
 # For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
 # that rank's input mask at that step instead (caught by check_for_nan_in_loss_and_grad).
 FAIL_ENV = "MF_LOSS_FAIL_AT"
-CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "step_time_s", "tokens_per_s")
+CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s")
 
 
 class InjectedFailure(RuntimeError):
@@ -126,9 +126,15 @@ def learning_rate(config: Config, step: int) -> float:
 # -------------------------------------------------------------------------------------------- train step
 
 class TrainStep(nn.Cell):
-    """construct(tokens, labels, mask (M, b, S), lr) -> (global numerator, global denominator)."""
+    """construct(tokens, labels, mask (M, b, S), lr) -> (global numerator, global denominator, gradient norm).
 
-    def __init__(self, model: TinyCausalLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str]):
+    With `max_grad_norm`, the gradients (already divided by the global token count) are scaled down to
+    that global norm when above it; the norm sums the replicated parameters once and the output layer's
+    slices over the model-parallel group.
+    """
+
+    def __init__(self, model: TinyCausalLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str],
+                 mp_group: Optional[str] = None, max_grad_norm: Optional[float] = None):
         super().__init__(auto_prefix=False)
         self.model = model
         self.loss = loss
@@ -140,6 +146,9 @@ class TrainStep(nn.Cell):
         sizes = [int(np.prod(s)) for s in self.shapes]
         self.offsets = tuple(int(o) for o in np.cumsum([0] + sizes))
         self.dp_reduce = ops.AllReduce(ops.ReduceOp.SUM, dp_group) if dp_group else None
+        self.mp_reduce = ops.AllReduce(ops.ReduceOp.SUM, mp_group) if mp_group else None
+        self.max_grad_norm = max_grad_norm
+        self.head_start, self.head_end = self.offsets[model.i_head], self.offsets[model.i_head + 1]
         # The loss records the non-finite tokens of its last call; a step makes one call per micro-batch.
         self.check_nan = bool(getattr(loss, "check_for_nan", False))
 
@@ -168,10 +177,27 @@ class TrainStep(nn.Cell):
         end = self.offsets[-1]
         numerator, denominator = flat[end], flat[end + 1]
         scale = 1.0 / ops.maximum(denominator, 1.0)
+        norm = self._norm(flat) * scale
+        if self.max_grad_norm is not None:
+            scale = scale * ops.minimum(1.0, self.max_grad_norm / (norm + 1e-6))
         grads = tuple(flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) * scale
                       for i in range(len(self.shapes)))
         self.optimizer(grads, lr)
-        return numerator, denominator
+        return numerator, denominator, norm
+
+    def _norm(self, flat):
+        """Global L2 norm of the summed gradients in `flat` (the output layer's share over mp ranks)."""
+        head = flat[self.head_start:self.head_end]
+        squares = (head * head).sum().reshape(1)
+        if self.mp_reduce is not None:
+            squares = self.mp_reduce(squares)
+        if self.head_start > 0:
+            trunk = flat[:self.head_start]
+            squares = squares + (trunk * trunk).sum()
+        if self.head_end < self.offsets[-1]:
+            rest = flat[self.head_end:self.offsets[-1]]
+            squares = squares + (rest * rest).sum()
+        return ops.sqrt(squares[0])
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -384,7 +410,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
     model = TinyCausalLM(mc, layout, config["seed"])
     loss = build_loss(config)
     optimizer = build_optimizer(config, model.params)
-    step_cell = TrainStep(model, loss, optimizer, micro, _dp_group(layout, parallel))
+    step_cell = TrainStep(model, loss, optimizer, micro, _dp_group(layout, parallel),
+                          layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"])
     state = list(model.params) + optimizer.state()
 
     ckpt_dir = checkpoint_dir(run_dir)
@@ -420,8 +447,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
             batch.mask[0, 0, 0] = np.nan
         lr = learning_rate(config, step)
         tick = time.perf_counter()
-        numerator, denominator = step_cell(Tensor(batch.tokens), Tensor(batch.labels), Tensor(batch.mask),
-                                           Tensor(lr, ms.float32))
+        numerator, denominator, grad_norm = step_cell(Tensor(batch.tokens), Tensor(batch.labels),
+                                                      Tensor(batch.mask), Tensor(lr, ms.float32))
         numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
         seconds = time.perf_counter() - tick
         if step_cell.check_nan:
@@ -438,7 +465,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
         window_time += seconds
         done = step + 1
         curve.append({"step": done, "loss": value, "counted_tokens": int(denominator), "learning_rate": lr,
-                      "step_time_s": seconds, "tokens_per_s": denominator / seconds})
+                      "grad_norm": float(grad_norm.asnumpy()), "step_time_s": seconds,
+                      "tokens_per_s": denominator / seconds})
         if curve_writer is not None:
             curve_writer.append(curve[-1])
         if is_main and (done % rc["log_interval"] == 0 or done == total_steps or done == start_step + 1):
