@@ -709,7 +709,9 @@ def main(argv=None) -> int:
     print(format_table(records))
     for entry in report["ratios"]:
         parts = [f"{k[len('fused_over_'):]}: {v:.3f}" for k, v in entry.items() if k.startswith("fused_over_")]
-        print(f"fused / other, fwd+bwd ({entry['rows']}x{entry['vocab']} {entry['dtype']}): " + ", ".join(parts))
+        if parts:
+            print(f"fused / other, fwd+bwd ({entry['rows']}x{entry['vocab']} {entry['dtype']}): "
+                  + ", ".join(parts))
     if "mp2" in report:
         print(format_mp2(report["mp2"]))
     json_path = args.json or (args.out / "bench.json" if args.out else None)

@@ -545,10 +545,11 @@ def test_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
 
 
 def test_isa_flags_follow_the_cpu_and_the_cap(monkeypatch):
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "avx2"}
-    assert "-mavx512f" in fused.isa_flags(avx512)
-    assert fused.isa_flags({"avx2", "f16c"}) == ("-mavx2", "-mf16c")
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c", "avx2"}
+    assert "-mavx512f" in fused.isa_flags(avx512) and "-mfma" in fused.isa_flags(avx512)
+    assert fused.isa_flags({"avx2", "fma", "f16c"}) == ("-mavx2", "-mfma", "-mf16c")
+    assert fused.isa_flags({"avx2", "f16c"}) == ()  # no FMA: baseline
     assert fused.isa_flags({"sse2"}) == ()
     monkeypatch.setenv("MF_LOSS_ISA", "avx2")
-    assert fused.isa_flags(avx512) == ("-mavx2", "-mf16c")
+    assert fused.isa_flags(avx512) == ("-mavx2", "-mfma", "-mf16c")
     assert "-march=native" not in fused.build_command("g++", "out.so")

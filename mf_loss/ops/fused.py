@@ -14,11 +14,20 @@ together (msrun ranks) never load a half-written library. Nothing is written to 
 MindSpore gets the prebuilt `.so` path, never the `.cc` (which it would compile into
 `./custom_kernel_meta/`).
 
-Threads: all CPUs of the process's affinity mask, or `$MF_LOSS_NUM_THREADS`.
-Accuracy: the kernel's exp and tanh are within 1-2 ulp of the exact functions and its sums are taken
-in double; MindSpore's CPU `Exp` is within about 3e-6 (relative, near 0; growing about 1e-6 per unit of
-|x|) and its `Tanh` within 1e-4 for |x| in [3, 9], so the composed path, not this one, sets the size
-of the differences between the two.
+Threads: all CPUs of the process's affinity mask, or `$MF_LOSS_NUM_THREADS`. Instruction set: see
+`isa_flags` (AVX-512 / AVX2 / baseline, chosen at run time from the CPU; the results do not depend on it).
+
+Accuracy: the kernel's exp and tanh are within 1-2 ulp of the exact functions (probabilities below
+FLT_MIN, exp(x) for x < -87.3, are flushed to 0, as MindSpore's Exp does) and its sums are taken in
+double; MindSpore's CPU `Exp` is within about 3e-6 (relative, near 0; growing about 1e-6 per unit of |x|)
+and its `Tanh` within 1e-4 for |x| in [3, 9], so the composed path, not this one, sets the size of the
+differences between the two (tests/test_fused_kernels.py measures both against float64).
+
+bfloat16 and float16 logits are passed to the kernels as they are (ops.Custom aot accepts them on CPU;
+the kernel sees dtype strings "bfloat16" / "float16"), converted in registers, and the gradient is
+rounded back to nearest-even exactly as MindSpore's Cast does.
+
+`logits_grad_inplace` is the opt-in in-place backward (see `backends.select(..., inplace=True)`).
 """
 import ctypes
 import hashlib
@@ -65,22 +74,24 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
-_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")
 
 
 def isa_flags(flags=None) -> tuple:
     """Instruction-set flags for this machine's CPU, from a runtime check (/proc/cpuinfo), never
     -march=native: the flags are part of the cache key, so a library only ever runs on a CPU that has
     its instructions, and a cache shared by different machines holds one build per instruction set.
-    AVX-512 when present (2x AVX2 for the exp-bound forward), else AVX2 + F16C, else the x86-64
-    baseline. `$MF_LOSS_ISA` = "avx512", "avx2" or "baseline" caps it. Results do not depend on it:
-    no FMA contraction, fixed summation lanes."""
+    AVX-512 when present (2x AVX2 for the exp-bound kernels), else AVX2 + FMA + F16C, else the x86-64
+    baseline. `$MF_LOSS_ISA` = "avx512", "avx2" or "baseline" caps it. AVX-512 and AVX2 builds give the
+    same bits (fixed summation lanes, no FMA contraction, the same explicit FMAs in exp); the baseline
+    build differs from them by at most an ulp in exp."""
     flags = cpu_flags() if flags is None else frozenset(flags)
     cap = os.environ.get("MF_LOSS_ISA", "avx512")
     if cap == "avx512" and set(_AVX512) <= flags:
-        return ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c", "-mprefer-vector-width=512")
-    if cap in ("avx512", "avx2") and {"avx2", "f16c"} <= flags:
-        return ("-mavx2", "-mf16c")
+        return ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-mprefer-vector-width=512")
+    if cap in ("avx512", "avx2") and {"avx2", "fma", "f16c"} <= flags:
+        return ("-mavx2", "-mfma", "-mf16c")
     return ()
 
 
@@ -117,8 +128,12 @@ def build_command(compiler: str, output: str) -> list:
 
 
 def _own_directory(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = path.stat()
+    except OSError as err:
+        raise FusedKernelUnavailable(f"cannot create the kernel cache {path}: {err}. Set $MF_LOSS_CACHE_DIR to a "
+                                     "writable directory of your own") from err
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         raise FusedKernelUnavailable(
             f"the kernel cache {path} belongs to another user; refusing to load code from it. Set "
@@ -228,14 +243,21 @@ def load() -> Path:
     with _lock:
         if _library is None:
             library = build()
-            _row_stats_4 = ops.Custom(f"{library}:mf_row_stats4", out_shape=_stats_shape_4, out_dtype=_float32,
-                                      func_type="aot")
-            _row_stats_5 = ops.Custom(f"{library}:mf_row_stats5", out_shape=_stats_shape_5, out_dtype=_float32,
-                                      func_type="aot")
-            _logits_grad = ops.Custom(f"{library}:mf_logits_grad", out_shape=_same_as_logits,
-                                      out_dtype=_same_as_logits, func_type="aot")
-            _logits_grad_inplace = ops.Custom(f"{library}:mf_logits_grad_inplace", out_shape=_token_shape,
-                                              out_dtype=_int64, func_type="aot")
+            try:
+                stats_4 = ops.Custom(f"{library}:mf_row_stats4", out_shape=_stats_shape_4, out_dtype=_float32,
+                                     func_type="aot")
+                stats_5 = ops.Custom(f"{library}:mf_row_stats5", out_shape=_stats_shape_5, out_dtype=_float32,
+                                     func_type="aot")
+                grad = ops.Custom(f"{library}:mf_logits_grad", out_shape=_same_as_logits,
+                                  out_dtype=_same_as_logits, func_type="aot")
+                grad_inplace = ops.Custom(f"{library}:mf_logits_grad_inplace", out_shape=_token_shape,
+                                          out_dtype=_int64, func_type="aot")
+            except (TypeError, ValueError, RuntimeError) as err:
+                # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
+                raise FusedKernelUnavailable(
+                    f"MindSpore refused the fused kernel library {library}: {err}. If "
+                    "$MS_CUSTOM_AOT_WHITE_LIST is set, point $MF_LOSS_CACHE_DIR inside it") from err
+            _row_stats_4, _row_stats_5, _logits_grad, _logits_grad_inplace = stats_4, stats_5, grad, grad_inplace
             _library = library
     return _library
 

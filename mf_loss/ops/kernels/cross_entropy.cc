@@ -13,16 +13,19 @@
 // label smoothing on (1) or off (0): only then is b * w subtracted, as in the composed gradient].
 // K (4 or 5) is read from the output shape; the gradient is written in the logits' dtype.
 //
-// Build: g++ -O3 -std=c++17 -shared -fPIC -ffp-contract=off [-mavx2 -mf16c] (never -ffast-math: the
-// inf / NaN semantics of the loss depend on IEEE comparisons). Every loop that touches a whole row is
-// written lane-wise with selects instead of branches so that gcc vectorises it at -O3; the results do
-// not depend on the vector width (sums use fixed lanes, no fused multiply-add contraction).
+// Build: g++ -O3 -std=c++17 -shared -fPIC -ffp-contract=off -fno-trapping-math [-mavx2 -mfma -mf16c |
+// -mavx512f ... -mfma] (never -ffast-math: the inf / NaN semantics of the loss depend on IEEE
+// comparisons). Every loop that touches a whole row is written lane-wise with selects instead of
+// branches so that gcc vectorises it at -O3. Results do not depend on the vector width (sums use fixed
+// lanes; the only fused multiply-adds are the explicit ones of exp, present in every FMA build, so
+// AVX2 and AVX-512 builds agree bit for bit; a baseline SSE2 build differs by at most an ulp there).
 #include <sched.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -100,20 +103,33 @@ inline uint16_t float_to_bf16(float f) {
 // exp(x) in float32 (Cephes expf: Cody-Waite reduction and a degree-6 polynomial, max error about
 // 1 ulp). `exp_core` assumes x <= 88.72 and not NaN: x < -104 (and -inf) give 0, results below
 // FLT_MIN are correctly rounded subnormals (2^k as two normal factors).
+// a * b + c, fused (one rounding) where the target has FMA (AVX2 / AVX-512 builds), else two roundings
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 inline float exp_poly(float xc, float *kf_out) {
+#if defined(__SSE4_1__)
+  const float kf = __builtin_rintf(xc * 1.44269504088896341f);  // round to nearest even (roundps)
+#else
   float kf = xc * 1.44269504088896341f;
-  kf = (kf + 12582912.0f) - 12582912.0f;  // round to nearest integer (|kf| < 2^22)
-  float r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
+  kf = (kf + 12582912.0f) - 12582912.0f;  // round to nearest even (|kf| < 2^22)
+#endif
+  float r = fmadd(kf, -0.693359375f, xc);  // exact: kf * 0.693359375 has few bits
+  r = fmadd(kf, 2.12194440e-4f, r);
   const float r2 = r * r;
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  p = fmadd(p, r, 1.3981999507e-3f);
+  p = fmadd(p, r, 8.3334519073e-3f);
+  p = fmadd(p, r, 4.1665795894e-2f);
+  p = fmadd(p, r, 1.6666665459e-1f);
+  p = fmadd(p, r, 5.0000001201e-1f);
   *kf_out = kf;
-  return p * r2 + r + 1.0f;
+  return fmadd(p, r2, r) + 1.0f;
 }
 
 inline float exp_core(float x) {
@@ -353,6 +369,9 @@ int thread_budget() {
   return std::max(1, n);
 }
 
+// Rows are handed out in chunks from a shared counter, the calling thread working too: on a busy machine
+// a thread that is not scheduled holds up at most one chunk, never a fixed half of the rows. Each row is
+// computed by one thread whatever the split, so results do not depend on the thread count.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
   if (rows <= 0) return;
@@ -364,26 +383,21 @@ void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
     store_fence();
     return;
   }
-  // contiguous chunks whose sizes differ by at most one row
+  const int64_t min_chunk = std::max<int64_t>(1, (kWorkPerThread / 4) / std::max<int64_t>(row_len, 1));
+  const int64_t chunk = std::max<int64_t>(min_chunk, rows / (threads * 16));
+  std::atomic<int64_t> next{0};
+  auto worker = [&fn, &next, rows, chunk] {
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (begin >= rows) break;
+      fn(begin, std::min(rows, begin + chunk));
+    }
+    store_fence();
+  };
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  const int64_t base = rows / threads, extra = rows % threads;
-  int64_t begin = 0;
-  int64_t first_end = 0;
-  for (int64_t t = 0; t < threads; ++t) {
-    const int64_t end = begin + base + (t < extra ? 1 : 0);
-    if (t == 0) {
-      first_end = end;
-    } else {
-      pool.emplace_back([&fn, begin, end] {
-        fn(begin, end);
-        store_fence();
-      });
-    }
-    begin = end;
-  }
-  fn(0, first_end);
-  store_fence();
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
   for (auto &th : pool) th.join();
 }
 
