@@ -72,7 +72,7 @@ def test_batches_are_deterministic_and_dp_ranks_count_different_tokens():
 
 def test_learning_rate_schedule():
     config = load_config(CONFIGS / "single.yaml")
-    base, end, warmup, total = 5e-3, 3e-4, 20, 400
+    base, end, warmup, total = 5e-3, 3e-4, 20, 300
     assert learning_rate(config, 0) == pytest.approx(base / warmup)
     assert learning_rate(config, warmup - 1) == pytest.approx(base)
     assert learning_rate(config, warmup) == pytest.approx(base)

@@ -353,6 +353,11 @@ def _set_context(config: Config) -> None:
     mode = config["context"]["mode"]
     graph = mode in (0, "GRAPH_MODE")
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE, device_target="CPU")
+    if config.world_size > 1:
+        # Ranks share the machine's cores: one kernel thread each unless there are cores to spare
+        # (measured on 2 cores, 4 ranks: fewer context switches, steadier steps).
+        threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)
+        ms.set_context(runtime_num_threads=threads, inter_op_parallel_num=threads)
 
 
 def _dp_group(layout: RankLayout, parallel: ParallelConfig) -> Optional[str]:
