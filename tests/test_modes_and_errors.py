@@ -109,6 +109,7 @@ def test_nan_check_records_in_graph_mode_for_host_side_check(graph_mode):
     grad_fn(*to_tensors(case, clean))
     loss_fn.check_finite()  # a clean step passes
     grad_fn(*to_tensors(case, arrays))
+    grad_fn(*to_tensors(case, clean))  # a later clean micro-batch must not hide the bad one
     with pytest.raises(NonFiniteLossError, match=r"rank 0 \(dp 0, mp 0\): 2 token\(s\)"):
         loss_fn.check_finite()
     loss_fn.check_finite()  # the record was consumed

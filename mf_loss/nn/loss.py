@@ -191,12 +191,13 @@ class CrossEntropyLoss(nn.Cell):
         bad_i = _cast(bad, ms.int32)
         counts = ops.stack([bad_i.sum(), (bad_i * _cast(ops.logical_not(counted), ms.int32)).sum(),
                             (bad_i * _cast(local_nonfinite > 0, ms.int32)).sum()])
-        ops.assign(self.nonfinite_counts, _cast(counts, ms.int32))
+        # Accumulated until check_finite() reads it: a step of several micro-batches is checked whole.
+        ops.assign_add(self.nonfinite_counts, _cast(counts, ms.int32))
 
     def check_finite(self):
-        """Host-side check of the last step (call it after each step in GRAPH mode): raises
-        NonFiniteLossError naming this rank and the number of non-finite tokens, and ValueError when the
-        model-parallel ranks' logits widths disagree."""
+        """Host-side check of every call since the last check (call it after each step in GRAPH mode):
+        raises NonFiniteLossError naming this rank and the number of non-finite tokens, and ValueError when
+        the model-parallel ranks' logits widths disagree."""
         self._check_rank_widths()
         bad, masked, local = (int(v) for v in self.nonfinite_counts.asnumpy())
         if bad:

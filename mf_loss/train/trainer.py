@@ -149,8 +149,6 @@ class TrainStep(nn.Cell):
         self.mp_reduce = ops.AllReduce(ops.ReduceOp.SUM, mp_group) if mp_group else None
         self.max_grad_norm = max_grad_norm
         self.head_start, self.head_end = self.offsets[model.i_head], self.offsets[model.i_head + 1]
-        # The loss records the non-finite tokens of its last call; a step makes one call per micro-batch.
-        self.check_nan = bool(getattr(loss, "check_for_nan", False))
 
     def forward(self, tokens, labels, mask):
         logits = self.model(tokens)
@@ -158,18 +156,13 @@ class TrainStep(nn.Cell):
         return numerator, denominator
 
     def construct(self, tokens, labels, mask, lr):
+        # The loss accumulates its non-finite token counts over the micro-batches until check_finite().
         (numerator, denominator), grads = self.grad_fn(tokens[0], labels[0], mask[0])
-        if self.check_nan:
-            nonfinite = self.loss.nonfinite_counts + 0
         for i in range(1, self.micro_batch_num):
             (num_i, den_i), grads_i = self.grad_fn(tokens[i], labels[i], mask[i])
             numerator = numerator + num_i
             denominator = denominator + den_i
             grads = tuple(a + b for a, b in zip(grads, grads_i))
-            if self.check_nan:
-                nonfinite = nonfinite + self.loss.nonfinite_counts
-        if self.check_nan:
-            ops.assign(self.loss.nonfinite_counts, nonfinite)  # the step's total, for loss.check_finite()
         # One collective per step: every gradient and both loss sums in one buffer.
         flat = ops.concat([g.reshape(-1) for g in grads] + [ops.stack([numerator, denominator])])
         if self.dp_reduce is not None:
@@ -456,7 +449,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
                                                       Tensor(batch.mask), Tensor(lr, ms.float32))
         numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
         seconds = time.perf_counter() - tick
-        if step_cell.check_nan:
+        if loss.check_for_nan:
             loss.check_finite()
         value = numerator / max(denominator, 1.0)
         if not math.isfinite(value):
