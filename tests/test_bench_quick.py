@@ -57,3 +57,19 @@ def test_table_and_chart_from_a_hand_made_record(tmp_path):
     assert ratios[0]["fused_over_mint_median"] == 0.5
     bench.write_chart(tmp_path / "chart.png", [record, other], {"cpu": "test cpu", "cpus": 2})
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_turns_report_per_turn_ratios(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", "--shapes", "64x512", "--impls", "fused,mint",
+                           "--repeats", "2", "--json", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["paired_with_fused"]
+    mint = next(r for r in report["results"] if r["impl"] == "mint")
+    assert len(mint["paired"]["fwdbwd"]["ratios"]) == 2
+    ratios = report["ratios"][0]
+    for key in ("fused_over_mint_median", "fused_over_mint_min", "fused_over_mint_cpu_median"):
+        assert math.isfinite(ratios[key]) and ratios[key] > 0
