@@ -31,12 +31,9 @@ HALF_ULP = {"float32": 0.0, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
 
 @pytest.fixture(autouse=True)
-def _in_tmp_dir(tmp_path, monkeypatch):
-    # GRAPH-mode failures write rank_0/ and analyze_fail.ir into the working directory.
-    monkeypatch.chdir(tmp_path)
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+def _no_kernel_build_in_working_dir(tmp_path):
+    # conftest runs each test in tmp_path; the kernels must never be compiled into it.
     yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
     assert not (tmp_path / "custom_kernel_meta").exists()
 
 

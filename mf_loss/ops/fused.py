@@ -270,15 +270,20 @@ def is_loaded() -> bool:
 # Plain functions over module-level primitives, as in shard_math: MindSpore parses them into GRAPH-mode
 # graphs (custom bprops included) and runs them eagerly in PYNATIVE.
 
+def _kernel_target(label, target_probs, vocab_start: int):
+    """Class ids in this slice's index space (the kernels' view), or the slice's target probabilities."""
+    if target_probs is not None:
+        return target_probs
+    target = _cast(label, ms.int32)
+    if vocab_start != 0:
+        target = target - vocab_start
+    return target
+
+
 def local_row_stats(logits, label, target_probs, weight, vocab_start: int, softcap, label_smoothing: float):
     """This rank's (N, K) row statistics; see `shard_math.local_row_stats`."""
     config = Tensor([0.0 if softcap is None else softcap, 0.0], ms.float32)
-    if target_probs is None:
-        target = _cast(label, ms.int32)
-        if vocab_start != 0:
-            target = target - vocab_start
-    else:
-        target = target_probs
+    target = _kernel_target(label, target_probs, vocab_start)
     if label_smoothing > 0:
         if weight is None:
             return _row_stats_5(logits, target, config)
@@ -292,12 +297,7 @@ def logits_grad(logits, label, target_probs, weight, vocab_start: int, softcap, 
                 label_smoothing: float):
     """Gradient w.r.t. this rank's logits slice (N, Vl) in the logits' dtype; see `shard_math.logits_grad`."""
     config = Tensor([0.0 if softcap is None else softcap, 1.0 if label_smoothing > 0 else 0.0], ms.float32)
-    if target_probs is None:
-        target = _cast(label, ms.int32)
-        if vocab_start != 0:
-            target = target - vocab_start
-    else:
-        target = target_probs
+    target = _kernel_target(label, target_probs, vocab_start)
     if weight is None:
         return _logits_grad(logits, target, row_max, log_sum_exp, a, b, q, config)
     return _logits_grad(logits, target, weight, row_max, log_sum_exp, a, b, q, config)
@@ -316,12 +316,7 @@ def logits_grad_inplace(logits, label, target_probs, weight, vocab_start: int, s
     """
     logits = logits.contiguous()
     config = Tensor([0.0 if softcap is None else softcap, 1.0 if label_smoothing > 0 else 0.0], ms.float32)
-    if target_probs is None:
-        target = _cast(label, ms.int32)
-        if vocab_start != 0:
-            target = target - vocab_start
-    else:
-        target = target_probs
+    target = _kernel_target(label, target_probs, vocab_start)
     if weight is None:
         token = _logits_grad_inplace(logits, target, row_max, log_sum_exp, a, b, q, config)
     else:
