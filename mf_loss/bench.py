@@ -450,6 +450,16 @@ def _msrun_fallback(script_args, out, env, timeout):
 # orchestration (parent side)
 # ---------------------------------------------------------------------------------------------------------
 
+def _error_summary(stderr: str) -> str:
+    """The exception line of a worker's traceback (else the last lines), without MindSpore's chatter."""
+    lines = [t for t in (stderr or "").splitlines() if t.strip() and not t.startswith(("[WARNING]", "[INFO]"))]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0].strip()
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return line.strip()[-600:]
+    return " | ".join(lines[-4:])[-600:]
+
+
 def _worker_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -476,8 +486,7 @@ def spawn_worker(config: dict, timeout: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    tail = [line for line in (proc.stderr or "").splitlines() if line.strip() and not line.startswith("[WARNING]")]
-    return dict(config, error=f"worker exited {proc.returncode}: " + " | ".join(tail[-6:])[-800:], passes={})
+    return dict(config, error=f"worker exited {proc.returncode}: {_error_summary(proc.stderr)}", passes={})
 
 
 class _Served:
@@ -514,8 +523,7 @@ class _Served:
                 raise TimeoutError(f"{self.config['impl']}: no answer within {timeout:.0f} s") from None
             if line is None:
                 self._stderr.seek(0)
-                tail = [t for t in self._stderr.read().splitlines() if t.strip() and not t.startswith("[WARNING]")]
-                raise RuntimeError(f"worker exited {self._proc.wait()}: " + " | ".join(tail[-6:])[-800:])
+                raise RuntimeError(f"worker exited {self._proc.wait()}: {_error_summary(self._stderr.read())}")
             if line.startswith(mark):
                 return json.loads(line[len(mark):])
 
@@ -540,20 +548,22 @@ def run_pair(fused_config: dict, other_config: dict, timeout: float):
     """Runs fused and another implementation in two fresh processes, step by step in turns (ABBA), so that
     both see the same moments of a busy machine. Returns their results in run_worker's format; the
     other's carries `paired`: fused's times and the per-turn ratios fused / other."""
-    results, workers = [], []
+    results, workers, current = [], [], 0
+    configs = (fused_config, other_config)
     try:
-        for config in (fused_config, other_config):
+        for current, config in enumerate(configs):
             workers.append(_Served(config, timeout))
         times = [{p: [] for p in fused_config["passes"]} for _ in workers]
         for i in range(fused_config["repeats"]):
             order = (0, 1) if i % 2 == 0 else (1, 0)
             for pass_name in fused_config["passes"]:
-                for w in order:
-                    times[w][pass_name].append(workers[w].step(pass_name, timeout))
+                for current in order:
+                    times[current][pass_name].append(workers[current].step(pass_name, timeout))
     except (RuntimeError, TimeoutError, OSError) as err:
         for w in workers:
             w.close()
-        return [dict(c, error=str(err), passes={}) for c in (fused_config, other_config)]
+        # the error belongs to the side that failed; the other side has no measurement from this pair
+        return [dict(c, error=str(err) if i == current else None, passes={}) for i, c in enumerate(configs)]
     for w in workers:
         w.close()
     for w, config in enumerate((fused_config, other_config)):
@@ -1041,6 +1051,7 @@ _GLYPHS = {
     "_": "00000000000000000000000000000011111", "=": "00000000001111100000111110000000000",
     "<": "00010001000100010000010000010000010", ">": "01000001000001000001000100010001000",
     "*": "00000001001010101110101010010000000", "?": "01110100010000100010001000000000100",
+    ";": "00000011000110000000011000010001000", "!": "00100001000010000100001000000000100",
 }
 
 
@@ -1125,6 +1136,8 @@ def write_chart(path, records, machine):
             else:
                 skipped = r["errors"] and all(e.startswith("skipped") for e in r["errors"])
                 label = "SKIPPED: NOT ENOUGH MEMORY" if skipped else ("FAILED" if r["errors"] else "-")
+                if any("non-finite" in e for e in r["errors"]):
+                    label = "FAILED: NON-FINITE LOSS"
                 canvas.text(x0, y + 4, label, color=(200, 0, 0), scale=scale)
             x1 = label_w + bar_w + 230 + gap
             p = peaks.get(r["impl"])
