@@ -132,7 +132,9 @@ class CrossEntropyLoss(nn.Cell):
         mask_shape = None if input_mask is None else input_mask.shape
         probability_targets = check_call_shapes(logits.shape, logits.dtype, label.shape, label.dtype, mask_shape)
         leading_shape = logits.shape[:-1]
-        logits = logits.reshape(-1, logits.shape[-1])
+        if len(logits.shape) != 2:
+            # Only when needed: in PYNATIVE a reshape's backward copies the gradient (2x the logits at peak).
+            logits = logits.reshape(-1, logits.shape[-1])
         rows = logits.shape[0]
         mask = (ops.ones((rows,), ms.float32) if input_mask is None
                 else _cast(input_mask.reshape(-1), ms.float32))
