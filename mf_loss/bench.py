@@ -160,26 +160,19 @@ def _mindspore_steps(impl, rows, vocab, dtype, seed):
 
             def construct(self, x, y, m):
                 return self.loss(x, y, m)
-    elif impl == "mint":
+    elif impl in ("mint", "ops"):
+        framework_loss = mint.nn.functional.cross_entropy if impl == "mint" else ops.cross_entropy
+
         class Loss(nn.Cell):
             def __init__(self):
                 super().__init__()
                 self.upcast = upcast
+                self.framework_loss = framework_loss
 
             def construct(self, x, y, m):
                 if self.upcast:
                     x = x.astype(ms.float32)
-                return mint.nn.functional.cross_entropy(x, y)
-    elif impl == "ops":
-        class Loss(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.upcast = upcast
-
-            def construct(self, x, y, m):
-                if self.upcast:
-                    x = x.astype(ms.float32)
-                return ops.cross_entropy(x, y)
+                return self.framework_loss(x, y)
     elif impl == "mindformers":
         Loss = _mindformers_style_loss(ms, nn, ops, Tensor, vocab)
     else:
@@ -401,7 +394,7 @@ def run_mp2_rank(config: dict) -> None:
         exchange = loss_fn.class_index_core.exchange
         report["backends"][backend] = dict(
             median_s=statistics.median(times), min_s=min(times), times_s=times,
-            bytes_exchanged_per_step=exchange.bytes_per_call(rows, 4),
+            bytes_exchanged_per_step=exchange.bytes_per_call(rows + 1, 4),  # + the logits-width row
             backend_used=loss_fn.class_index_core.backend)
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(report))
 

@@ -95,4 +95,6 @@ class RowStatsExchange(nn.Cell):
         return self.all_reduce(self.concat(parts))
 
     def bytes_per_call(self, rows: int, cols: int) -> int:
+        """Bytes all-reduced for an (rows, cols) statistics block as handed to construct (the loss sends
+        N token rows plus one row carrying its logits width)."""
         return 0 if self.mp_size == 1 else self.mp_size * rows * cols * 4
