@@ -20,10 +20,18 @@ median reported, with the ratio of the minima and the median per-turn ratio of C
 repeats everything with fresh processes; `--sequential` runs one process after the other instead (and
 measures the forward's memory in a process of its own).
 
-Passes: "fwd" is the loss value; "fwdbwd" is the value and the gradient w.r.t. the logits.
+Passes: "fwd" is the loss value; "fwdbwd" is the value and the gradient w.r.t. the logits. With
+`--lm-head H` the input is a (rows, H) hidden state instead and each step first makes the logits with a
+fixed (H, vocab) head (gradient w.r.t. the hidden state), as in a model: the peak then counts the logits
+too, and this is where the in-place backward saves its buffer in GRAPH mode.
 Implementations (all on the same inputs; labels uniform int32 class ids, every token counted):
   fused           mf_loss.CrossEntropyLoss(backend="fused"), GRAPH mode
   fused_pynative  the same in PYNATIVE mode
+  fused_inplace   mf_loss.CrossEntropyLoss(backend="fused", inplace_backward=True), PYNATIVE mode (the
+                  mode where the saving reaches the caller; the logits hold the gradient after each step,
+                  so later steps run on those values: the same work, finite losses)
+  fused_inplace_graph  the same in GRAPH mode (the logits are a direct graph input there, and MindSpore
+                  copies a gradient output that aliases an input: no saving, shown for completeness)
   composed        mf_loss.CrossEntropyLoss(backend="composed"), GRAPH mode
   mint            mindspore.mint.nn.functional.cross_entropy, GRAPH mode
   ops             mindspore.ops.cross_entropy, GRAPH mode
@@ -58,6 +66,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 IMPLS = {
     "fused": "mf_loss fused (GRAPH)",
     "fused_pynative": "mf_loss fused (PYNATIVE)",
+    "fused_inplace": "mf_loss fused, in-place backward (PYNATIVE)",
+    "fused_inplace_graph": "mf_loss fused, in-place backward (GRAPH)",
     "composed": "mf_loss composed (GRAPH)",
     "mint": "mint.nn.functional.cross_entropy (GRAPH)",
     "ops": "ops.cross_entropy (GRAPH)",
@@ -128,30 +138,37 @@ def _ms_sync():
 # the implementations (worker side)
 # ---------------------------------------------------------------------------------------------------------
 
-def _mindspore_steps(impl, rows, vocab, dtype, seed):
-    """Returns (steps, logits_bytes): steps[pass] = (prepare, run) for "fwd" and "fwdbwd"."""
+def _mindspore_steps(impl, rows, vocab, dtype, seed, lm_head=0):
+    """Returns (steps, logits_bytes): steps[pass] = (prepare, run) for "fwd" and "fwdbwd".
+
+    lm_head=H: the input is a hidden state (rows, H) and the logits are made inside the measured step by
+    a matmul with a fixed (H, vocab) head, as in a model; the gradient is taken w.r.t. the hidden state."""
     import numpy as np
 
     import mindspore as ms
     from mindspore import Tensor, mint, nn, ops
 
-    graph = impl != "fused_pynative"
+    graph = impl not in ("fused_pynative", "fused_inplace")
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE, device_target="CPU")
     rng = np.random.default_rng(seed)
     ms_dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[dtype]
-    host = rng.standard_normal((rows, vocab), dtype=np.float32)
+    host = rng.standard_normal((rows, lm_head or vocab), dtype=np.float32)
     logits = Tensor(host, dtype=ms_dtype)  # converted on the host; the float32 array is freed below
     del host
+    head = Tensor(rng.standard_normal((lm_head, vocab), dtype=np.float32) / math.sqrt(lm_head),
+                  dtype=ms_dtype) if lm_head else None
     label = Tensor(rng.integers(0, vocab, rows).astype(np.int32))
     mask = Tensor(np.ones(rows, np.float32))
     upcast = dtype == "bfloat16" and impl in ("mint", "ops", "mindformers")
 
-    if impl in ("fused", "fused_pynative", "composed"):
+    if impl in ("fused", "fused_pynative", "fused_inplace", "fused_inplace_graph", "composed"):
         import mf_loss
         backend = "composed" if impl == "composed" else "fused"
-        loss_fn = mf_loss.CrossEntropyLoss(backend=backend)
-        if loss_fn.class_index_core.backend != backend:
-            raise RuntimeError(f"asked for backend={backend}, got {loss_fn.class_index_core.backend}")
+        inplace = impl.startswith("fused_inplace")
+        loss_fn = mf_loss.CrossEntropyLoss(backend=backend, inplace_backward=inplace)
+        core = loss_fn.class_index_core
+        if core.backend != backend or core.inplace != inplace:
+            raise RuntimeError(f"asked for backend={backend} inplace={inplace}, got {core.backend} {core.inplace}")
 
         class Loss(nn.Cell):
             def __init__(self):
@@ -179,6 +196,19 @@ def _mindspore_steps(impl, rows, vocab, dtype, seed):
         raise ValueError(f"unknown MindSpore implementation {impl!r}")
 
     loss_cell = Loss()
+    if head is not None:
+        logits_loss = loss_cell
+
+        class HeadThenLoss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.loss = logits_loss
+                self.head = head
+
+            def construct(self, hidden, y, m):
+                return self.loss(ops.matmul(hidden, self.head), y, m)
+
+        loss_cell = HeadThenLoss()
 
     class ValueAndGrad(nn.Cell):
         def __init__(self):
@@ -258,24 +288,28 @@ def _mindformers_style_loss(ms, nn, ops, Tensor, vocab):
     return MindFormersStyle
 
 
-def _torch_steps(rows, vocab, dtype, seed):
+def _torch_steps(rows, vocab, dtype, seed, lm_head=0):
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    logits = torch.randn(rows, vocab, dtype=torch_dtype)
+    logits = torch.randn(rows, lm_head or vocab, dtype=torch_dtype)  # the hidden state with lm_head
     label = torch.randint(0, vocab, (rows,), dtype=torch.int64)
+    head = (torch.randn(lm_head, vocab) / math.sqrt(lm_head)).to(torch_dtype) if lm_head else None
+
+    def head_then_loss(x):
+        return F.cross_entropy(x if head is None else x @ head, label)
 
     def fwd():
         with torch.no_grad():
-            value = F.cross_entropy(logits, label)
+            value = head_then_loss(logits)
         if not math.isfinite(float(value)):
             raise FloatingPointError("torch returned a non-finite loss")
 
     def fwdbwd():
         x = logits.detach().requires_grad_(True)
-        value = F.cross_entropy(x, label)
+        value = head_then_loss(x)
         value.backward()
         if not math.isfinite(float(value)) or x.grad is None:
             raise FloatingPointError("torch returned a non-finite loss")
@@ -290,9 +324,10 @@ def run_worker(config: dict) -> dict:
     result = dict(config, error=None, passes={})
     started = time.perf_counter()
     if impl == "torch":
-        steps, logits_bytes = _torch_steps(rows, vocab, dtype, config.get("seed", 0))
+        steps, logits_bytes = _torch_steps(rows, vocab, dtype, config.get("seed", 0), config.get("lm_head", 0))
     else:
-        steps, logits_bytes = _mindspore_steps(impl, rows, vocab, dtype, config.get("seed", 0))
+        steps, logits_bytes = _mindspore_steps(impl, rows, vocab, dtype, config.get("seed", 0),
+                                               config.get("lm_head", 0))
     result["logits_bytes"] = logits_bytes
     for index, pass_name in enumerate(config["passes"]):
         prepare, run = steps[pass_name]
@@ -319,9 +354,10 @@ def serve_worker(config: dict) -> None:
     CPU seconds; `quit` (or the end of stdin) ends."""
     impl, rows, vocab, dtype = config["impl"], config["rows"], config["vocab"], config["dtype"]
     if impl == "torch":
-        steps, logits_bytes = _torch_steps(rows, vocab, dtype, config.get("seed", 0))
+        steps, logits_bytes = _torch_steps(rows, vocab, dtype, config.get("seed", 0), config.get("lm_head", 0))
     else:
-        steps, logits_bytes = _mindspore_steps(impl, rows, vocab, dtype, config.get("seed", 0))
+        steps, logits_bytes = _mindspore_steps(impl, rows, vocab, dtype, config.get("seed", 0),
+                                               config.get("lm_head", 0))
     ready = dict(logits_bytes=logits_bytes, passes={})
     for index, pass_name in enumerate(config["passes"]):
         prepare, run = steps[pass_name]
@@ -654,6 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes at once (default 1: timings side by side need a quiet machine)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 2 repeats, both passes in one process: proves it runs (CI), < 60 s")
+    parser.add_argument("--lm-head", type=int, default=0, metavar="H",
+                        help="make the logits inside the measured step from a (rows, H) hidden state and an "
+                             "(H, vocab) head, as a model does (the peak then includes the logits themselves); "
+                             "default 0: the logits are the input")
     parser.add_argument("--mp2", action="store_true",
                         help="also run mp=2 under msrun (per-rank time, bytes exchanged per step)")
     parser.add_argument("--mp2-timeout", type=float, default=600.0)
@@ -669,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # peak memory beyond the inputs during fwd+bwd, in logits sizes (measured here, rounded up): a run that
 # would not fit in the available memory is skipped instead of pushing a shared machine into swap or OOM
-MEMORY_FACTORS = {"fused": 1.3, "fused_pynative": 2.3, "composed": 21.0, "mint": 3.3, "ops": 20.0,
+MEMORY_FACTORS = {"fused": 1.3, "fused_pynative": 2.3, "fused_inplace": 1.3, "fused_inplace_graph": 1.3,
+                  "composed": 21.0, "mint": 3.3, "ops": 20.0,
                   "mindformers": 22.0, "torch": 3.3}
 
 
@@ -697,11 +738,12 @@ def _one_round(args):
             for impl in args.impls:
                 if args.together:
                     configs.append(dict(impl=impl, rows=rows, vocab=vocab, dtype=dtype, passes=list(args.passes),
-                                        warmup=args.warmup, repeats=args.repeats, seed=0))
+                                        warmup=args.warmup, repeats=args.repeats, seed=0, lm_head=args.lm_head))
                 else:
                     for pass_name in args.passes:
                         configs.append(dict(impl=impl, rows=rows, vocab=vocab, dtype=dtype, passes=[pass_name],
-                                            warmup=args.warmup, repeats=args.repeats, seed=0))
+                                            warmup=args.warmup, repeats=args.repeats, seed=0,
+                                            lm_head=args.lm_head))
     return configs
 
 
@@ -874,7 +916,7 @@ def main(argv=None) -> int:
                   seconds=round(time.time() - started, 1), load_average_end=list(os.getloadavg()),
                   settings=dict(shapes=[f"{r}x{v}" for r, v in args.shapes], dtypes=args.dtypes, impls=args.impls,
                                 passes=args.passes, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
-                                quick=quick, paired_with_fused=paired,
+                                quick=quick, paired_with_fused=paired, lm_head=args.lm_head,
                                 separate_processes_per_pass=not args.together and not paired),
                   results=records, ratios=_ratios(records))
     if args.mp2:
@@ -936,7 +978,7 @@ def _run_paired(args):
             for round_index in range(args.rounds):
                 for other in others:
                     common = dict(rows=rows, vocab=vocab, dtype=dtype, passes=list(args.passes), warmup=args.warmup,
-                                  repeats=args.repeats, seed=0, round=round_index)
+                                  repeats=args.repeats, seed=0, round=round_index, lm_head=args.lm_head)
                     fused_config, other_config = dict(common, impl="fused"), dict(common, impl=other)
                     done += 1
                     print(f"[{done}/{total}] fused vs {other} {rows}x{vocab} {dtype}"
@@ -1085,7 +1127,8 @@ class _Canvas:
                                + chunk(b"IEND", b""))
 
 
-_COLORS = {"fused": (31, 119, 180), "fused_pynative": (120, 170, 220), "composed": (255, 127, 14),
+_COLORS = {"fused": (31, 119, 180), "fused_pynative": (120, 170, 220), "fused_inplace": (23, 190, 207),
+           "fused_inplace_graph": (158, 218, 229), "composed": (255, 127, 14),
            "mint": (44, 160, 44), "ops": (148, 103, 189), "mindformers": (214, 39, 40), "torch": (140, 86, 75)}
 
 

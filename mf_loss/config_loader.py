@@ -267,12 +267,16 @@ class _Checker:
             default = params[key]
             types = _LOSS_ARG_TYPES.get(key) or ((type(default),) if default is not None else (object,))
             out[key] = check_value(given, types, full, self.fail, nullable=default is None)
-        option_fields = {f.name for f in fields(LossOptions)}
-        for key in option_fields & set(out):
+        given_options = {key: out[key] for key in {f.name for f in fields(LossOptions)} & set(out)}
+        for key, given in given_options.items():  # one key at a time first: the error names its line
             try:
-                LossOptions(**{key: out[key]})
+                LossOptions(**{key: given})
             except (TypeError, ValueError) as error:
                 self.fail(f"{path}.{key}", str(error))
+        try:  # then together: some options exclude others (inplace_backward with backend: composed)
+            LossOptions(**given_options)
+        except (TypeError, ValueError) as error:
+            self.fail(path, str(error))
         return out
 
 

@@ -19,6 +19,7 @@ class LossOptions:
     logit_softcap: Optional[float] = None
     empty_mean: str = "zero"
     backend: str = "auto"
+    inplace_backward: bool = False
 
     def __post_init__(self):
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, (int, np.integer)):
@@ -33,6 +34,11 @@ class LossOptions:
         if self.logit_softcap is not None and (not isinstance(self.logit_softcap, (int, float))
                                                or not self.logit_softcap > 0):
             raise ValueError(f"logit_softcap must be None or a float > 0, got {self.logit_softcap!r}")
+        if not isinstance(self.inplace_backward, (bool, np.bool_)):
+            raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
+        if self.inplace_backward and self.backend == "composed":
+            raise ValueError("inplace_backward=True needs the fused kernels (backend='fused', or 'auto' on CPU), "
+                             "got backend='composed'")
 
 
 def _check_choice(name, value, choices):

@@ -22,6 +22,8 @@ from cases import CORE_CASES, Case, evaluate, full_inputs, grid_cases, loss_opti
 from mf_loss import CrossEntropyLoss, NonFiniteLossError, ParallelConfig  # noqa: E402
 
 NAN_ROW, NAN_COLUMN = 2, 20  # a row of the last dp rank, a column owned by the last mp rank
+BACKEND_OPTIONS = {"composed": dict(backend="composed"), "fused": dict(backend="fused"),
+                   "fused_inplace": dict(backend="fused", inplace_backward=True)}
 
 
 def run_cases(cases, mode, config, dp_rank, mp_rank, results, backend):
@@ -29,7 +31,7 @@ def run_cases(cases, mode, config, dp_rank, mp_rank, results, backend):
     tag = "graph" if mode == ms.GRAPH_MODE else "pynative"
     for case in cases:
         arrays = shard(case, full_inputs(case, dp=config.data_parallel), dp_rank, mp_rank, config.model_parallel)
-        options = loss_options(case, dict(parallel_config=config, backend=backend))
+        options = loss_options(case, dict(parallel_config=config, **BACKEND_OPTIONS[backend]))
         outputs, grad = evaluate(CrossEntropyLoss(**options), *to_tensors(case, arrays),
                                  options.get("reduction", "mean"))
         for i, out in enumerate(outputs):
@@ -127,7 +129,7 @@ def main():
     parser.add_argument("--mp", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--grid", action="store_true", help="also run the option grid (PYNATIVE)")
-    parser.add_argument("--backends", default="composed")
+    parser.add_argument("--backends", default="composed", help=f"comma separated, of {', '.join(BACKEND_OPTIONS)}")
     args = parser.parse_args()
     init()
     rank = get_rank()
@@ -136,7 +138,7 @@ def main():
     results = {}
     for backend in args.backends.split(","):
         run_cases(CORE_CASES, ms.PYNATIVE_MODE, config, dp_rank, mp_rank, results, backend)
-        if args.grid:
+        if args.grid and backend != "fused_inplace":  # the in-place backward: the core cases are enough
             run_cases(grid_cases(), ms.PYNATIVE_MODE, config, dp_rank, mp_rank, results, backend)
     run_cases(CORE_CASES, ms.GRAPH_MODE, config, dp_rank, mp_rank, results, args.backends.split(",")[0])
     report = {

@@ -138,6 +138,12 @@ def test_loss_values_are_checked_by_the_loss_options(tmp_path):
     assert "loss.label_smoothing" in message and "label_smoothing must be a float in [0, 1]" in message
     message = load_error(write_config(tmp_path, {"loss": {"reduction": "average"}}))
     assert "loss.reduction" in message and "'mean', 'sum', 'none'" in message
+    message = load_error(write_config(tmp_path, {"loss": {"inplace_backward": "yes"}}))
+    assert "loss.inplace_backward" in message and "expected a bool (true/false), got 'yes' (str)" in message
+    message = load_error(write_config(tmp_path, {"loss": {"backend": "composed", "inplace_backward": True}}))
+    assert "loss: inplace_backward=True needs the fused kernels" in message and "got backend='composed'" in message
+    config = load_config(write_config(tmp_path, {"loss": {"backend": "fused", "inplace_backward": True}}))
+    assert build_loss(config).class_index_core.inplace
 
 
 def test_unknown_loss_type_gets_a_suggestion(tmp_path):

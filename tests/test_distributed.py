@@ -22,8 +22,8 @@ def run_job(name, tmp_path_factory):
         dp, mp = LAYOUTS[name]
         out = tmp_path_factory.mktemp(name)
         result = launch(__file__.replace("test_distributed.py", "dist_worker.py"),
-                        ["--dp", dp, "--mp", mp, "--out", out, "--grid", "--backends", "composed,fused"], workers=dp * mp, log_dir=out / "logs",
-                        timeout=900)
+                        ["--dp", dp, "--mp", mp, "--out", out, "--grid", "--backends", "composed,fused,fused_inplace"],
+                        workers=dp * mp, log_dir=out / "logs", timeout=900)
         ranks = None
         if result.ok:
             ranks = [(np.load(out / f"rank{r}.npz"), json.loads((out / f"rank{r}.json").read_text()))
@@ -51,7 +51,9 @@ def single_device(case, dp, dp_rank, backend):
 
 
 def assert_rank_matches(arrays, key, case, dp, mp, dp_rank, mp_rank):
-    outputs, grad = single_device(case, dp, dp_rank, key.split("/")[1])
+    backend = key.split("/")[1]
+    # the in-place backward is compared with the out-of-place fused one on a single device
+    outputs, grad = single_device(case, dp, dp_rank, "fused" if backend == "fused_inplace" else backend)
     width = grad.shape[-1] // mp
     rtol = 1e-6 if case.dtype == "float32" else 1e-2
     for i, expected in enumerate(outputs):
@@ -64,10 +66,12 @@ def assert_rank_matches(arrays, key, case, dp, mp, dp_rank, mp_rank):
                                err_msg=f"{key} gradient on dp {dp_rank} mp {mp_rank}")
 
 
-# (mode, backend, cases): GRAPH runs the core cases with the composed path, PYNATIVE everything with both.
+# (mode, backend, cases): GRAPH runs the core cases with the composed path, PYNATIVE everything with both,
+# and the core cases with the in-place fused backward.
 SUITES = {"graph-composed-core": ("graph", "composed", CORE_CASES),
           "pynative-composed-core": ("pynative", "composed", CORE_CASES),
           "pynative-fused-core": ("pynative", "fused", CORE_CASES),
+          "pynative-fused_inplace-core": ("pynative", "fused_inplace", CORE_CASES),
           "pynative-composed-grid": ("pynative", "composed", grid_cases()),
           "pynative-fused-grid": ("pynative", "fused", grid_cases())}
 

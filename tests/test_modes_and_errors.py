@@ -247,6 +247,8 @@ def test_semi_auto_core_gives_the_same_numbers_stand_alone(options):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
 
 
-def test_semi_auto_mode_rejects_weights_clearly(semi_auto_context):
+def test_semi_auto_mode_rejects_weights_and_inplace_clearly(semi_auto_context):
     with pytest.raises(ValueError, match="weight is not supported in semi_auto/auto parallel mode yet"):
         CrossEntropyLoss(weight=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="inplace_backward=True is not supported in semi_auto/auto parallel mode"):
+        CrossEntropyLoss(inplace_backward=True)

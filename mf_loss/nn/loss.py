@@ -21,7 +21,7 @@ _FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 _INT_DTYPES = (ms.int32, ms.int64, ms.int16, ms.int8, ms.uint8)
 _OWN_ARGS = ("parallel_config", "check_for_nan_in_loss_and_grad", "calculate_per_token_loss", "seq_split_num",
              "ignore_index", "weight", "reduction", "label_smoothing", "z_loss_weight", "return_z_loss",
-             "logit_softcap", "empty_mean", "backend")
+             "logit_softcap", "empty_mean", "backend", "inplace_backward")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +79,8 @@ class CrossEntropyLoss(nn.Cell):
         logit_softcap: applies cap * tanh(x / cap) to the logits first.
         empty_mean: what "mean" returns when nothing counts: "zero" or "nan" (PyTorch).
         backend: "auto", "fused" (C++ kernel, CPU) or "composed" (MindSpore ops).
+        inplace_backward: the backward writes the gradient over the logits' buffer (fused only): saves a
+            logits-sized buffer, but the logits hold the gradient afterwards (see README, "In-place backward").
     Inputs:
         logits (N, V/mp) or (B, S, V/mp): this rank's vocabulary slice, float32/float16/bfloat16.
         label: (N,) or (B, S) int class ids in [0, V) or ignore_index; or float probabilities of logits' shape.
@@ -88,13 +90,14 @@ class CrossEntropyLoss(nn.Cell):
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
-                 logit_softcap=None, empty_mean="zero", backend="auto", **kwargs):
+                 logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, **kwargs):
         super().__init__()
         self.ignored_kwargs = reject_typos(kwargs, _OWN_ARGS)
         self.parallel_config = as_parallel_config(parallel_config)
         self.options = LossOptions(ignore_index=int(ignore_index), reduction=reduction,
                                    label_smoothing=float(label_smoothing), z_loss_weight=float(z_loss_weight),
-                                   logit_softcap=logit_softcap, empty_mean=empty_mean, backend=backend)
+                                   logit_softcap=logit_softcap, empty_mean=empty_mean, backend=backend,
+                                   inplace_backward=inplace_backward)
         if not isinstance(seq_split_num, int) or seq_split_num < 1:
             raise ValueError(f"seq_split_num must be a positive int, got {seq_split_num!r}")
         # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
@@ -104,12 +107,17 @@ class CrossEntropyLoss(nn.Cell):
         self.check_for_nan = bool(check_for_nan_in_loss_and_grad)
         self.per_token = bool(calculate_per_token_loss) or seq_split_num > 1
         self.return_z_loss = bool(return_z_loss)
+        # plain attributes for construct: GRAPH mode folds them in as constants
         self.ignore_index = self.options.ignore_index
-        self.reduction = reduction
-        self.empty_mean_nan = empty_mean == "nan"
+        self.reduction = self.options.reduction
+        self.empty_mean_nan = self.options.empty_mean == "nan"
         core_args = dict(weight=class_weight_array(weight), label_smoothing=self.options.label_smoothing,
-                         z_loss_weight=self.options.z_loss_weight, logit_softcap=logit_softcap, backend=backend)
+                         z_loss_weight=self.options.z_loss_weight, logit_softcap=logit_softcap, backend=backend,
+                         inplace=self.options.inplace_backward)
         if self.semi_auto:
+            if self.options.inplace_backward:
+                raise ValueError("inplace_backward=True is not supported in semi_auto/auto parallel mode (it uses "
+                                 "MindSpore's own sharded ops); use the explicit vocab-parallel mode")
             if weight is not None:
                 raise ValueError("weight is not supported in semi_auto/auto parallel mode yet; use the explicit "
                                  "vocab-parallel mode (parallel_mode='stand_alone' under msrun)")

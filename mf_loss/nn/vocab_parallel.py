@@ -31,7 +31,7 @@ class VocabParallelCrossEntropy(nn.Cell):
 
     def __init__(self, layout: RankLayout, *, probability_targets: bool, weight: np.ndarray = None,
                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0, logit_softcap=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", inplace: bool = False):
         super().__init__()
         self.mp_size = layout.mp_size
         self.mp_rank = layout.mp_rank
@@ -39,8 +39,9 @@ class VocabParallelCrossEntropy(nn.Cell):
         self.label_smoothing = float(label_smoothing)
         self.z_loss_weight = float(z_loss_weight)
         self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
-        kernels = backends.select(backend)
+        kernels = backends.select(backend, inplace=inplace)
         self.backend = kernels.name
+        self.inplace = kernels.inplace
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
         self.exchange = RowStatsExchange(layout)
@@ -98,5 +99,5 @@ class VocabParallelCrossEntropy(nn.Cell):
                                          self.z_loss_weight)
         label, probs = (None, target) if self.probability_targets else (target, None)
         grad = self.logits_grad(logits, label, probs, self.weight, vocab_start, self.logit_softcap,
-                                        row_max, log_sum_exp, a, b, q, self.label_smoothing)
+                                row_max, log_sum_exp, a, b, q, self.label_smoothing)
         return grad, _zeros_like(target), _zeros_like(active)

@@ -32,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -660,6 +661,56 @@ bool read_config(void *config, int ndim, const int64_t *shape, const char *dtype
   return c[0] == c[0];
 }
 
+// Runs `rows_fn<T>` over every row, T the logits' element type.
+template <typename Args>
+using RowsFn = void (*)(const Args &, int64_t, int64_t);
+
+template <typename Args>
+void run_rows(DType logits_dtype, const Args &args, RowsFn<Args> half, RowsFn<Args> bf16, RowsFn<Args> f32) {
+  const RowsFn<Args> rows_fn = logits_dtype == DType::kF16 ? half : logits_dtype == DType::kBF16 ? bf16 : f32;
+  parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { rows_fn(args, b, e); });
+}
+
+int fail_in(const char *kernel, const char *what) {
+  std::string message = std::string(kernel) + ": " + what;
+  return fail(message.c_str());
+}
+
+// The backward, out of place (the gradient goes to the last parameter, shaped like the logits) or in place
+// (over the logits, params[0]; the last parameter is a (1,) int64 token that receives the address written:
+// PYNATIVE checks it, as MindSpore hands views to a kernel as private copies, and it orders the write before
+// whatever uses the logits next). Each block of a row is read before it is written, so in place is exact.
+int logits_grad(const char *kernel, bool in_place, int nparam, void **params, int *ndims, int64_t **shapes,
+                const char **dtypes) {
+  GradArgs args{};
+  DType logits_dtype;
+  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 6, &logits_dtype, &args.rows, &args.vocab,
+                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
+  if (next < 0) return fail_in(kernel, "unexpected inputs (shapes or dtypes)");
+  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
+  for (int i = 0; i < 5; ++i) {
+    if (parse_dtype(dtypes[next + i]) != DType::kF32 || numel(ndims[next + i], shapes[next + i]) != args.rows)
+      return fail_in(kernel, "row_max, log_sum_exp, a, b, q must be (N,) float32");
+    *row_inputs[i] = static_cast<const float *>(params[next + i]);
+  }
+  if (!read_config(params[next + 5], ndims[next + 5], shapes[next + 5], dtypes[next + 5], &args.cap,
+                   &args.smoothing))
+    return fail_in(kernel, "config must be (2,) float32");
+  const int out = nparam - 1;
+  if (in_place) {
+    if (std::strcmp(dtypes[out], "int64") != 0 || numel(ndims[out], shapes[out]) != 1)
+      return fail_in(kernel, "output must be a (1,) int64 token");
+  } else if (parse_dtype(dtypes[out]) != logits_dtype || numel(ndims[out], shapes[out]) != args.rows * args.vocab) {
+    return fail_in(kernel, "output must have the logits' shape and dtype");
+  }
+  args.logits = params[0];
+  args.out = in_place ? params[0] : params[out];
+  args.stream = stream_output(args.rows, args.vocab, logits_dtype);
+  run_rows<GradArgs>(logits_dtype, args, logits_grad_rows<Half>, logits_grad_rows<BF16>, logits_grad_rows<float>);
+  if (in_place) static_cast<int64_t *>(params[out])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  return 0;
+}
+
 }  // namespace
 
 extern "C" int mf_row_stats(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -681,16 +732,7 @@ extern "C" int mf_row_stats(int nparam, void **params, int *ndims, int64_t **sha
   args.cols = shapes[out][1];
   args.logits = params[0];
   args.out = static_cast<float *>(params[out]);
-  switch (logits_dtype) {
-    case DType::kF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<Half>(args, b, e); });
-      break;
-    case DType::kBF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<BF16>(args, b, e); });
-      break;
-    default:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { row_stats<float>(args, b, e); });
-  }
+  run_rows<StatsArgs>(logits_dtype, args, row_stats<Half>, row_stats<BF16>, row_stats<float>);
   return 0;
 }
 
@@ -698,78 +740,14 @@ extern "C" int mf_logits_grad(int nparam, void **params, int *ndims, int64_t **s
                               void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  GradArgs args{};
-  DType logits_dtype;
-  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 6, &logits_dtype, &args.rows, &args.vocab,
-                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
-  if (next < 0) return fail("mf_logits_grad: unexpected inputs (shapes or dtypes)");
-  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
-  for (int i = 0; i < 5; ++i) {
-    if (parse_dtype(dtypes[next + i]) != DType::kF32 || numel(ndims[next + i], shapes[next + i]) != args.rows)
-      return fail("mf_logits_grad: row_max, log_sum_exp, a, b, q must be (N,) float32");
-    *row_inputs[i] = static_cast<const float *>(params[next + i]);
-  }
-  if (!read_config(params[next + 5], ndims[next + 5], shapes[next + 5], dtypes[next + 5], &args.cap,
-                   &args.smoothing))
-    return fail("mf_logits_grad: config must be (2,) float32");
-  const int out = nparam - 1;
-  if (parse_dtype(dtypes[out]) != logits_dtype || numel(ndims[out], shapes[out]) != args.rows * args.vocab)
-    return fail("mf_logits_grad: output must have the logits' shape and dtype");
-  args.logits = params[0];
-  args.out = params[out];
-  args.stream = stream_output(args.rows, args.vocab, logits_dtype);
-  switch (logits_dtype) {
-    case DType::kF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
-      break;
-    case DType::kBF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<BF16>(args, b, e); });
-      break;
-    default:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<float>(args, b, e); });
-  }
-  return 0;
+  return logits_grad("mf_logits_grad", false, nparam, params, ndims, shapes, dtypes);
 }
 
-// In place: the gradient overwrites the logits (params[0]); the output is a (1,) int64 token holding the
-// address written (PYNATIVE checks it: MindSpore hands views to a kernel as private copies), which also
-// orders the write before whatever uses the logits next. Each block is read before it is written.
 extern "C" int mf_logits_grad_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                       void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  GradArgs args{};
-  DType logits_dtype;
-  const int next = parse_common(nparam, params, ndims, shapes, dtypes, 6, &logits_dtype, &args.rows, &args.vocab,
-                                &args.label, &args.probs, &args.probs_dtype, &args.weight);
-  if (next < 0) return fail("mf_logits_grad_inplace: unexpected inputs (shapes or dtypes)");
-  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
-  for (int i = 0; i < 5; ++i) {
-    if (parse_dtype(dtypes[next + i]) != DType::kF32 || numel(ndims[next + i], shapes[next + i]) != args.rows)
-      return fail("mf_logits_grad_inplace: row_max, log_sum_exp, a, b, q must be (N,) float32");
-    *row_inputs[i] = static_cast<const float *>(params[next + i]);
-  }
-  if (!read_config(params[next + 5], ndims[next + 5], shapes[next + 5], dtypes[next + 5], &args.cap,
-                   &args.smoothing))
-    return fail("mf_logits_grad_inplace: config must be (2,) float32");
-  const int out = nparam - 1;
-  if (std::strcmp(dtypes[out], "int64") != 0 || numel(ndims[out], shapes[out]) != 1)
-    return fail("mf_logits_grad_inplace: output must be a (1,) int64 token");
-  args.logits = params[0];
-  args.out = params[0];
-  args.stream = stream_output(args.rows, args.vocab, logits_dtype);
-  switch (logits_dtype) {
-    case DType::kF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<Half>(args, b, e); });
-      break;
-    case DType::kBF16:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<BF16>(args, b, e); });
-      break;
-    default:
-      parallel_rows(args.rows, args.vocab, [&](int64_t b, int64_t e) { logits_grad_rows<float>(args, b, e); });
-  }
-  static_cast<int64_t *>(params[out])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
-  return 0;
+  return logits_grad("mf_logits_grad_inplace", true, nparam, params, ndims, shapes, dtypes);
 }
 
 // The same kernel under the names the (N, 4) and (N, 5) operators use: MindSpore's PyNative op cache
