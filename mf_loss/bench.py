@@ -859,7 +859,7 @@ def format_mp2(report) -> str:
         for backend, b in rank["backends"].items():
             lines.append(f"  rank {rank['rank']} {backend:<9} median {b['median_s'] * 1e3:8.1f} ms  min "
                          f"{b['min_s'] * 1e3:8.1f} ms  exchanged {b['bytes_exchanged_per_step']} bytes/step "
-                         f"(= mp * N * K * 4)")
+                         f"(= mp * (N + 1) * K * 4: N tokens and the logits-width row)")
     return "\n".join(lines)
 
 

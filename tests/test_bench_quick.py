@@ -73,3 +73,20 @@ def test_paired_turns_report_per_turn_ratios(tmp_path):
     ratios = report["ratios"][0]
     for key in ("fused_over_mint_median", "fused_over_mint_min", "fused_over_mint_cpu_median"):
         assert math.isfinite(ratios[key]) and ratios[key] > 0
+
+
+def test_inplace_variants_and_lm_head_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", "--shapes", "64x512", "--impls",
+                           "fused_inplace,fused_inplace_graph,torch" if bench._torch_available() else
+                           "fused_inplace,fused_inplace_graph", "--lm-head", "16", "--repeats", "2",
+                           "--passes", "fwdbwd", "--sequential", "--json", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["lm_head"] == 16
+    for record in report["results"]:
+        assert record["errors"] == [], (record["impl"], record["errors"])
+        measured = record["passes"]["fwdbwd"]
+        assert math.isfinite(measured["median_s"]) and measured["median_s"] > 0, record["impl"]
