@@ -138,6 +138,23 @@ def _ms_sync():
 # the implementations (worker side)
 # ---------------------------------------------------------------------------------------------------------
 
+def _value_and_grad_cell(loss_cell):
+    """A cell computing (loss, gradient w.r.t. the first input) of loss_cell(x, y, m)."""
+    import mindspore as ms
+    from mindspore import nn
+
+    class ValueAndGrad(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.loss = loss_cell
+            self.grad = ms.value_and_grad(self.loss, grad_position=0)
+
+        def construct(self, x, y, m):
+            return self.grad(x, y, m)
+
+    return ValueAndGrad()
+
+
 def _mindspore_steps(impl, rows, vocab, dtype, seed, lm_head=0):
     """Returns (steps, logits_bytes): steps[pass] = (prepare, run) for "fwd" and "fwdbwd".
 
@@ -210,16 +227,7 @@ def _mindspore_steps(impl, rows, vocab, dtype, seed, lm_head=0):
 
         loss_cell = HeadThenLoss()
 
-    class ValueAndGrad(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.loss = loss_cell
-            self.grad = ms.value_and_grad(self.loss, grad_position=0)
-
-        def construct(self, x, y, m):
-            return self.grad(x, y, m)
-
-    cells = {"fwd": loss_cell, "fwdbwd": ValueAndGrad()}
+    cells = {"fwd": loss_cell, "fwdbwd": _value_and_grad_cell(loss_cell)}
     args = (logits, label, mask)
 
     def make(pass_name):
@@ -386,7 +394,7 @@ def run_mp2_rank(config: dict) -> None:
     import numpy as np
 
     import mindspore as ms
-    from mindspore import Tensor, nn
+    from mindspore import Tensor
     from mindspore.communication import get_rank, init
 
     import mf_loss
@@ -408,16 +416,7 @@ def run_mp2_rank(config: dict) -> None:
     for backend in config["backends"]:
         loss_fn = mf_loss.CrossEntropyLoss(parallel_config=ParallelConfig(model_parallel=mp), backend=backend)
 
-        class ValueAndGrad(nn.Cell):
-            def __init__(self):
-                super().__init__()
-                self.loss = loss_fn
-                self.grad = ms.value_and_grad(self.loss, grad_position=0)
-
-            def construct(self, x, y, m):
-                return self.grad(x, y, m)
-
-        step_cell = ValueAndGrad()
+        step_cell = _value_and_grad_cell(loss_fn)
         step_cell.compile(logits, label, mask)
 
         def run():
