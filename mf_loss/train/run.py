@@ -194,5 +194,7 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
         follower.stop()
     if not result.ok:
         raise TrainError(f"{result.message}\n{_checkpoint_note(run_dir, args_text)}")
+    if result.message:  # a rank that crashed in MindSpore's teardown after the work was done
+        print(result.message, file=out, flush=True)
     print(f"msrun job finished in {time.monotonic() - started:.0f} s", file=out, flush=True)
     return run_dir

@@ -487,6 +487,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
         progress.line("")
         progress.line((run_dir / "summary.txt").read_text().rstrip())
     progress.close()
+    _barrier(parallel.world_size)  # the main rank's outputs are written before any rank starts to exit
     return result
 
 

@@ -49,12 +49,19 @@ def main(argv=None) -> int:
     world = init_communication()
     if args.command == "demo":
         from mf_loss.train.demo import rank_main
-        return rank_main(args.out, args.spec)
-    from mf_loss.config_loader import load_config
-    from mf_loss.train.trainer import train as run_training
-    config = load_config(args.config, args.overrides, world_size=world)
-    run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1)
-    return 0
+        code = rank_main(args.out, args.spec)
+    else:
+        from mf_loss.config_loader import load_config
+        from mf_loss.train.trainer import train as run_training
+        config = load_config(args.config, args.overrides, world_size=world)
+        run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1)
+        code = 0
+    if world > 1 and code == 0:
+        from mindspore.communication import get_rank
+
+        from mf_loss.launch import mark_rank_done
+        mark_rank_done(get_rank())
+    return code
 
 
 if __name__ == "__main__":
