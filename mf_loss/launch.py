@@ -6,7 +6,7 @@ in one process group that is killed on failure or timeout, so nothing is left be
 
 Workers may call `mark_rank_done(rank)` as their last act. MindSpore 2.10 on CPU sometimes kills a rank
 with a segmentation fault in its own teardown at interpreter exit, after all the work is done (seen in
-3 of about 20 four-rank training runs here; no Python frame on the stack, and releasing the collectives
+3 of 23 four-rank training runs here; no Python frame on the stack, and releasing the collectives
 first does not avoid it). A rank killed by a signal once EVERY rank has marked itself done therefore
 does not fail the job: the launcher reports it as a warning naming the rank, the signal and the log.
 A crash before that, or any non-signal failure, fails the job as before.
