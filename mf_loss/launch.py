@@ -154,10 +154,11 @@ def launch(script: str, script_args: Sequence[str] = (), *, workers: int, log_di
                 if match:
                     exited_pid = int(match.group(1))
                     exit_code = int(match.group(2)) if match.group(2) else None
-                    # the other ranks may be a moment from marking themselves done
-                    grace = time.monotonic() + 10.0
-                    while _ranks_done(done_dir) < workers and time.monotonic() < grace and proc.poll() is None:
-                        time.sleep(0.1)
+                    if exit_code is not None and exit_code < 0 and _ranks_done(done_dir) > 0:
+                        # killed by a signal at the job's end: the others may be a moment from marking done
+                        grace = time.monotonic() + 10.0
+                        while _ranks_done(done_dir) < workers and time.monotonic() < grace and proc.poll() is None:
+                            time.sleep(0.1)
                     break
                 if time.monotonic() > deadline:
                     break
@@ -174,19 +175,18 @@ def launch(script: str, script_args: Sequence[str] = (), *, workers: int, log_di
         tails = "\n".join(f"--- rank {r} ({worker_log(log_dir, r)}) ---\n{log_tail(worker_log(log_dir, r), 15)}"
                           for r in range(workers))
         result.message += "\n" + tails
-    elif exit_code is not None and exit_code < 0 and _ranks_done(done_dir) >= workers:
-        rank = _failed_rank(log_dir, workers, exited_pid)
-        where = f"rank {rank}" if rank is not None else "a rank"
-        path = worker_log(log_dir, rank) if rank is not None else msrun_log
-        result = LaunchResult(0, log_dir, failed_rank=rank, message=(
-            f"warning: {where} of {script} was killed by signal {-exit_code} after every rank had finished its "
-            f"work (MindSpore's teardown at interpreter exit); the job's results are complete. Log: {path}"))
     else:
         rank = _failed_rank(log_dir, workers, exited_pid)
-        where = f"rank {rank}" if rank is not None else "an unknown rank"
         path = worker_log(log_dir, rank) if rank is not None else msrun_log
-        result = LaunchResult(proc.returncode if proc.returncode > 0 else 1, log_dir, failed_rank=rank,
-                              message=f"msrun job {script} failed on {where}; tail of {path}:\n{log_tail(path)}")
+        if exit_code is not None and exit_code < 0 and _ranks_done(done_dir) >= workers:
+            where = f"rank {rank}" if rank is not None else "a rank"
+            result = LaunchResult(0, log_dir, failed_rank=rank, message=(
+                f"warning: {where} of {script} was killed by signal {-exit_code} after every rank had finished "
+                f"its work (MindSpore's teardown at interpreter exit); the job's results are complete. Log: {path}"))
+        else:
+            where = f"rank {rank}" if rank is not None else "an unknown rank"
+            result = LaunchResult(proc.returncode if proc.returncode > 0 else 1, log_dir, failed_rank=rank,
+                                  message=f"msrun job {script} failed on {where}; tail of {path}:\n{log_tail(path)}")
     if not quiet:
         print(result.message, file=sys.stderr)
     return result

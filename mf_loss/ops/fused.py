@@ -293,14 +293,21 @@ def local_row_stats(logits, label, target_probs, weight, vocab_start: int, softc
     return _row_stats_4(logits, target, weight, config)
 
 
-def logits_grad(logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp, a, b, q,
-                label_smoothing: float):
-    """Gradient w.r.t. this rank's logits slice (N, Vl) in the logits' dtype; see `shard_math.logits_grad`."""
+def _run_grad_kernel(kernel, logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp,
+                     a, b, q, label_smoothing: float):
+    """One of the two backward kernels (out of place or in place) on the shard_math arguments."""
     config = Tensor([0.0 if softcap is None else softcap, 1.0 if label_smoothing > 0 else 0.0], ms.float32)
     target = _kernel_target(label, target_probs, vocab_start)
     if weight is None:
-        return _logits_grad(logits, target, row_max, log_sum_exp, a, b, q, config)
-    return _logits_grad(logits, target, weight, row_max, log_sum_exp, a, b, q, config)
+        return kernel(logits, target, row_max, log_sum_exp, a, b, q, config)
+    return kernel(logits, target, weight, row_max, log_sum_exp, a, b, q, config)
+
+
+def logits_grad(logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp, a, b, q,
+                label_smoothing: float):
+    """Gradient w.r.t. this rank's logits slice (N, Vl) in the logits' dtype; see `shard_math.logits_grad`."""
+    return _run_grad_kernel(_logits_grad, logits, label, target_probs, weight, vocab_start, softcap, row_max,
+                            log_sum_exp, a, b, q, label_smoothing)
 
 
 def logits_grad_inplace(logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp, a, b,
@@ -315,12 +322,8 @@ def logits_grad_inplace(logits, label, target_probs, weight, vocab_start: int, s
     is first made contiguous (a copy, written over instead).
     """
     logits = logits.contiguous()
-    config = Tensor([0.0 if softcap is None else softcap, 1.0 if label_smoothing > 0 else 0.0], ms.float32)
-    target = _kernel_target(label, target_probs, vocab_start)
-    if weight is None:
-        token = _logits_grad_inplace(logits, target, row_max, log_sum_exp, a, b, q, config)
-    else:
-        token = _logits_grad_inplace(logits, target, weight, row_max, log_sum_exp, a, b, q, config)
+    token = _run_grad_kernel(_logits_grad_inplace, logits, label, target_probs, weight, vocab_start, softcap,
+                             row_max, log_sum_exp, a, b, q, label_smoothing)
     if _run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
         return _depend(logits, token)
     if int(token.asnumpy()[0]) == logits.data_ptr():
