@@ -26,7 +26,6 @@ class LossOptions:
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
         _check_choice("reduction", self.reduction, REDUCTIONS)
         _check_choice("empty_mean", self.empty_mean, EMPTY_MEANS)
-        _check_choice("backend", self.backend, BACKENDS)
         if not isinstance(self.label_smoothing, (int, float)) or not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1], got {self.label_smoothing!r}")
         if not isinstance(self.z_loss_weight, (int, float)) or not self.z_loss_weight >= 0.0:
@@ -36,9 +35,15 @@ class LossOptions:
             raise ValueError(f"logit_softcap must be None or a float > 0, got {self.logit_softcap!r}")
         if not isinstance(self.inplace_backward, (bool, np.bool_)):
             raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
-        if self.inplace_backward and self.backend == "composed":
-            raise ValueError("inplace_backward=True needs the fused kernels (backend='fused', or 'auto' on CPU), "
-                             "got backend='composed'")
+        check_backend(self.backend, self.inplace_backward)
+
+
+def check_backend(backend, inplace_backward=False) -> None:
+    """The one check of the backend choice (used by LossOptions and by `ops.backends.select`)."""
+    _check_choice("backend", backend, BACKENDS)
+    if inplace_backward and backend == "composed":
+        raise ValueError("inplace_backward=True needs the fused kernels (backend='fused', or 'auto' on CPU), "
+                         "got backend='composed'")
 
 
 def _check_choice(name, value, choices):

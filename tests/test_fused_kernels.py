@@ -14,6 +14,7 @@ or 8 (bfloat16) bits: two float32 values that agree to 1e-6 can round to neighbo
 those are compared within one unit in the last place of their dtype.
 """
 import concurrent.futures
+import dataclasses
 import warnings
 
 import numpy as np
@@ -23,8 +24,12 @@ import mindspore as ms
 from mindspore import Tensor
 
 import mf_loss
+from mf_loss.kernels import build as kernel_build
 from mf_loss.ops import backends, fused
 from mf_loss.ops import shard_math as composed
+from mf_loss.ops.shard_math import ShardSpec
+
+pytestmark = pytest.mark.kernel
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 HALF_ULP = {"float32": 0.0, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
@@ -63,11 +68,11 @@ def make_inputs(rows=37, vocab=300, *, dtype="float32", scale=3.0, shift=0.0, se
 
 
 def shard_args(inp):
+    """(logits, target, weight) tensors: target is the class ids, or the probabilities when there are any."""
     logits = Tensor(inp["logits"]).astype(MS_DTYPES[inp["dtype"]])
-    label = None if inp["probs"] is not None else Tensor(inp["label"])
-    probs = None if inp["probs"] is None else Tensor(inp["probs"])
+    target = Tensor(inp["label"]) if inp["probs"] is None else Tensor(inp["probs"])
     weight = None if inp["weight"] is None else Tensor(inp["weight"])
-    return logits, label, probs, weight
+    return logits, target, weight
 
 
 def grad_coefficients(rows, label_smoothing, seed=1, dead_rows=3):
@@ -149,8 +154,9 @@ def assert_grad_close(actual, expected, *, dtype, rtol, atol_factor, what):
 def run_both(inp, softcap=None, label_smoothing=0.0, *, coefficients=None):
     """(stats, grad) of the fused and the composed path on the same inputs; the gradient of both is taken
     at the composed statistics so that only the gradient kernels differ."""
-    logits, label, probs, weight = shard_args(inp)
-    args = (logits, label, probs, weight, inp["vocab_start"], softcap, label_smoothing)
+    logits, target, weight = shard_args(inp)
+    spec = ShardSpec(inp["vocab_start"], softcap, label_smoothing)
+    args = (logits, target, weight, spec)
     stats_f = as_f64(fused.local_row_stats(*args))
     stats_c = as_f64(composed.local_row_stats(*args))
     rows = stats_c.shape[0]
@@ -158,8 +164,7 @@ def run_both(inp, softcap=None, label_smoothing=0.0, *, coefficients=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.log(stats_c[:, 1]).astype(np.float32)
     a, b, q = coefficients if coefficients is not None else grad_coefficients(rows, label_smoothing)
-    gargs = (logits, label, probs, weight, inp["vocab_start"], softcap, Tensor(row_max), Tensor(lse), Tensor(a),
-             Tensor(b), Tensor(q), label_smoothing)
+    gargs = (logits, target, weight, spec, Tensor(row_max), Tensor(lse), (Tensor(a), Tensor(b), Tensor(q)))
     grad_f_tensor = fused.logits_grad(*gargs)
     assert grad_f_tensor.dtype == logits.dtype and grad_f_tensor.shape == logits.shape
     grad_f = as_f64(grad_f_tensor)
@@ -309,32 +314,32 @@ def test_non_contiguous_inputs(dtype):
     sliced = wide[:, 160:]                              # column slice: row stride 320
     probs_wide = Tensor(np.concatenate([inp["probs"], inp["probs"]], axis=1))[:, :160]
     assert not transposed.is_contiguous() and not sliced.is_contiguous() and not probs_wide.is_contiguous()
-    contiguous = shard_args(inp)
-    a, b, q = grad_coefficients(24, 0.1)
+    plain_logits, plain_probs, weight = shard_args(inp)
+    spec = ShardSpec(0, None, 0.1)
+    coefficients = tuple(Tensor(c) for c in grad_coefficients(24, 0.1))
     row_stats = [Tensor(np.zeros(24, np.float32)), Tensor(np.full(24, 5.0, np.float32))]
-    for logits, probs in [(transposed, contiguous[2]), (sliced, probs_wide)]:
+    for logits, probs in [(transposed, plain_probs), (sliced, probs_wide)]:
         for impl in (fused, composed):
-            got = impl.local_row_stats(logits, None, probs, contiguous[3], 0, None, 0.1).asnumpy()
-            want = impl.local_row_stats(contiguous[0], None, contiguous[2], contiguous[3], 0, None, 0.1).asnumpy()
+            got = impl.local_row_stats(logits, probs, weight, spec).asnumpy()
+            want = impl.local_row_stats(plain_logits, plain_probs, weight, spec).asnumpy()
             np.testing.assert_array_equal(got, want)
-            g = impl.logits_grad(logits, None, probs, contiguous[3], 0, None, *row_stats, Tensor(a), Tensor(b),
-                                 Tensor(q), 0.1)
-            g0 = impl.logits_grad(contiguous[0], None, contiguous[2], contiguous[3], 0, None, *row_stats,
-                                  Tensor(a), Tensor(b), Tensor(q), 0.1)
+            g = impl.logits_grad(logits, probs, weight, spec, *row_stats, coefficients)
+            g0 = impl.logits_grad(plain_logits, plain_probs, weight, spec, *row_stats, coefficients)
             np.testing.assert_array_equal(as_f64(g), as_f64(g0))
 
 
 def test_int64_labels_and_half_probability_targets():
     inp = make_inputs(rows=10, vocab=64, target="probs")
-    logits, _, probs, _ = shard_args(inp)
+    logits, probs, _ = shard_args(inp)
     half_probs = probs.astype(ms.bfloat16)
-    f = fused.local_row_stats(logits, None, half_probs, None, 0, None, 0.0).asnumpy()
-    c = composed.local_row_stats(logits, None, half_probs, None, 0, None, 0.0).asnumpy()
+    spec = ShardSpec()
+    f = fused.local_row_stats(logits, half_probs, None, spec).asnumpy()
+    c = composed.local_row_stats(logits, half_probs, None, spec).asnumpy()
     assert_stats_close(f.astype(np.float64), c.astype(np.float64), rtol=1e-6, atol_factor=COMPOSED_ATOL,
                        what="bf16 probs")
     label = Tensor(inp["label"].astype(np.int64))
-    f = fused.local_row_stats(logits, label, None, None, 0, None, 0.0).asnumpy()
-    c = composed.local_row_stats(logits, label.astype(ms.int32), None, None, 0, None, 0.0).asnumpy()
+    f = fused.local_row_stats(logits, label, None, spec).asnumpy()
+    c = composed.local_row_stats(logits, label.astype(ms.int32), None, spec).asnumpy()
     assert_stats_close(f.astype(np.float64), c.astype(np.float64), rtol=1e-6, atol_factor=COMPOSED_ATOL,
                        what="int64 labels")
 
@@ -465,22 +470,22 @@ def test_inplace_backward_errors():
 
 def test_inplace_kernel_overwrites_plain_logits_and_never_loses_a_view():
     inp = make_inputs(rows=12, vocab=80, weighted=True)
-    _, label, _, weight = shard_args(inp)
-    a, b, q = grad_coefficients(12, 0.1)
-    stats = composed.local_row_stats(Tensor(inp["logits"]), label, None, weight, 0, None, 0.1).asnumpy()
-    rest = (Tensor(stats[:, 0]), Tensor(np.log(stats[:, 1])), Tensor(a), Tensor(b), Tensor(q), 0.1)
-    expected = fused.logits_grad(Tensor(inp["logits"]), label, None, weight, 0, None, *rest).asnumpy()
+    _, label, weight = shard_args(inp)
+    spec = ShardSpec(0, None, 0.1)
+    stats = composed.local_row_stats(Tensor(inp["logits"]), label, weight, spec).asnumpy()
+    rest = (Tensor(stats[:, 0]), Tensor(np.log(stats[:, 1])), tuple(Tensor(c) for c in grad_coefficients(12, 0.1)))
+    expected = fused.logits_grad(Tensor(inp["logits"]), label, weight, spec, *rest).asnumpy()
     logits = Tensor(inp["logits"].copy())                        # a plain tensor: written in place
-    grad = fused.logits_grad_inplace(logits, label, None, weight, 0, None, *rest)
+    grad = fused.logits_grad_inplace(logits, label, weight, spec, *rest)
     assert grad.data_ptr() == logits.data_ptr()
     np.testing.assert_array_equal(grad.asnumpy(), expected)
     np.testing.assert_array_equal(logits.asnumpy(), expected)
     base = Tensor(np.concatenate([inp["logits"], inp["logits"]]))  # a view: MindSpore gives the kernel a copy
     view = base[12:]
-    grad = fused.logits_grad_inplace(view, label, None, weight, 0, None, *rest)
+    grad = fused.logits_grad_inplace(view, label, weight, spec, *rest)
     np.testing.assert_array_equal(grad.asnumpy(), expected)
     transposed = Tensor(np.ascontiguousarray(inp["logits"].T)).T  # non-contiguous: made contiguous first
-    grad = fused.logits_grad_inplace(transposed, label, None, weight, 0, None, *rest)
+    grad = fused.logits_grad_inplace(transposed, label, weight, spec, *rest)
     np.testing.assert_array_equal(grad.asnumpy(), expected)
 
 
@@ -495,12 +500,14 @@ def test_select_names_and_errors():
     assert backends.select("auto").name == "fused"  # CPU and a compiler here
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.select("fast")
-    with pytest.raises(ValueError, match="needs the fused backend"):
+    with pytest.raises(ValueError, match="inplace_backward=True needs the fused kernels"):
         backends.select("composed", inplace=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        chosen.name = "composed"
 
 
 def test_no_compiler_auto_falls_back_and_fused_raises(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_kernels", None)
     monkeypatch.setattr(backends, "_auto_warned", False)
     monkeypatch.setenv("MF_LOSS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler-mf-loss")
@@ -513,64 +520,3 @@ def test_no_compiler_auto_falls_back_and_fused_raises(monkeypatch, tmp_path):
         assert backends.select("auto").name == "composed"  # the warning is given once
     with pytest.raises(fused.FusedKernelUnavailable):
         mf_loss.CrossEntropyLoss(backend="fused")
-
-
-FAKE_COMPILER = """#!/bin/sh
-# stands in for g++: answers --version, takes a second, then writes a prebuilt library to -o's path
-if [ "$1" = "--version" ]; then echo "fake-cxx 1.0"; exit 0; fi
-out=""; prev=""
-for arg in "$@"; do if [ "$prev" = "-o" ]; then out="$arg"; fi; prev="$arg"; done
-sleep 1
-cp "$MF_TEST_PREBUILT" "$out"
-"""
-
-
-def test_build_is_atomic_and_lands_in_the_cache_only(tmp_path, monkeypatch):
-    """Two builders start at once on one empty cache (as msrun ranks do): both get the library, one file
-    results, no temporary file is left, nothing is written to the working directory. A stand-in compiler
-    copies the real library (the locking and the atomic rename are under test, not g++); the builders are
-    threads, which flock excludes from each other exactly as it does processes."""
-    compiler = tmp_path / "fake-cxx"
-    compiler.write_text(FAKE_COMPILER)
-    compiler.chmod(0o755)
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MF_TEST_PREBUILT", str(fused.load()))
-    monkeypatch.setenv("MF_LOSS_CACHE_DIR", str(cache))
-    monkeypatch.setenv("CXX", str(compiler))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        paths = set(pool.map(lambda _: fused.build(), range(2)))
-    assert len(paths) == 1
-    library = paths.pop()
-    assert library.is_file() and library.parent.parent == cache
-    assert sorted(p.name for p in library.parent.iterdir() if p.name != ".lock") == [library.name]
-    assert list(work.iterdir()) == []
-    assert cache.stat().st_mode & 0o077 == 0
-    stamp = library.stat().st_mtime_ns
-    assert fused.build() == library and library.stat().st_mtime_ns == stamp  # cached: not rebuilt
-
-
-def test_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
-    compiler = tmp_path / "broken-cxx"
-    compiler.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo broken 1; exit 0; fi\n'
-                        'echo "cross_entropy.cc:1: error: something is wrong" >&2\nexit 1\n')
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CXX", str(compiler))
-    monkeypatch.setenv("MF_LOSS_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(fused.FusedKernelUnavailable, match="(?s)compiling the fused kernel failed.*something is wrong"):
-        fused.build()
-    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".lock"]
-    assert leftovers == []
-
-
-def test_isa_flags_follow_the_cpu_and_the_cap(monkeypatch):
-    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c", "avx2"}
-    assert "-mavx512f" in fused.isa_flags(avx512) and "-mfma" in fused.isa_flags(avx512)
-    assert fused.isa_flags({"avx2", "fma", "f16c"}) == ("-mavx2", "-mfma", "-mf16c")
-    assert fused.isa_flags({"avx2", "f16c"}) == ()  # no FMA: baseline
-    assert fused.isa_flags({"sse2"}) == ()
-    monkeypatch.setenv("MF_LOSS_ISA", "avx2")
-    assert fused.isa_flags(avx512) == ("-mavx2", "-mfma", "-mf16c")
-    assert "-march=native" not in fused.build_command("g++", "out.so")

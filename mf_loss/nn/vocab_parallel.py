@@ -64,6 +64,9 @@ class VocabParallelCrossEntropy(nn.Cell):
                              f"{local_vocab * self.mp_size}")
         return local_vocab * self.mp_size, local_vocab * self.mp_rank
 
+    def _spec(self, vocab_start):
+        return math.ShardSpec(vocab_start, self.logit_softcap, self.label_smoothing)
+
     def _weight_sums(self, local_vocab):
         if self.full_weight is None:
             return Tensor(np.full(self.mp_size, local_vocab, np.float32)), float(local_vocab * self.mp_size)
@@ -72,10 +75,8 @@ class VocabParallelCrossEntropy(nn.Cell):
     def construct(self, logits, target, active):
         num_classes, vocab_start = self._vocab(logits)
         rank_weight_sums, weight_total = self._weight_sums(logits.shape[-1])
-        label, probs = (None, target) if self.probability_targets else (target, None)
         local_vocab = logits.shape[-1]
-        local = self.local_row_stats(logits, label, probs, self.weight, vocab_start,
-                                     self.logit_softcap, self.label_smoothing)
+        local = self.local_row_stats(logits, target, self.weight, self._spec(vocab_start))
         # Each rank only knows its own width: it rides along in the exchange as one extra row.
         width_row = ops.concat((ops.fill(ms.float32, (1, 1), float(local_vocab)),
                                 ops.fill(ms.float32, (1, local.shape[-1] - 1), 0.0)), 1)
@@ -97,7 +98,6 @@ class VocabParallelCrossEntropy(nn.Cell):
         stats = {"row_max": row_max, "log_sum_exp": log_sum_exp, "target_mass": target_mass}
         a, b, q = math.grad_coefficients(stats, upstream, self.label_smoothing, num_classes, weight_total,
                                          self.z_loss_weight)
-        label, probs = (None, target) if self.probability_targets else (target, None)
-        grad = self.logits_grad(logits, label, probs, self.weight, vocab_start, self.logit_softcap,
-                                row_max, log_sum_exp, a, b, q, self.label_smoothing)
+        grad = self.logits_grad(logits, target, self.weight, self._spec(vocab_start), row_max, log_sum_exp,
+                                (a, b, q))
         return grad, _zeros_like(target), _zeros_like(active)

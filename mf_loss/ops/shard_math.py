@@ -25,6 +25,9 @@ whatever its logits hold.
 The fused kernels (`mf_loss.ops.fused`) compute the same statistics and gradient; this module is their
 reference and the portable path for every backend.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import mindspore as ms
 from mindspore import ops
 
@@ -43,6 +46,23 @@ _gather_d = ops.GatherD()
 _scatter_add = ops.TensorScatterElements(axis=1, reduction="add")
 
 ROW_MAX, SUM_EXP, TARGET_DOT, TARGET_MASS, SMOOTH_DOT = range(5)
+_FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What the per-shard steps need to know beyond the tensors: where this rank's slice starts in the
+    full vocabulary, and the two options that change per-element maths. Constant for a loss; GRAPH mode
+    folds it in."""
+
+    vocab_start: int = 0
+    logit_softcap: Optional[float] = None
+    label_smoothing: float = 0.0
+
+
+def is_probability_target(target) -> bool:
+    """Float targets are (N, Vl) probabilities of this slice; integer ones are (N,) global class ids."""
+    return target.dtype in _FLOAT_DTYPES
 
 
 def num_stat_columns(label_smoothing: float) -> int:
@@ -64,31 +84,31 @@ def owned_target(label, vocab_start: int, local_vocab: int):
     return owned, _select(owned, local, _zeros_like(local))
 
 
-def local_row_stats(logits, label, target_probs, weight, vocab_start: int, softcap, label_smoothing: float):
+def local_row_stats(logits, target, weight, spec: ShardSpec):
     """This rank's (N, K) statistics (see the module docstring) from its logits slice (N, Vl).
 
-    `label` (N,) int32 global class ids is used when `target_probs` is None; otherwise `target_probs`
-    (N, Vl) holds this slice's target probabilities. `weight` is this slice's class weights (Vl,) or None.
+    `target`: (N,) integer global class ids, or (N, Vl) float probabilities of this slice.
+    `weight`: this slice's class weights (Vl,), or None.
     """
-    x = softcapped(logits, softcap)
+    x = softcapped(logits, spec.logit_softcap)
     row_max = x.max(axis=-1)
     # A slice that is all -inf is legal (the row's mass lives on another rank): re-base it at 0 so that
     # its shares stay 0 instead of NaN. +inf and NaN stay as they are and surface as non-finite.
     row_max = _select(row_max == float("-inf"), _zeros_like(row_max), row_max)
     shifted = x - row_max.reshape(-1, 1)
     columns = [row_max, _exp(shifted).sum(axis=-1)]
-    if target_probs is None:
-        owned, index = owned_target(label, vocab_start, x.shape[-1])
+    if not is_probability_target(target):
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
         picked = _gather_d(shifted, 1, index.reshape(-1, 1)).reshape(-1)
         mass = _ones_like(picked) if weight is None else ops.gather(weight, index, 0)
         mass = _select(owned, mass, _zeros_like(mass))
         columns += [_select(owned, mass * picked, _zeros_like(picked)), mass]
     else:
-        weighted_target = _cast(target_probs, ms.float32)
+        weighted_target = _cast(target, ms.float32)
         if weight is not None:
             weighted_target = weighted_target * weight
         columns += [(weighted_target * shifted).sum(axis=-1), weighted_target.sum(axis=-1)]
-    if label_smoothing > 0:
+    if spec.label_smoothing > 0:
         columns.append((shifted if weight is None else shifted * weight).sum(axis=-1))
     return _stack(columns)
 
@@ -140,21 +160,23 @@ def grad_coefficients(stats, dout, label_smoothing: float, num_classes: int, wei
     return coef * dout, dout * (label_smoothing / num_classes), dout * (1.0 - label_smoothing)
 
 
-def logits_grad(logits, label, target_probs, weight, vocab_start: int, softcap, row_max, log_sum_exp,
-                a, b, q, label_smoothing: float):
-    """Gradient w.r.t. this rank's logits slice (N, Vl), in the logits' dtype (formula in the docstring)."""
+def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+    """Gradient w.r.t. this rank's logits slice (N, Vl), in the logits' dtype (formula in the docstring);
+    `coefficients` is the (a, b, q) of `grad_coefficients`."""
+    a, b, q = coefficients
+    softcap = spec.logit_softcap
     x = softcapped(logits, softcap)
     probs = _exp((x - row_max.reshape(-1, 1)) - log_sum_exp.reshape(-1, 1))
     grad = probs * a.reshape(-1, 1)
-    if label_smoothing > 0:
+    if spec.label_smoothing > 0:
         grad = grad - (b.reshape(-1, 1) if weight is None else b.reshape(-1, 1) * weight)
-    if target_probs is None:
-        owned, index = owned_target(label, vocab_start, x.shape[-1])
+    if not is_probability_target(target):
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
         at_target = q if weight is None else q * ops.gather(weight, index, 0)
         at_target = _select(owned, -at_target, _zeros_like(at_target))
         grad = _scatter_add(grad, index.reshape(-1, 1), at_target.reshape(-1, 1))
     else:
-        target_term = q.reshape(-1, 1) * _cast(target_probs, ms.float32)
+        target_term = q.reshape(-1, 1) * _cast(target, ms.float32)
         grad = grad - (target_term if weight is None else target_term * weight)
     if softcap is not None:
         grad = grad * (1.0 - (x / softcap) * (x / softcap))
