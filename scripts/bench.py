@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Run the side-by-side benchmark from a checkout: `python scripts/bench.py [options]`.
 
-The same as `python -m mf_loss.bench` / `mf-loss bench`; see mf_loss/bench.py for the options, e.g.
+The same as `python -m mf_loss.bench` / `mf-loss bench`; `--help` lists the options, mf_loss/bench/ holds
+the code (impls.py: the rows), e.g.
     python scripts/bench.py --quick
     python scripts/bench.py --shapes 4096x32000,2048x128256 --dtypes float32 --out docs/bench
+    python scripts/bench.py --head 256 --shapes 4096x32000 --mp2 --out docs/bench/head
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,7 @@
-"""`python -m mf_loss.bench --quick` runs end to end: every implementation, finite numbers, JSON and PNG.
+"""The benchmark runs end to end and reports sane records; its report formatting from hand-made records.
 
-No timing is asserted (the numbers of a shared CI machine mean nothing); this proves the benchmark works.
-"""
+No timing is asserted (a shared CI machine's numbers mean nothing): these prove the benchmark works and
+that its table, chart, ratios and collective counting say what the records hold."""
 import json
 import math
 import os
@@ -9,84 +9,216 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mf_loss import bench
+from mf_loss.bench import mp2, report
+from mf_loss.bench.chart import write_chart
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_reports_every_implementation(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", "--quick", "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[1/" in proc.stderr                          # progress lines
-    assert "mf_loss fused (GRAPH)" in proc.stdout        # the table
+def _linear_cross_entropy_imports() -> bool:
+    try:
+        from mf_loss import LinearCrossEntropyLoss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    report = json.loads((out / "bench.json").read_text())
-    expected = [impl for impl in bench.DEFAULT_IMPLS if impl != "torch" or bench._torch_available()]
-    assert report["settings"]["impls"] == expected
-    by_impl = {r["impl"]: r for r in report["results"]}
+
+def _run_bench(tmp_path, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _check_measured(record, passes=("fwd", "fwdbwd")):
+    assert record["errors"] == [], (record["impl"], record["errors"])
+    for pass_name in passes:
+        measured = record["passes"][pass_name]
+        for key in ("median_s", "min_s", "cpu_median_s"):
+            assert math.isfinite(measured[key]) and measured[key] > 0, (record["impl"], pass_name, key, measured)
+    fwdbwd = record["passes"]["fwdbwd"]
+    assert fwdbwd["peak_bytes"] is not None and math.isfinite(fwdbwd["peak_bytes"]) and fwdbwd["peak_bytes"] >= 0
+    assert 0 < fwdbwd["bandwidth_fraction"] < math.inf, record["impl"]
+
+
+def _check_not_available_or_measured(record, passes=("fwd", "fwdbwd")):
+    """linear_fused rows: measured once mf_loss.LinearCrossEntropyLoss imports, a clear note until then."""
+    if _linear_cross_entropy_imports():
+        _check_measured(record, passes)
+    else:
+        assert record["passes"] == {} and len(record["errors"]) == 1, record
+        assert record["errors"][0].startswith("not available: mf_loss.LinearCrossEntropyLoss"), record["errors"]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_implementation(tmp_path):
+    out = tmp_path / "out"
+    proc = _run_bench(tmp_path, "--quick", "--out", str(out))
+    assert "[1/" in proc.stderr                                   # progress lines
+    assert "mf_loss fused (GRAPH)" in proc.stdout                 # the table
+    assert "memory bandwidth (measured):" in proc.stdout
+
+    result = json.loads((out / "bench.json").read_text())
+    expected = [i for i in bench.DEFAULT_IMPLS + bench.DEFAULT_HEAD_IMPLS
+                if bench.IMPLS[i].framework != "torch" or bench.torch_available()]
+    assert result["settings"]["impls"] == expected
+    bandwidth = result["memory_bandwidth"]["median_bytes_per_s"]
+    assert math.isfinite(bandwidth) and bandwidth > 1e8, result["memory_bandwidth"]  # > 0.1 GB/s: a real copy
+    by_impl = {r["impl"]: r for r in result["results"]}
     assert sorted(by_impl) == sorted(expected)
     for impl, record in by_impl.items():
-        assert record["errors"] == [], (impl, record["errors"])
-        for pass_name in ("fwd", "fwdbwd"):
-            measured = record["passes"][pass_name]
-            for key in ("median_s", "min_s", "cpu_median_s"):
-                assert math.isfinite(measured[key]) and measured[key] > 0, (impl, pass_name, key, measured[key])
-        peak = record["passes"]["fwdbwd"]["peak_bytes"]
-        assert peak is not None and math.isfinite(peak) and peak >= 0, (impl, peak)
-    assert report["ratios"] and all(math.isfinite(v) for k, v in report["ratios"][0].items() if k.startswith("fused"))
+        assert record["head"] == (bench.cli.QUICK_HEAD if bench.IMPLS[impl].family == "head" else 0), record
+        if impl == "linear_fused":
+            _check_not_available_or_measured(record)
+        else:
+            _check_measured(record)
+    if bench.torch_available():
+        options = by_impl["torch_linear"]["notes"]["torch_options"]
+        assert options["requested"].startswith("LinearCrossEntropyOptions") and "batch_chunk_size" in options
+    anchors = {entry["anchor"] for entry in result["ratios"]}
+    assert anchors == {"fused", "linear_fused"}
+    logits_ratios = next(e for e in result["ratios"] if e["anchor"] == "fused")
+    assert all(math.isfinite(logits_ratios[f"fused_over_{i}_median"]) for i in expected
+               if bench.IMPLS[i].family == "logits" and i != "fused")
 
-    png = (out / "bench.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    from PIL import Image
+    with Image.open(out / "bench.png") as image:
+        image.verify()
+    with Image.open(out / "bench.png") as image:
+        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 400, image.size
     # nothing left in the working directory by MindSpore (workers run in scratch directories)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_table_and_chart_from_a_hand_made_record(tmp_path):
-    record = dict(impl="fused", label=bench.IMPLS["fused"], rows=4, vocab=8, dtype="float32", logits_bytes=128,
-                  errors=[], passes={"fwdbwd": dict(median_s=0.002, min_s=0.001, cpu_median_s=0.002,
-                                                    peak_bytes=128, peak_over_logits=1.0)})
-    other = dict(record, impl="mint", label=bench.IMPLS["mint"],
-                 passes={"fwdbwd": dict(median_s=0.004, min_s=0.003, cpu_median_s=0.004, peak_bytes=384,
-                                        peak_over_logits=3.0)})
-    table = bench.format_table([record, other])
-    assert "2.00x" in table and "4x8" in table
-    ratios = bench._ratios([record, other])
-    assert ratios[0]["fused_over_mint_median"] == 0.5
-    bench.write_chart(tmp_path / "chart.png", [record, other], {"cpu": "test cpu", "cpus": 2})
-    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_paired_turns_report_per_turn_ratios(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+@pytest.mark.slow
+def test_paired_turns_report_per_turn_ratios_for_both_families(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", "--shapes", "64x512", "--impls", "fused,mint",
-                           "--repeats", "2", "--json", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["settings"]["paired_with_fused"]
-    mint = next(r for r in report["results"] if r["impl"] == "mint")
-    assert len(mint["paired"]["fwdbwd"]["ratios"]) == 2
-    ratios = report["ratios"][0]
+    _run_bench(tmp_path, "--shapes", "64x512", "--head", "16", "--impls", "fused,mint,linear_fused,linear_unfused",
+               "--repeats", "2", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["settings"]["paired_with_anchor"]
+    by_impl = {r["impl"]: r for r in result["results"]}
+    mint = by_impl["mint"]
+    _check_measured(mint)
+    assert mint["paired"]["fwdbwd"]["anchor"] == "fused" and len(mint["paired"]["fwdbwd"]["ratios"]) == 2
+    logits_ratios = next(e for e in result["ratios"] if e["anchor"] == "fused")
     for key in ("fused_over_mint_median", "fused_over_mint_min", "fused_over_mint_cpu_median"):
-        assert math.isfinite(ratios[key]) and ratios[key] > 0
+        assert math.isfinite(logits_ratios[key]) and logits_ratios[key] > 0
+    _check_measured(by_impl["linear_unfused"])
+    _check_not_available_or_measured(by_impl["linear_fused"])
+    if _linear_cross_entropy_imports():
+        assert len(by_impl["linear_unfused"]["paired"]["fwdbwd"]["ratios"]) == 2
 
 
-def test_inplace_variants_and_lm_head_run(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+@pytest.mark.slow
+def test_inplace_variants_lm_head_and_pynative_head_run(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "mf_loss.bench", "--shapes", "64x512", "--impls",
-                           "fused_inplace,fused_inplace_graph,torch" if bench._torch_available() else
-                           "fused_inplace,fused_inplace_graph", "--lm-head", "16", "--repeats", "2",
-                           "--passes", "fwdbwd", "--sequential", "--json", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["settings"]["lm_head"] == 16
-    for record in report["results"]:
-        assert record["errors"] == [], (record["impl"], record["errors"])
-        measured = record["passes"]["fwdbwd"]
-        assert math.isfinite(measured["median_s"]) and measured["median_s"] > 0, record["impl"]
+    impls = ["fused_inplace", "fused_inplace_graph", "linear_fused_pynative"] + (["torch"] if bench.torch_available()
+                                                                                  else [])
+    _run_bench(tmp_path, "--shapes", "64x512", "--impls", ",".join(impls), "--lm-head", "16", "--head", "16",
+               "--repeats", "2", "--passes", "fwdbwd", "--sequential", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["settings"]["lm_head"] == 16
+    for record in result["results"]:
+        if record["impl"] == "linear_fused_pynative":
+            _check_not_available_or_measured(record, passes=("fwdbwd",))
+        else:
+            assert record["lm_head"] == 16
+            _check_measured(record, passes=("fwdbwd",))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_mp2_counts_the_collectives_of_the_compiled_step(tmp_path):
+    out = tmp_path / "bench.json"
+    _run_bench(tmp_path, "--shapes", "64x512", "--impls", "fused", "--repeats", "2", "--passes", "fwdbwd",
+               "--mp2", "--json", str(out), timeout=900)
+    (entry,) = json.loads(out.read_text())["mp2"]
+    assert entry["ok"] and len(entry["ranks"]) == 2
+    for rank in entry["ranks"]:
+        for design in ("fused", "composed"):
+            measured = rank["designs"][design]
+            assert math.isfinite(measured["median_s"]) and measured["median_s"] > 0
+            # one all-reduce of the (mp, N + 1, K) statistics block: 2 ranks x 65 rows x 4 floats x 4 bytes
+            assert measured["collectives"]["counts"]["AllReduce"] == 1, measured["collectives"]
+            assert measured["collectives"]["bytes_per_step"] == 2 * 65 * 4 * 4, measured["collectives"]
+
+
+def _record(impl, median_s, peak_over_logits, head=0, errors=()):
+    logits = 4 * 8 * 4
+    passes = {} if errors else {"fwdbwd": dict(median_s=median_s, min_s=median_s / 2, cpu_median_s=median_s,
+                                               peak_bytes=peak_over_logits * logits,
+                                               peak_over_logits=peak_over_logits)}
+    return dict(impl=impl, label=bench.IMPLS[impl].label, rows=4, vocab=8, dtype="float32", head=head, lm_head=0,
+                logits_bytes=logits, errors=list(errors), passes=passes)
+
+
+@pytest.mark.unit
+def test_table_ratios_and_chart_from_hand_made_records(tmp_path):
+    records = [_record("fused", 0.002, 1.0), _record("mint", 0.004, 3.0),
+               _record("linear_fused", 0.001, 0.1, head=2,
+                       errors=["not available: mf_loss.LinearCrossEntropyLoss does not import here"]),
+               _record("linear_unfused", 0.003, 2.0, head=2)]
+    report.add_bandwidth_fractions(records, bytes_per_s=1e6)
+    assert records[0]["passes"]["fwdbwd"]["bandwidth_fraction"] == pytest.approx(3 * 128 / 0.002 / 1e6)
+    table = report.format_table(records)
+    assert "2.00x" in table and "3.00x" in table and "4x8 float32" in table and "head H=2" in table
+    assert "! not available: mf_loss.LinearCrossEntropyLoss" in table
+    assert "19.2%" in table  # 3 x 128 bytes / 2 ms / 1 MB/s
+    entries = report.ratios(records)
+    logits_entry = next(e for e in entries if e["anchor"] == "fused")
+    assert logits_entry["fused_over_mint_median"] == 0.5 and logits_entry["mint_fwdbwd_peak_over_logits"] == 3.0
+    head_entry = next(e for e in entries if e["anchor"] == "linear_fused")
+    assert not any(k.startswith("linear_fused_over_") for k in head_entry)  # no anchor measurement, no ratio
+    assert not report.is_failure(records[2]["errors"][0]) and report.is_failure("worker exited 1: ValueError")
+
+    path = tmp_path / "chart.png"
+    write_chart(path, records, {"cpu": "test cpu", "cpus": 2},
+                dict(median_bytes_per_s=1e10, best_bytes_per_s=1.1e10, array_bytes=1, repeats=1, method="test"))
+    from PIL import Image
+    with Image.open(path) as image:
+        # 15 in wide; 1.4 in of title plus 0.9 in + 0.45 in a row for each of the two groups; 100 dpi
+        assert image.format == "PNG" and image.size == (1500, 500), image.size
+
+
+@pytest.mark.unit
+def test_collectives_are_counted_from_the_last_ir_file(tmp_path):
+    (tmp_path / "a_0001.ir").write_text("%1(x) = AllReduce(%0)\n    : (<Tensor[Float32], (2, 3)>) -> "
+                                        "(<Tensor[Float32], (2, 3)>)\n")
+    (tmp_path / "b_0002.ir").write_text(
+        "%1(x) = MatMul(%0, %2)\n    : (<Tensor[Float32], (4, 4)>) -> (<Tensor[Float32], (4, 4)>)\n"
+        "%3(y) = AllReduce(%1) {group: mp}\n    : (<Tensor[Float32], (2, 65, 4)>) -> (<Tensor[Float32], (2, 65, 4)>)\n"
+        "%4(z) = PrimFunc_AllReduce(%3)\n    : (<Tensor[BFloat16], (16, 8)>) -> (<Tensor[BFloat16], (16, 8)>)\n")
+    found = mp2.collectives_in_ir(tmp_path)
+    assert found["ir_file"] == "b_0002.ir"
+    assert found["counts"]["AllReduce"] == 2 and found["counts"]["AllGather"] == 0
+    assert [c["shape"] for c in found["calls"]] == [[2, 65, 4], [16, 8]]
+    assert found["bytes_per_step"] == 2 * 65 * 4 * 4 + 16 * 8 * 2
+
+
+@pytest.mark.unit
+def test_mp2_report_names_each_design_and_its_exchange():
+    entry = dict(ok=True, rows=64, vocab=512, dtype="float32", head=16, mp=2, ranks=[dict(rank=0, designs=dict(
+        linear_unfused=dict(median_s=0.01, min_s=0.008, collectives=dict(counts=dict(AllReduce=1, AllGather=0),
+                                                                         bytes_per_step=2080)),
+        linear_fused=dict(error="not available: mf_loss.LinearCrossEntropyLoss does not import here")))])
+    text = report.format_mp2(entry)
+    assert "head H=16" in text and "AllReduce x1; 2080 bytes" in text and "linear_fused" in text
+    assert "not available" in text
+    failed = report.format_mp2(dict(entry, ok=False, message="rank 1 failed: boom"))
+    assert "failed" in failed and "rank 1 failed: boom" in failed
+
+
+@pytest.mark.unit
+def test_a_head_row_without_head_width_is_refused():
+    args = bench.build_parser().parse_args(["--impls", "linear_unfused"])
+    with pytest.raises(SystemExit, match="needs --head H"):
+        bench.cli._settle(args)
+    args = bench.build_parser().parse_args(["--impls", "fused,nonsense"])
+    with pytest.raises(SystemExit, match="unknown implementation 'nonsense'"):
+        bench.cli._settle(args)
