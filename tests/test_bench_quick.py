@@ -222,3 +222,34 @@ def test_a_head_row_without_head_width_is_refused():
     args = bench.build_parser().parse_args(["--impls", "fused,nonsense"])
     with pytest.raises(SystemExit, match="unknown implementation 'nonsense'"):
         bench.cli._settle(args)
+
+
+@pytest.mark.unit
+def test_linear_options_are_keywords_with_json_values():
+    args = bench.build_parser().parse_args(["--head", "8", "--impls", "linear_fused", "--chunk-size", "128",
+                                            "--linear-option", "backend=composed",
+                                            "--linear-option", "complete_hidden_grad=false"])
+    bench.cli._settle(args)
+    assert args.linear_options == dict(backend="composed", complete_hidden_grad=False, chunk_size=128)
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--linear-option", "no-equals-sign"])
+
+
+@pytest.mark.unit
+def test_merge_reads_a_report_written_before_the_head_rows(tmp_path, capsys):
+    fused, mint = _record("fused", 0.002, 1.0), _record("mint", 0.004, 3.0)
+    for record in (fused, mint):
+        del record["head"], record["lm_head"]
+    mint["paired"] = {"fwdbwd": dict(fused_times_s=[0.002, 0.0021], fused_cpu_s=[0.002, 0.002],
+                                     ratios=[0.5, 0.4], cpu_ratios=[0.5, 0.5])}
+    old = dict(machine={"cpu": "test cpu", "cpus": 2}, results=[fused, mint],
+               mp2=dict(ok=True, rows=4, vocab=8, dtype="float32", ranks=[dict(rank=0, backends=dict(
+                   fused=dict(median_s=0.01, min_s=0.009, bytes_exchanged_per_step=160)))]))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert bench.main(["--merge", str(tmp_path / "old.json"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "bench.json").read_text())
+    assert merged["ratios"][0]["fused_over_mint_median"] == pytest.approx(0.45)
+    assert merged["ratios"][0]["fused_over_mint_min"] == pytest.approx(0.002 / 0.002)
+    printed = capsys.readouterr().out
+    assert "collectives per step: not counted; 160 bytes" in printed and "memory bandwidth: not measured" in printed
+    assert (tmp_path / "merged" / "bench.png").exists()

@@ -64,6 +64,6 @@ def write_chart(path, records, machine, bandwidth=None):
         memory_axis.set_yticklabels([])
         time_axis.set_title(f"{group_title(key)}: median ms (x the fused anchor, in turns)", fontsize=9, loc="left")
         memory_axis.set_title("peak beyond inputs (and input gradients), x logits size", fontsize=9, loc="left")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.75 / figure.get_figheight()))  # room for the two-line title
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -34,6 +34,16 @@ def _csv(kind):
     return parse
 
 
+def _keyword(text: str):
+    key, separator, value = text.partition("=")
+    if not separator or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a keyword name, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def torch_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("torch") is not None
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "w.r.t. hidden and head_weight; peak beyond the inputs and those gradients")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="LinearCrossEntropyLoss(chunk_size=...) for the linear_fused rows (default: its own)")
+    parser.add_argument("--linear-option", action="append", default=[], type=_keyword, metavar="KEY=VALUE",
+                        help="another LinearCrossEntropyLoss keyword for the linear_fused rows (repeatable; the "
+                             "value is read as JSON when it parses, else as a string), e.g. backend=composed")
     parser.add_argument("--passes", type=_csv(str), default=None, help="fwdbwd and/or fwd (default both)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (turns) after warm-up (default 5)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -115,6 +128,8 @@ def _settle(args):
             raise SystemExit(f"--passes: unknown pass {pass_name!r}; choose from fwdbwd, fwd")
     # fwd+bwd first: the first pass of a process is the one whose memory is measured
     args.passes = sorted(set(args.passes), key=["fwdbwd", "fwd"].index)
+    args.linear_options = dict(args.linear_option, **({} if args.chunk_size is None else
+                                                       dict(chunk_size=args.chunk_size)))
     args.paired = not (args.sequential or quick) and any(
         ANCHOR[IMPLS[i].family] in args.impls and i != ANCHOR[IMPLS[i].family] for i in args.impls)
 
@@ -124,8 +139,8 @@ def _config(args, impl, rows, vocab, dtype, round_index, passes):
     config = dict(impl=impl, rows=rows, vocab=vocab, dtype=dtype, passes=list(passes), warmup=args.warmup,
                   repeats=args.repeats, seed=0, round=round_index, head=args.head if head_row else 0,
                   lm_head=0 if head_row else args.lm_head)
-    if head_row and args.chunk_size is not None:
-        config["linear_options"] = dict(chunk_size=args.chunk_size)
+    if head_row and args.linear_options:
+        config["linear_options"] = args.linear_options
     return config
 
 
@@ -222,16 +237,38 @@ def _write_outputs(args, full):
         print(f"wrote {png_path}", file=sys.stderr)
 
 
+def _current_format(record):
+    """A record of a report written before the lm-head rows (paired times named fused_*) as today's."""
+    record.setdefault("head", 0)
+    record.setdefault("lm_head", 0)
+    for paired in record.get("paired", {}).values():
+        paired.setdefault("anchor", "fused")
+        for old, new in (("fused_times_s", "anchor_times_s"), ("fused_cpu_s", "anchor_cpu_s")):
+            if old in paired:
+                paired[new] = paired.pop(old)
+    return record
+
+
+def _current_mp2_format(entry):
+    """An mp=2 entry written before the IR count (per-rank "backends", bytes from mf_loss's bookkeeping)."""
+    for rank in entry.get("ranks", []):
+        if "backends" in rank:
+            rank["designs"] = {name: dict(b, collectives=dict(bytes_per_step=b.get("bytes_exchanged_per_step"),
+                                                              source="mf_loss's own count (no IR count then)"))
+                               for name, b in rank.pop("backends").items()}
+    return entry
+
+
 def _merge_reports(args) -> int:
     reports = [json.loads(Path(path).read_text()) for path in args.merge]
-    records = [r for one in reports for r in one["results"]]
+    records = [_current_format(r) for one in reports for r in one["results"]]
     bandwidth = next((one["memory_bandwidth"] for one in reports if one.get("memory_bandwidth")), None)
     if bandwidth:
         report.add_bandwidth_fractions(records, bandwidth["median_bytes_per_s"])
     mp2 = []
     for one in reports:
         entries = one.get("mp2", [])
-        mp2 += [entries] if isinstance(entries, dict) else entries
+        mp2 += [_current_mp2_format(e) for e in ([entries] if isinstance(entries, dict) else entries)]
     merged = dict(machine=reports[0]["machine"], memory_bandwidth=bandwidth, merged_from=[str(p) for p in args.merge],
                   runs=[dict(started=one.get("started"), seconds=one.get("seconds"), settings=one.get("settings"),
                              load_average_end=one.get("load_average_end"),
@@ -269,7 +306,7 @@ def main(argv=None) -> int:
                 settings=dict(shapes=[f"{r}x{v}" for r, v in args.shapes], dtypes=args.dtypes, impls=args.impls,
                               passes=args.passes, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
                               quick=args.quick, paired_with_anchor=args.paired, lm_head=args.lm_head, head=args.head,
-                              chunk_size=args.chunk_size, separate_processes_per_pass=not (args.paired or args.quick)),
+                              linear_options=args.linear_options, separate_processes_per_pass=not (args.paired or args.quick)),
                 results=records, ratios=report.ratios(records), mp2=[])
     if args.mp2:
         (rows, vocab), dtype = args.shapes[0], args.dtypes[0]
@@ -279,7 +316,7 @@ def main(argv=None) -> int:
                   + " ...", file=sys.stderr, flush=True)
             from .mp2 import run_mp2
             full["mp2"].append(run_mp2((rows, vocab), dtype, head, args.warmup, args.repeats, args.mp2_timeout,
-                                       dict(chunk_size=args.chunk_size) if args.chunk_size else None))
+                                       args.linear_options))
     full["seconds"] = round(time.time() - started, 1)
     full["load_average_end"] = list(os.getloadavg())
     _print_report(full)
