@@ -269,10 +269,13 @@ def _merge_reports(args) -> int:
     for one in reports:
         entries = one.get("mp2", [])
         mp2 += [_current_mp2_format(e) for e in ([entries] if isinstance(entries, dict) else entries)]
-    merged = dict(machine=reports[0]["machine"], memory_bandwidth=bandwidth, merged_from=[str(p) for p in args.merge],
-                  runs=[dict(started=one.get("started"), seconds=one.get("seconds"), settings=one.get("settings"),
-                             load_average_end=one.get("load_average_end"),
-                             memory_bandwidth=one.get("memory_bandwidth")) for one in reports],
+    runs, merged_from = [], []
+    for path, one in zip(args.merge, reports):  # a merged report brings the runs it was merged from
+        runs += one.get("runs") or [dict(started=one.get("started"), seconds=one.get("seconds"),
+                                         settings=one.get("settings"), load_average_end=one.get("load_average_end"),
+                                         memory_bandwidth=one.get("memory_bandwidth"))]
+        merged_from += one.get("merged_from") or [str(path)]
+    merged = dict(machine=reports[0]["machine"], memory_bandwidth=bandwidth, merged_from=merged_from, runs=runs,
                   results=records, ratios=report.ratios(records), mp2=mp2)
     _print_report(merged)
     _write_outputs(args, merged)
