@@ -1,16 +1,12 @@
-"""Losses by name, for configuration files; mirrored into MindFormers' registry when it is installed."""
-import importlib.util
+"""Losses by name, for configuration files. MindFormers' registry is filled by mf_loss.integrations.mindformers
+(importing it registers every loss here as `mf_loss.<Name>`); the library itself never imports MindFormers."""
 
 _LOSSES = {}
 
 
 def register_loss(cls):
-    """Class decorator: makes `cls` buildable by name, here and (if importable) in MindFormers."""
+    """Class decorator: makes `cls` buildable by name (`get_loss_class(cls.__name__)`)."""
     _LOSSES[cls.__name__] = cls
-    if importlib.util.find_spec("mindformers") is not None:
-        # Optional: importing MindFormers is heavy and writes ./output/log, so only when installed.
-        from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-        MindFormerRegister.register_cls(cls, module_type=MindFormerModuleType.LOSS, alias="mf_loss." + cls.__name__)
     return cls
 
 

@@ -1,0 +1,32 @@
+"""The MindFormers tests, run from the main suite: builds the MindFormers environment (scripts/mindformers_env.sh;
+cached when present, about 3 minutes the first time) and runs tests/test_mindformers*.py inside it. A failure
+shows the inner run's tail; a missing or broken environment fails with what to run."""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mindformers_env import ROOT, build_environment
+
+pytestmark = [pytest.mark.mindformers, pytest.mark.distributed, pytest.mark.slow]
+
+INNER = ["tests/test_mindformers_optional.py", "tests/test_mindformers.py", "tests/test_mindformers_distributed.py"]
+INNER_TIMEOUT = 900
+INNER_ENV = "MF_LOSS_MINDFORMERS_INNER"
+
+
+@pytest.mark.skipif(os.environ.get(INNER_ENV) == "1", reason="already inside the MindFormers environment")
+def test_mindformers_tests_pass_in_the_mindformers_environment():
+    python = build_environment()
+    env = dict(os.environ, PATH=f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}", **{INNER_ENV: "1"})
+    command = [str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *INNER]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=INNER_TIMEOUT, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the MindFormers tests did not finish in {INNER_TIMEOUT} s:\n{str(error.stdout or '')[-6000:]}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
+    summary = output.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, f"nothing may be skipped there:\n{output[-4000:]}"
