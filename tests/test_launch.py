@@ -1,15 +1,24 @@
-"""mf_loss.launch: a rank killed by a signal after every rank marked itself done is a warning (MindSpore's
-teardown crash), a crash before that fails the job naming the rank. Each case is a real 2-rank msrun job."""
+"""mf_loss.launch on one node: a rank killed by a signal after every rank marked itself done is a warning
+(MindSpore's teardown crash), a crash before that fails the job naming the rank, a job past its timeout is
+stopped whole (real 2-rank msrun jobs); the log reading and the process-tree stop (unit)."""
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from mf_loss.launch import launch
+from mf_loss.launch import launch, log_tail
+from mf_loss.launch.logs import Follower, rank_of_pid, timed_out_ranks
+from mf_loss.launch.processes import alive, descendants, stop
 
 WORKER = Path(__file__).with_name("launch_worker.py")
-pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.distributed
 def test_signal_after_every_rank_is_done_is_a_warning(tmp_path):
     result = launch(WORKER, ["after_done"], workers=2, log_dir=tmp_path / "logs", timeout=300, quiet=True)
     assert result.ok, result.message
@@ -19,8 +28,113 @@ def test_signal_after_every_rank_is_done_is_a_warning(tmp_path):
     assert sorted(p.name for p in (tmp_path / "logs" / "done").iterdir()) == ["rank_0", "rank_1"]
 
 
+@pytest.mark.distributed
 def test_signal_before_the_rank_is_done_fails_the_job(tmp_path):
     result = launch(WORKER, ["before_done"], workers=2, log_dir=tmp_path / "logs", timeout=300, quiet=True)
     assert not result.ok
     assert result.failed_rank == 1
-    assert result.message.startswith(f"msrun job {WORKER} failed on rank 1"), result.message
+    assert result.message.startswith(f"msrun job {WORKER} failed on rank 1 (killed by signal 11)"), result.message
+
+
+class JobProcesses:
+    """Every process started below this test process while a job runs (psutil), to check that none is left."""
+
+    def __init__(self):
+        self.before = set(psutil.Process().children(recursive=True))
+        self.seen, self.stopping = {}, threading.Event()  # process -> its command line, read while it runs
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        me = psutil.Process()
+        while not self.stopping.is_set():
+            for process in set(me.children(recursive=True)) - self.before - set(self.seen):
+                self.seen[process] = " ".join(_cmdline(process))
+            self.stopping.wait(0.2)
+
+    def started(self, name: str) -> int:
+        """How many of the processes seen ran `name`."""
+        return sum(1 for command in self.seen.values() if name in command)
+
+    def left_running(self) -> list:
+        self.stopping.set()
+        self.thread.join()
+        return [f"{p.pid} {command}" for p, command in self.seen.items() if alive(p)]
+
+
+def _cmdline(process):
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.distributed
+def test_a_job_past_its_timeout_is_stopped_whole(tmp_path, monkeypatch):
+    """msrun runs its workers in sessions of their own: stopping msrun's process group alone would leave them."""
+    monkeypatch.setenv("MF_LOSS_TEST_NODE", "0")
+    processes = JobProcesses()
+    result = launch(WORKER, ["nodes_forever", tmp_path], workers=2, log_dir=tmp_path / "logs", timeout=60,
+                    quiet=True)
+    assert result.returncode == 124, result.message
+    assert result.message.startswith(f"msrun job {WORKER} timed out after 60 s and was killed"), result.message
+    assert "--- rank 0 (" in result.message and "--- rank 1 (" in result.message
+    assert processes.left_running() == []
+    assert processes.started(str(WORKER)) >= 2  # the workers did run (msrun's scheduler runs it too)
+
+
+@pytest.mark.unit
+def test_follower_returns_only_complete_new_lines(tmp_path):
+    path = tmp_path / "log"
+    follower = Follower(path)
+    assert follower.new_text() == ""                     # not there yet
+    path.write_text("one\ntw")
+    assert follower.new_text() == "one\n"
+    with open(path, "a") as f:
+        f.write("o\nthree\n")
+    assert follower.new_text() == "two\nthree\n"
+    assert follower.new_text() == ""
+
+
+@pytest.mark.unit
+def test_the_schedulers_timed_out_ranks_are_read_from_its_log():
+    # lines as MindSpore 2.10's scheduler writes them (from a run where ranks 2 and 3 were killed)
+    text = ("[ERROR] DISTRIBUTED(6668,7f0698e9e6c0,python):2026-11-30-01:43:44.445.853 [mindspore/ccsrc/cluster/"
+            "topology/meta_server_node.cc:548] UpdateTopoState] The node: 3 is timed out. It may exit with exception,"
+            " please check this node's log.\n"
+            "[ERROR] DISTRIBUTED(6668,7f0698e9e6c0,python):2026-11-30-01:43:44.445.888 [mindspore/ccsrc/cluster/"
+            "topology/meta_server_node.cc:548] UpdateTopoState] The node: 2 is timed out. It may exit with exception,"
+            " please check this node's log.\n")
+    assert timed_out_ranks(text) == [2, 3]
+    assert timed_out_ranks("Cluster currently has 4 alive nodes.") == []
+
+
+@pytest.mark.unit
+def test_the_failed_rank_is_the_one_whose_log_shows_the_pid(tmp_path):
+    (tmp_path / "worker_2.log").write_text("[WARNING] DISTRIBUTED(4242,7f,python): ...\n")
+    (tmp_path / "worker_3.log").write_text("[WARNING] DISTRIBUTED(4343,7f,python): ...\nTraceback (most recent "
+                                           "call last):\nRuntimeError: boom\n")
+    assert rank_of_pid(tmp_path, range(2, 4), 4242) == 2
+    assert rank_of_pid(tmp_path, range(2, 4), 9999) == 3   # unknown pid: the rank with a traceback
+    assert log_tail(tmp_path / "worker_3.log") == "Traceback (most recent call last):\nRuntimeError: boom"
+    assert log_tail(tmp_path / "worker_2.log") == "[WARNING] DISTRIBUTED(4242,7f,python): ..."  # only chatter
+    assert log_tail(tmp_path / "worker_9.log") == f"(no log at {tmp_path / 'worker_9.log'})"
+
+
+@pytest.mark.unit
+def test_stop_ends_a_tree_whose_child_has_a_session_of_its_own():
+    """As msrun's workers: the child runs setsid, so killing the parent's process group would miss it."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "start_new_session=True); time.sleep(120)")], start_new_session=True)
+    root = psutil.Process(parent.pid)
+    deadline = time.monotonic() + 30
+    while len(descendants(root)) < 2:
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    tree = descendants(root)
+    child = next(p for p in tree if p.pid != parent.pid)
+    assert os.getsid(child.pid) != os.getsid(parent.pid)
+    stop(tree, grace=5)
+    parent.wait(timeout=10)
+    assert not alive(child) and not alive(root)
