@@ -35,6 +35,8 @@ IMPLS = {
     "mindformers": Implementation("MindFormers-style one-hot (GRAPH)", "logits", "mindspore", memory_factor=22.0),
     "torch": Implementation("torch F.cross_entropy (eager)", "logits", "torch", memory_factor=3.3),
     "linear_fused": Implementation("mf_loss LinearCrossEntropyLoss (GRAPH)", "head", "mindspore", memory_factor=1.0),
+    "linear_fused_recompute": Implementation("mf_loss LinearCrossEntropyLoss, recompute (GRAPH)", "head",
+                                             "mindspore", memory_factor=1.0),
     "linear_fused_pynative": Implementation("mf_loss LinearCrossEntropyLoss (PYNATIVE)", "head", "mindspore",
                                             False, 1.5),
     "linear_unfused": Implementation("matmul + mf_loss fused CE (GRAPH)", "head", "mindspore", memory_factor=3.3),
@@ -137,21 +139,25 @@ def linear_cross_entropy_class():
     return LinearCrossEntropyLoss
 
 
-def head_loss_cell(name, config, notes, parallel_config=None):
+def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
+    """The cell of a head row; `notes` receives what the fused loss chose (options, backend, chunk rows)."""
     from mindspore import mint
 
     from .ms_cells import FrameworkLoss, FusedHeadLoss, LinearThenLoss, MaskedLoss
 
     upcast = config["dtype"] == "bfloat16"
-    if name in ("linear_fused", "linear_fused_pynative"):
+    if name in ("linear_fused", "linear_fused_pynative", "linear_fused_recompute"):
         options = dict(config.get("linear_options", {}))
+        if name == "linear_fused_recompute":
+            options["grad_mode"] = "recompute"
         loss = linear_cross_entropy_class()(**({"parallel_config": parallel_config} if parallel_config else {}),
                                             **options)
         notes["linear_options"] = options
-        for attribute in ("chunk_size", "backend"):
-            value = getattr(loss, attribute, None)
-            if isinstance(value, (int, str)):
-                notes[attribute] = value
+        notes.update({attribute: getattr(loss, attribute) for attribute in ("backend", "grad_mode")
+                      if isinstance(getattr(loss, attribute, None), str)})
+        core = getattr(loss, "core", None)
+        if hasattr(core, "chunk_rows"):
+            notes["chunk_rows"] = core.chunk_rows(config["rows"], config["vocab"] // mp)
         return FusedHeadLoss(loss)
     if name == "linear_unfused":
         import mf_loss

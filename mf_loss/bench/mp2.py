@@ -19,9 +19,12 @@ _OUTPUT = re.compile(r"->\s*\(<Tensor\[(\w+)\],\s*\(([\d,\s]*)\)")
 # logits rows: mf_loss.CrossEntropyLoss backends; head rows: the fused head with the hidden gradient
 # completed inside the loss (default) or left as this rank's share, and the unfused matmul + fused loss
 LOGITS_DESIGNS = ("fused", "composed")
-HEAD_DESIGNS = ("linear_fused", "linear_fused_share", "linear_unfused")
+HEAD_DESIGNS = ("linear_fused", "linear_fused_recompute", "linear_fused_share", "linear_unfused")
 DESIGN_NOTES = {
-    "linear_fused": "LinearCrossEntropyLoss, complete_hidden_grad=True: hidden's gradient summed inside the loss",
+    "linear_fused": "LinearCrossEntropyLoss, default grad_mode (gradient made in the forward), "
+                    "complete_hidden_grad=True: hidden's gradient summed inside the loss",
+    "linear_fused_recompute": "LinearCrossEntropyLoss, grad_mode='recompute' (chunk logits made again in the "
+                              "backward), complete_hidden_grad=True",
     "linear_fused_share": "LinearCrossEntropyLoss, complete_hidden_grad=False: hidden's gradient is this rank's "
                           "share (a model's copy-to-model-parallel op sums it)",
     "linear_unfused": "matmul + CrossEntropyLoss(backend='fused'): hidden's gradient is this rank's share",
@@ -71,7 +74,7 @@ def _design_cell(design, config, parallel_config, notes):
     name = "linear_fused" if design == "linear_fused_share" else design
     if design == "linear_fused_share":
         config = dict(config, linear_options=dict(config.get("linear_options", {}), complete_hidden_grad=False))
-    return impls.head_loss_cell(name, config, notes, parallel_config)
+    return impls.head_loss_cell(name, config, notes, parallel_config, MP)
 
 
 def run_rank(config: dict) -> None:
@@ -113,6 +116,9 @@ def run_rank(config: dict) -> None:
         except impls.NotAvailable as error:
             report["designs"][design] = dict(error=str(error))
             continue
+        declared = getattr(getattr(cell, "loss", None), "collectives_per_call", None)
+        if declared is not None:  # what the loss says it issues, beside what the IR shows
+            notes["declared_collectives"] = declared(rows, local)
         prepare, run = impls.mindspore_passes(cell, args, grad_position, True, design)["fwdbwd"]
         ir_dir = tempfile.mkdtemp(prefix=f"ir_{design}_rank{rank}_", dir=config["out"])
         ms.set_context(save_graphs=1, save_graphs_path=ir_dir)

@@ -128,7 +128,7 @@ def speed_versus_anchor(record, records):
 
 
 def format_table(records) -> str:
-    header = (f"{'implementation':<42} {'configuration':>28} | {'fwd med':>9} {'fwd min':>9} | {'f+b med':>9} "
+    header = (f"{'implementation':<50} {'configuration':>28} | {'fwd med':>9} {'fwd min':>9} | {'f+b med':>9} "
               f"{'f+b min':>9} {'f+b cpu':>9} | {'peak f+b':>10} {'x logits':>8} | {'x anchor':>8} | {'BW frac':>7}")
     lines = [header, "-" * len(header)]
 
@@ -141,7 +141,7 @@ def format_table(records) -> str:
         speed = speed_versus_anchor(r, records)
         fraction = (fb or {}).get("bandwidth_fraction")
         lines.append(
-            f"{r['label']:<42} {group_title(group_key(r)):>28} | {seconds(fwd, 'median_s')} {seconds(fwd, 'min_s')} | "
+            f"{r['label']:<50} {group_title(group_key(r)):>28} | {seconds(fwd, 'median_s')} {seconds(fwd, 'min_s')} | "
             f"{seconds(fb, 'median_s')} {seconds(fb, 'min_s')} {seconds(fb, 'cpu_median_s')} | "
             f"{(f'{peak / 2 ** 20:7.0f}MiB') if peak is not None else '-':>10} "
             f"{(f'{multiple:7.2f}x') if multiple is not None else '-':>8} | "
@@ -187,5 +187,7 @@ def format_mp2(report) -> str:
                 else "not counted"
             lines.append(f"  rank {rank['rank']} {design:<20} median {d['median_s'] * 1e3:8.1f} ms  min "
                          f"{d['min_s'] * 1e3:8.1f} ms  collectives per step: {counts}; "
-                         f"{c.get('bytes_per_step', '?')} bytes all-reduced per step")
+                         f"{c.get('bytes_per_step', '?')} bytes all-reduced per step"
+                         + (f" (the loss declares {d['notes']['declared_collectives']})"
+                            if "declared_collectives" in d.get("notes", {}) else ""))
     return "\n".join(lines)
