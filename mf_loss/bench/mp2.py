@@ -122,10 +122,17 @@ def run_rank(config: dict) -> None:
         prepare, run = impls.mindspore_passes(cell, args, grad_position, True, design)["fwdbwd"]
         ir_dir = tempfile.mkdtemp(prefix=f"ir_{design}_rank{rank}_", dir=config["out"])
         ms.set_context(save_graphs=1, save_graphs_path=ir_dir)
-        prepare()
-        ms.set_context(save_graphs=0)
-        run()
-        wall, _ = measure.time_steps(run, config["warmup"], config["repeats"])
+        try:
+            prepare()
+            ms.set_context(save_graphs=0)
+            run()
+            wall, _ = measure.time_steps(run, config["warmup"], config["repeats"])
+        except Exception as error:  # noqa: BLE001 - a design that fails (both ranks alike: a compile error)
+            # is reported, and the other designs still run
+            ms.set_context(save_graphs=0)
+            message = str(error).strip().splitlines()
+            report["designs"][design] = dict(error=f"{type(error).__name__}: {message[0] if message else ''}"[:600])
+            continue
         report["designs"][design] = dict(median_s=statistics.median(wall), min_s=min(wall), times_s=wall,
                                          collectives=collectives_in_ir(ir_dir), notes=notes,
                                          about=DESIGN_NOTES.get(design, ""))

@@ -180,12 +180,12 @@ def format_mp2(report) -> str:
     for rank in report["ranks"]:
         for design, d in rank["designs"].items():
             if "error" in d:
-                lines.append(f"  rank {rank['rank']} {design:<20} {d['error']}")
+                lines.append(f"  rank {rank['rank']} {design:<24} {d['error']}")
                 continue
             c = d["collectives"]
             counts = (", ".join(f"{n} x{k}" for n, k in c["counts"].items() if k) or "none") if "counts" in c \
                 else "not counted"
-            lines.append(f"  rank {rank['rank']} {design:<20} median {d['median_s'] * 1e3:8.1f} ms  min "
+            lines.append(f"  rank {rank['rank']} {design:<24} median {d['median_s'] * 1e3:8.1f} ms  min "
                          f"{d['min_s'] * 1e3:8.1f} ms  collectives per step: {counts}; "
                          f"{c.get('bytes_per_step', '?')} bytes all-reduced per step"
                          + (f" (the loss declares {d['notes']['declared_collectives']})"
