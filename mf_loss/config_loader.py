@@ -3,8 +3,10 @@
 A configuration is laid out like a MindFormers model config (`parallel_config`, `model.model_config`,
 `runner_config`, `optimizer`, `lr_schedule`, ...) plus a `loss` block. Every key is checked: an unknown
 key is reported with the closest valid name, a wrong type or value with the key's path, always with the
-file (and line) it came from. MindFormers blocks that this project does not use (`parallel`, `trainer`,
-`callbacks`, ...) are accepted as they are and listed in `Config.ignored`.
+file and line it came from. The loss block's keys are the loss class's constructor arguments; their values
+are checked by `mf_loss.options.LossOptions` (the loss's own validation), once. MindFormers blocks that
+this project does not use (`parallel`, `trainer`, `callbacks`, ...) are accepted as they are and listed in
+`Config.ignored`. The library part (`build_loss`) does not depend on the training job.
 
     config = load_config("configs/dp2_mp2.yaml", overrides=["runner_config.train_steps=20"])
     loss = build_loss(config)            # the configured loss, for the configured parallel layout
@@ -12,7 +14,7 @@ file (and line) it came from. MindFormers blocks that this project does not use 
 import difflib
 import inspect
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -22,7 +24,8 @@ from .options import LossOptions
 from .registry import get_loss_class, registered_losses
 
 _MISSING = object()
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # YAML 1.1 reads '1e-3' as a string
+_TYPE_NAMES = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string", list: "a list"}
 
 
 class ConfigError(ValueError):
@@ -49,277 +52,245 @@ class Config(dict):
 
 # ----------------------------------------------------------------------------------------------- schema
 
+@dataclass(frozen=True)
 class Key:
-    """One leaf: allowed types, default, and optional choices / lower bound."""
-
-    def __init__(self, types, default=_MISSING, *, choices=None, minimum=None, nullable=False, doc=""):
-        self.types = types if isinstance(types, tuple) else (types,)
-        self.default = default
-        self.choices = choices
-        self.minimum = minimum
-        self.nullable = nullable or default is None
-        self.doc = doc
+    """One leaf: its type (int values are accepted for float), default, and optional choices / bounds."""
+    type: type
+    default: object = None
+    choices: tuple = None
+    minimum: float = None
+    maximum: float = None
+    length: int = None      # for lists: the number of entries, each a number within the bounds
 
 
-class Section:
-    def __init__(self, keys: dict, doc=""):
-        self.keys = keys
-        self.doc = doc
+OPAQUE = "opaque"           # a MindFormers block accepted and not read
+LOSS = "loss"               # the keys of the loss class named by `type`
 
 
-class Opaque:
-    """A MindFormers block this project accepts and does not read."""
+def _positive(default):
+    return Key(int, default, minimum=1)
 
 
-def _ints(default, minimum=1, **kw):
-    return Key(int, default, minimum=minimum, **kw)
+def _fraction(default):
+    return Key(float, default, minimum=0.0, maximum=1.0)
 
 
-PARALLEL_CONFIG = Section({
-    "data_parallel": _ints(1),
-    "model_parallel": _ints(1),
-    "pipeline_stage": _ints(1),
-    "context_parallel": _ints(1),
-    "expert_parallel": _ints(1),
-    "micro_batch_num": _ints(1, doc="micro-batches per step on each data-parallel rank"),
-    "seq_split_num": _ints(1),
-    "vocab_emb_dp": Key(bool, False),
-    "use_seq_parallel": Key(bool, False),
-    "gradient_aggregation_group": _ints(4),
-    "optimizer_shard": Key(bool, None),
-})
-
-MODEL = Section({
-    "arch": Section({"type": Key(str, "TinyCausalLM", choices=("TinyCausalLM",))}),
-    "model_config": Section({
-        "type": Key(str, "TinyCausalLMConfig", choices=("TinyCausalLMConfig",)),
-        "vocab_size": _ints(80, minimum=2, doc="padded vocabulary, divisible by model_parallel"),
-        "hidden_size": _ints(64),
-        "num_layers": _ints(1, minimum=0),
-        "num_heads": _ints(4),
-        "seq_length": _ints(64, minimum=2),
-        "ffn_hidden_size": _ints(None),
-        "init_std": Key(float, 0.02, minimum=0.0),
-        "layernorm_epsilon": Key(float, 1e-5, minimum=0.0),
-        "compute_dtype": Key(str, "float32", choices=("float32",)),
-        "param_init_type": Key(str, "float32", choices=("float32",)),
-    }),
-})
-
-OPTIMIZER = Section({
-    "type": Key(str, "AdamW", choices=("AdamW", "SGD")),
-    "betas": Key(list, [0.9, 0.95]),
-    "eps": Key(float, 1e-8, minimum=0.0),
-    "weight_decay": Key(float, 0.0, minimum=0.0),
-    "momentum": Key(float, 0.0, minimum=0.0),
-    "max_grad_norm": Key(float, None, minimum=0.0, doc="clip the global gradient norm to this; null: no clipping"),
-})
-
-LR_SCHEDULE = Section({
-    "type": Key(str, "ConstantWarmUpLR", choices=("ConstantWarmUpLR", "CosineWithWarmUpLR")),
-    "learning_rate": Key(float, 3e-3, minimum=0.0),
-    "lr_end": Key(float, 0.0, minimum=0.0),
-    "warmup_steps": _ints(0, minimum=0),
-    "warmup_ratio": Key(float, None, minimum=0.0),
-    "total_steps": Key(int, None),
-})
-
-RUNNER_CONFIG = Section({
-    "train_steps": _ints(200),
-    "global_batch_size": _ints(None, doc="rows per step over all data-parallel ranks"),
-    "batch_size": _ints(None, doc="MindFormers' rows per micro-batch per data-parallel rank"),
-    "log_interval": _ints(10),
-    "save_checkpoint_steps": _ints(50, minimum=0),
-    "keep_checkpoint_max": _ints(2),
-    "epochs": _ints(None),
-    "sink_mode": Key(bool, None),
-    "sink_size": Key(int, None),
-    "gradient_accumulation_steps": _ints(1),
-})
-
-TRAIN_DATASET = Section({
-    "corpus": Key(str, "builtin", doc="'builtin' (mf_loss/data/corpus.txt) or a UTF-8 text file"),
-    "pad_probability": Key(float, 0.25, minimum=0.0),
-    "ignore_probability": Key(float, 0.15, minimum=0.0),
-})
-
-CONTEXT = Section({
-    "mode": Key((int, str), 0, choices=(0, 1, "GRAPH_MODE", "PYNATIVE_MODE")),
-    "device_target": Key(str, "CPU", choices=("CPU",)),
-    "device_id": Key(int, None),
-    "max_call_depth": Key(int, None),
-    "max_device_memory": Key(str, None),
-    "save_graphs": Key((bool, int), None),
-    "save_graphs_path": Key(str, None),
-    "jit_config": Opaque(),
-})
-
-LOSS = "loss"  # dynamic: the keys of the registered loss class named by `type`
-
-_MINDFORMERS_IGNORED = ("parallel", "trainer", "callbacks", "processor", "recompute_config", "moe_config",
-                        "profile", "profile_start_step", "profile_stop_step", "metric", "eval_dataset",
-                        "eval_dataset_task", "train_dataset_task", "runner_wrapper", "wrapper", "auto_trans_ckpt",
-                        "src_strategy_path_or_dir", "only_save_strategy", "do_eval", "eval_step_interval",
-                        "eval_epoch_interval", "micro_batch_interleave_num", "swap_config", "monitor_config",
-                        "auto_tune", "filepath_prefix", "autotune_per_step", "layer_scale", "layer_decay",
-                        "lr_scale", "lr_scale_factor", "remote_save_url", "model_name", "use_legacy")
-
-SCHEMA = Section({
-    "run_name": Key(str, None, doc="outputs go to <output_dir>/<run_name>; default: the file name"),
+SCHEMA = {
+    "run_name": Key(str),   # outputs go to <output_dir>/<run_name>; default: the file's name
     "seed": Key(int, 1234),
     "output_dir": Key(str, "runs"),
     "run_mode": Key(str, "train", choices=("train",)),
-    "use_parallel": Key(bool, None),
+    "use_parallel": Key(bool),
     "resume_training": Key(bool, False),
-    "load_checkpoint": Key(str, None, doc="a run directory or its checkpoints/ to resume from"),
-    "context": CONTEXT,
-    "parallel_config": PARALLEL_CONFIG,
-    "model": MODEL,
+    "load_checkpoint": Key(str),  # a run directory or its checkpoints/ to resume from
+    "context": {
+        "mode": Key(object, 0, choices=(0, 1, "GRAPH_MODE", "PYNATIVE_MODE")),
+        "device_target": Key(str, "CPU", choices=("CPU",)),
+        "device_id": Key(int), "max_call_depth": Key(int), "max_device_memory": Key(str),
+        "save_graphs": Key(object), "save_graphs_path": Key(str), "jit_config": OPAQUE,
+    },
+    "parallel_config": {
+        "data_parallel": _positive(1), "model_parallel": _positive(1),
+        "pipeline_stage": Key(int, 1, choices=(1,)), "context_parallel": Key(int, 1, choices=(1,)),
+        "expert_parallel": Key(int, 1, choices=(1,)),
+        "micro_batch_num": _positive(1),        # micro-batches per step on each data-parallel rank
+        "seq_split_num": _positive(1),
+        "vocab_emb_dp": Key(bool, False, choices=(False,)),   # the output layer is split over mp ranks
+        "use_seq_parallel": Key(bool, False, choices=(False,)),
+        "gradient_aggregation_group": _positive(4), "optimizer_shard": Key(bool),
+    },
+    "model": {
+        "arch": {"type": Key(str, "LlamaForCausalLM", choices=("LlamaForCausalLM", "TinyCausalLM"))},
+        "model_config": {
+            "type": Key(str, "LlamaConfig", choices=("LlamaConfig", "TinyCausalLMConfig")),
+            "vocab_size": Key(int, 8192, minimum=258),  # byte-level BPE: 256 bytes + <pad> + merges
+            "hidden_size": _positive(128), "num_layers": Key(int, 2, minimum=0), "num_heads": _positive(4),
+            "seq_length": Key(int, 64, minimum=2), "ffn_hidden_size": Key(int, minimum=1),
+            "init_std": Key(float, 0.02, minimum=0.0), "rms_norm_eps": Key(float, 1e-5, minimum=0.0),
+            "rope_theta": Key(float, 10000.0, minimum=1.0),
+            "compute_dtype": Key(str, "float32", choices=("float32",)),
+            "param_init_type": Key(str, "float32", choices=("float32",)),
+        },
+    },
     "loss": LOSS,
-    "optimizer": OPTIMIZER,
-    "lr_schedule": LR_SCHEDULE,
-    "runner_config": RUNNER_CONFIG,
-    "train_dataset": TRAIN_DATASET,
-    **{name: Opaque() for name in _MINDFORMERS_IGNORED},
-})
+    "optimizer": {  # MindSpore's nn.AdamWeightDecay, nn.Adam, nn.SGD
+        "type": Key(str, "AdamW", choices=("AdamW", "Adam", "SGD")),
+        "betas": Key(list, [0.9, 0.95], minimum=0.0, maximum=0.999999, length=2),
+        "eps": Key(float, 1e-8, minimum=0.0), "weight_decay": Key(float, 0.0, minimum=0.0),
+        "momentum": Key(float, 0.0, minimum=0.0),
+        "max_grad_norm": Key(float, minimum=0.0),   # clip the global gradient norm to this; null: no clipping
+    },
+    "lr_schedule": {
+        "type": Key(str, "ConstantWarmUpLR", choices=("ConstantWarmUpLR", "CosineWithWarmUpLR")),
+        "learning_rate": Key(float, 3e-3, minimum=0.0), "lr_end": Key(float, 0.0, minimum=0.0),
+        "warmup_steps": Key(int, 0, minimum=0), "warmup_ratio": _fraction(None),
+        "total_steps": Key(int),                    # -1 or null: runner_config.train_steps
+    },
+    "runner_config": {
+        "train_steps": _positive(200),
+        "global_batch_size": _positive(None),       # rows per step over all data-parallel ranks
+        "batch_size": _positive(None),              # MindFormers' rows per micro-batch per data-parallel rank
+        "log_interval": _positive(10), "save_checkpoint_steps": Key(int, 50, minimum=0),
+        "keep_checkpoint_max": _positive(2), "epochs": _positive(None), "sink_mode": Key(bool),
+        "sink_size": Key(int),
+        "gradient_accumulation_steps": Key(int, 1, choices=(1,)),  # use parallel_config.micro_batch_num
+    },
+    "train_dataset": {
+        "corpus": Key(str, "builtin"),              # 'builtin' (mf_loss/data, King James Bible) or a text file
+        "pad_probability": _fraction(0.25), "ignore_probability": _fraction(0.15),
+    },
+    **{name: OPAQUE for name in (
+        "parallel", "trainer", "callbacks", "processor", "recompute_config", "moe_config", "profile",
+        "profile_start_step", "profile_stop_step", "metric", "eval_dataset", "eval_dataset_task",
+        "train_dataset_task", "runner_wrapper", "wrapper", "auto_trans_ckpt", "src_strategy_path_or_dir",
+        "only_save_strategy", "do_eval", "eval_step_interval", "eval_epoch_interval", "micro_batch_interleave_num",
+        "swap_config", "monitor_config", "auto_tune", "filepath_prefix", "autotune_per_step", "layer_scale",
+        "layer_decay", "lr_scale", "lr_scale_factor", "remote_save_url", "model_name", "use_legacy")},
+}
 
 # Loss arguments whose default (None) says nothing about their type.
-_LOSS_ARG_TYPES = {"weight": (list,), "logit_softcap": (float,)}
+_LOSS_ARG_TYPES = {"weight": list, "logit_softcap": float, "chunk_size": int}
 
 
 # ---------------------------------------------------------------------------------------------- checking
 
 class _Checker:
     def __init__(self, source: str, lines: dict):
-        self.source = source
-        self.lines = lines
-        self.ignored = []
-
-    def where(self, path: str) -> str:
-        line = self.lines.get(path)
-        return f"{self.source}:{line}" if line else self.source
+        self.source, self.lines, self.ignored = source, lines, []
 
     def fail(self, path: str, message: str):
-        raise ConfigError(f"{self.where(path)}: {path}: {message}")
+        line = self.lines.get(path)
+        raise ConfigError(f"{self.source}:{line}: {path}: {message}" if line else f"{self.source}: {path}: {message}")
 
-    def unknown(self, path: str, key: str, valid: Iterable[str]):
-        valid = sorted(valid)
-        full = f"{path}.{key}" if path else key
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
-        raise ConfigError(f"{self.where(full)}: unknown key {full!r}; {hint}")
+    def known(self, path: str, given: dict, valid) -> None:
+        for key in given:
+            if key not in valid:
+                full = f"{path}.{key}" if path else str(key)
+                close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(sorted(valid))}"
+                line = self.lines.get(full)
+                raise ConfigError(f"{self.source}{f':{line}' if line else ''}: unknown key {full!r}; {hint}")
 
-    def section(self, spec: Section, value, path: str) -> dict:
+    def mapping(self, value, path: str) -> dict:
         if value is None:
-            value = {}
+            return {}
         if not isinstance(value, dict):
             self.fail(path, f"must be a mapping of keys, got {_show(value)}")
-        for key in value:
-            if not isinstance(key, str) or key not in spec.keys:
-                self.unknown(path, str(key), spec.keys)
+        return value
+
+    def section(self, spec: dict, value, path: str) -> dict:
+        value = self.mapping(value, path)
+        self.known(path, value, spec)
         out = {}
-        for key, sub in spec.keys.items():
-            full = f"{path}.{key}" if path else key
-            given = value.get(key, _MISSING)
-            if isinstance(sub, Opaque):
+        for key, sub in spec.items():
+            full, given = f"{path}.{key}" if path else key, value.get(key, _MISSING)
+            if sub is OPAQUE:
                 if given is not _MISSING:
                     out[key] = given
                     self.ignored.append(full)
-            elif isinstance(sub, Section):
-                out[key] = self.section(sub, None if given is _MISSING else given, full)
-            elif sub == LOSS:
+            elif sub is LOSS:
                 out[key] = self.loss(None if given is _MISSING else given, full)
+            elif isinstance(sub, dict):
+                out[key] = self.section(sub, None if given is _MISSING else given, full)
+            elif given is _MISSING:
+                out[key] = list(sub.default) if isinstance(sub.default, list) else sub.default
             else:
                 out[key] = self.leaf(sub, given, full)
         return out
 
     def leaf(self, spec: Key, value, path: str):
-        if value is _MISSING:
-            return list(spec.default) if isinstance(spec.default, list) else spec.default
-        return check_value(value, spec.types, path, self.fail, nullable=spec.nullable, choices=spec.choices,
-                           minimum=spec.minimum)
+        if value is None:
+            return None
+        value = self.typed(value, spec.type, path)
+        if spec.choices is not None and value not in spec.choices:
+            self.fail(path, f"must be one of {', '.join(map(repr, spec.choices))}, got {value!r}")
+        numbers = [self.typed(v, float, path) for v in value] if isinstance(value, list) else [value]
+        if spec.length is not None and len(value) != spec.length:
+            self.fail(path, f"expected {spec.length} numbers, got {value!r}")
+        for number in numbers if spec.type in (int, float, list) else ():
+            if (spec.minimum is not None and number < spec.minimum) or (spec.maximum is not None
+                                                                         and number > spec.maximum):
+                bounds = (f"in [{spec.minimum}, {spec.maximum}]" if spec.maximum is not None
+                          else f">= {spec.minimum}")
+                self.fail(path, f"must be {bounds}, got {value!r}")
+        return numbers if isinstance(value, list) and spec.type is list and spec.length else value
+
+    def typed(self, value, expected: type, path: str):
+        converted = _as_type(value, expected)
+        if converted is _MISSING:
+            self.fail(path, f"expected {_type_names((expected,))}, got {_show(value)}")
+        return converted
 
     def loss(self, value, path: str) -> dict:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            self.fail(path, f"must be a mapping of keys, got {_show(value)}")
-        type_name = value.get("type", "CrossEntropyLoss")
+        value = dict(self.mapping(value, path))
+        type_name = value.pop("type", "CrossEntropyLoss")
         if not isinstance(type_name, str):
-            self.fail(f"{path}.type", f"expected a loss class name (str), got {_show(type_name)}")
+            self.fail(f"{path}.type", f"expected a loss class name (a string), got {_show(type_name)}")
         try:
             cls = resolve_loss_class(type_name)
         except KeyError:
             close = difflib.get_close_matches(type_name, list(registered_losses()), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}?" if close else f"registered: {', '.join(sorted(registered_losses()))}"
             self.fail(f"{path}.type", f"unknown loss type {type_name!r}; {hint}")
+        if "parallel_config" in value:
+            self.fail(f"{path}.parallel_config", "the loss takes its layout from the top-level parallel_config "
+                                                 "block; remove it here")
         params = loss_parameters(cls)
+        self.known(path, value, ["type", *params])
+        options = {f.name for f in fields(LossOptions)}
         out = {"type": cls.__name__}
         for key, given in value.items():
-            full = f"{path}.{key}"
-            if key == "type":
-                continue
-            if key == "parallel_config":
-                self.fail(full, "the loss takes its layout from the top-level parallel_config block; "
-                                "remove it here")
-            if key not in params:
-                self.unknown(path, key, ["type", *params])
             default = params[key]
-            types = _LOSS_ARG_TYPES.get(key) or ((type(default),) if default is not None else (object,))
-            out[key] = check_value(given, types, full, self.fail, nullable=default is None)
-        given_options = {key: out[key] for key in {f.name for f in fields(LossOptions)} & set(out)}
+            expected = _LOSS_ARG_TYPES.get(key) or (type(default) if default is not None else object)
+            # LossOptions checks its own fields (below); the other arguments are checked by type here.
+            out[key] = given if key in options or given is None else self.typed(given, expected, f"{path}.{key}")
+        given_options = {key: out[key] for key in options & set(out)}
         for key, given in given_options.items():  # one key at a time first: the error names its line
-            try:
-                LossOptions(**{key: given})
-            except (TypeError, ValueError) as error:
-                self.fail(f"{path}.{key}", str(error))
-        try:  # then together: some options exclude others (inplace_backward with backend: composed)
-            LossOptions(**given_options)
+            self.loss_options(f"{path}.{key}", {key: given})
+        self.loss_options(path, given_options)    # then together: some options exclude others
+        return out
+
+    def loss_options(self, path: str, options: dict) -> None:
+        try:
+            LossOptions(**options)
         except (TypeError, ValueError) as error:
             self.fail(path, str(error))
-        return out
+
+
+def _as_type(value, expected: type):
+    """`value` as `expected` (an int is a number; YAML 1.1's '1e-3' string is a number too), or _MISSING."""
+    if expected is object:
+        return value
+    if expected is float and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool):
+        return value
+    return _MISSING
+
+
+def _type_names(types) -> str:
+    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
 
 
 def check_value(value, types, path, fail, *, nullable=False, choices=None, minimum=None):
-    """`value` checked against `types` (int is a float; YAML 1.1's '1e-3' string is a float too)."""
+    """One value of another tool's configuration checked like ours; `fail(path, message)` raises."""
     if value is None:
         if nullable:
             return None
         fail(path, f"must be set, got null (expected {_type_names(types)})")
-    if object in types:
-        return value
-    ok = False
-    if float in types and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-        value, ok = float(value), True
-    elif isinstance(value, bool):
-        ok = bool in types
-    elif isinstance(value, int):
-        ok = int in types or float in types
-        if ok and int not in types:
-            value = float(value)
+    for expected in types:
+        converted = _as_type(value, expected)
+        if converted is not _MISSING:
+            break
     else:
-        ok = isinstance(value, types)
-    if not ok:
         fail(path, f"expected {_type_names(types)}, got {_show(value)}")
-    if isinstance(value, list) and path.endswith("betas"):
-        if len(value) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                      for b in value):
-            fail(path, f"expected two floats in [0, 1), got {value!r}")
-        value = [float(b) for b in value]
-    if isinstance(value, list) and path.endswith("weight"):
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
-            fail(path, "expected a list of numbers (one weight per class)")
-    if choices is not None and value not in choices:
-        fail(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    if minimum is not None and not isinstance(value, str) and value < minimum:
-        fail(path, f"must be >= {minimum}, got {value!r}")
-    return value
-
-
-def _type_names(types) -> str:
-    names = {bool: "a bool (true/false)", int: "an int", float: "a number", str: "a string", list: "a list",
-             dict: "a mapping"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
+    if choices is not None and converted not in choices:
+        fail(path, f"must be one of {', '.join(map(repr, choices))}, got {converted!r}")
+    if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
+        fail(path, f"must be >= {minimum}, got {converted!r}")
+    return converted
 
 
 def _show(value) -> str:
@@ -327,7 +298,7 @@ def _show(value) -> str:
 
 
 def _line_map(text: str) -> dict:
-    """'a.b.c' -> 1-based line of that key in the YAML text (best effort)."""
+    """'a.b.c' -> 1-based line of that key in the YAML text."""
     lines = {}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -354,39 +325,29 @@ def resolve_loss_class(name: str):
 
 def loss_parameters(cls) -> dict:
     """The keyword arguments a loss class takes (name -> default), without parallel_config."""
-    params = {}
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name in ("self", "parallel_config") or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            continue
-        params[name] = None if param.default is inspect.Parameter.empty else param.default
-    return params
-
-
-def parse_override(text: str):
-    """'a.b.c=value' -> (['a', 'b', 'c'], YAML value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. runner_config.train_steps=20")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
-    return [part for part in key.strip().split(".") if part], value
+    return {name: None if param.default is inspect.Parameter.empty else param.default
+            for name, param in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "parallel_config") and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
 
 
 def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
+    """Apply 'a.b.c=value' strings (the value read as YAML) to `tree`."""
     for text in overrides:
-        path, value = parse_override(text)
-        if not path:
-            raise ConfigError(f"override {text!r} names no key")
+        key, sep, raw = text.partition("=")
+        path = [part for part in key.strip().split(".") if part]
+        if not sep or not path:
+            raise ConfigError(f"override {text!r} must look like key.path=value, e.g. runner_config.train_steps=20")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
         node = tree
         for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a block")
-            node = child
         node[path[-1]] = value
     return tree
 
@@ -395,13 +356,11 @@ def validate(tree: dict, source: str = "<config>", lines: Optional[dict] = None,
              world_size: Optional[int] = None) -> Config:
     """Check a raw configuration tree; returns the Config with defaults filled in."""
     checker = _Checker(source, lines or {})
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
+    if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"{source}: the file must hold a mapping of keys at the top, got {_show(tree)}")
     config = Config(checker.section(SCHEMA, tree, ""), source, checker.ignored)
     if config["run_name"] is None:
-        config["run_name"] = Path(source).stem if source not in ("<config>", "") else "run"
+        config["run_name"] = Path(source.split(" (")[0]).stem if source not in ("<config>", "") else "run"
     _check_layout(config, checker)
     if world_size is not None:
         validate_world_size(config, world_size)
@@ -440,18 +399,9 @@ def validate_world_size(config: Config, world_size: int) -> None:
 
 
 def _check_layout(config: Config, checker: _Checker) -> None:
-    p = config["parallel_config"]
-    mc = config["model"]["model_config"]
-    rc = config["runner_config"]
+    """Rules between keys (each key alone was checked by the schema)."""
+    p, mc, rc = config["parallel_config"], config["model"]["model_config"], config["runner_config"]
     dp, mp, micro = p["data_parallel"], p["model_parallel"], p["micro_batch_num"]
-    for key in ("pipeline_stage", "context_parallel", "expert_parallel"):
-        if p[key] != 1:
-            checker.fail(f"parallel_config.{key}", f"only 1 is supported (data x model parallel only), got {p[key]}")
-    if p["use_seq_parallel"]:
-        checker.fail("parallel_config.use_seq_parallel", "sequence parallelism is not supported; set it to false")
-    if p["vocab_emb_dp"]:
-        checker.fail("parallel_config.vocab_emb_dp", "the output layer is split over the model-parallel ranks "
-                                                     "(vocab_emb_dp: false); true would replicate it")
     vocab = mc["vocab_size"]
     if vocab % mp:
         checker.fail("model.model_config.vocab_size",
@@ -461,9 +411,10 @@ def _check_layout(config: Config, checker: _Checker) -> None:
     weight = config["loss"].get("weight")
     if weight is not None and len(weight) != vocab:
         checker.fail("loss.weight", f"has {len(weight)} entries but model.model_config.vocab_size is {vocab}")
-    if mc["hidden_size"] % mc["num_heads"]:
+    if mc["hidden_size"] % mc["num_heads"] or (mc["hidden_size"] // mc["num_heads"]) % 2:
         checker.fail("model.model_config.num_heads",
-                     f"hidden_size {mc['hidden_size']} is not divisible by num_heads {mc['num_heads']}")
+                     f"hidden_size {mc['hidden_size']} / num_heads {mc['num_heads']} must be an even integer "
+                     "(the head width, split in halves by the rotary embedding)")
     if rc["global_batch_size"] is None and rc["batch_size"] is None:
         checker.fail("runner_config.global_batch_size", "set global_batch_size (rows per step over all ranks)")
     if rc["batch_size"] is not None:
@@ -477,30 +428,11 @@ def _check_layout(config: Config, checker: _Checker) -> None:
         checker.fail("runner_config.global_batch_size",
                      f"{rc['global_batch_size']} rows do not split into data_parallel x micro_batch_num = "
                      f"{dp} x {micro} equal micro-batches")
-    if rc["gradient_accumulation_steps"] != 1:
-        checker.fail("runner_config.gradient_accumulation_steps",
-                     "use parallel_config.micro_batch_num for micro-batches within a step")
-    for key in ("pad_probability", "ignore_probability"):
-        if config["train_dataset"][key] > 1:
-            checker.fail(f"train_dataset.{key}", f"must be in [0, 1], got {config['train_dataset'][key]}")
-
-
-def check_trainable(config: Config) -> None:
-    """What `mf-loss train` needs beyond a valid config: the exact per-token loss, one loss output."""
-    loss = config["loss"]
-    source = config.source
-    if loss["type"] != "CrossEntropyLoss":
-        raise ConfigError(f"{source}: loss.type: mf-loss train trains with CrossEntropyLoss, got {loss['type']!r}")
-    if not loss.get("calculate_per_token_loss", False):
-        raise ConfigError(f"{source}: loss.calculate_per_token_loss: mf-loss train needs true (sums of token "
-                          "losses and token counts, divided once by the global count: the exact global token mean)")
-    if loss.get("return_z_loss", False):
-        raise ConfigError(f"{source}: loss.return_z_loss: not supported by mf-loss train; set it to false")
 
 
 def loss_kwargs(config) -> dict:
     """The loss block of a Config (or a bare loss block) as constructor arguments, without `type`."""
-    block = config["loss"] if "loss" in config and isinstance(config.get("loss"), dict) else config
+    block = config["loss"] if isinstance(config.get("loss"), dict) else config
     return {k: v for k, v in block.items() if k != "type"}
 
 
@@ -519,7 +451,7 @@ def build_loss(config=None, default_args: Optional[dict] = None, class_name: Opt
             raise ConfigError("build_loss needs a config block or a class_name")
         block, source = {"type": class_name}, "<build_loss>"
     elif isinstance(config, dict):
-        if "loss" in config and isinstance(config["loss"], dict):
+        if isinstance(config.get("loss"), dict):
             return build_loss(validate(dict(config)), default_args, class_name, **kwargs)
         block, source = dict(config), "<build_loss>"
         if class_name is not None:
@@ -527,9 +459,7 @@ def build_loss(config=None, default_args: Optional[dict] = None, class_name: Opt
         block = _Checker(source, {}).loss(block, "loss")
     else:
         raise ConfigError(f"build_loss takes a Config, a dict loss block or None, got {type(config).__name__}")
-    arguments = loss_kwargs(block)
-    arguments.update(default_args or {})
-    arguments.update(kwargs)
+    arguments = {**loss_kwargs(block), **(default_args or {}), **kwargs}
     if parallel_config is not None:
         arguments.setdefault("parallel_config", parallel_config)
     cls = resolve_loss_class(block.get("type", "CrossEntropyLoss"))

@@ -1,117 +1,263 @@
-"""`mf-loss train`: the pieces (tokenizer, batches, schedule, initial weights, chart), then short real runs:
+"""`mf-loss train`: the pieces (corpus, tokenizer cache, batches, schedule, model math against torch, charts,
+progress), then short real runs of a small Llama-style model:
 
-- a single-process reference run (12 steps);
-- the same run stopped at step 10 by a NaN that the loss's NaN check catches, resumed from its step-8
-  checkpoint: the same curve and the same final weights as the uninterrupted run, bit for bit;
-- dp=2 x mp=2 on 4 msrun ranks: rank 1 fails at step 10 -> a clear message naming rank 1 with its log tail,
-  no process left, the step-8 checkpoint intact; resumed, its loss curve and final weights equal the
-  single-process run to 1e-5, with data-parallel ranks holding different numbers of counted tokens.
+- a single-process reference run with the fused head (12 steps);
+- the same run with the unfused head, stopped at step 10 by a NaN that the loss's NaN check catches, resumed
+  from its step-8 checkpoint with the fused head: its whole curve and final weights equal the fused run's
+  to 1e-5 (the unfused steps 1-9 and the switch of heads at resume both checked);
+- dp=2 x mp=2 on 4 msrun ranks with the fused head: rank 1 fails at step 10 -> a clear message naming rank 1
+  with its log tail, no process left, the step-8 checkpoint intact; resumed with the unfused head, its loss
+  curve and final weights equal the single-process run to 1e-5, with data-parallel ranks holding different
+  numbers of counted tokens.
 """
+import io
 import json
+import math
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mf_loss.config_loader import load_config
-from mf_loss.train import plot
 from mf_loss.train.data import BatchSpec, global_batch, rank_micro_batches
-from mf_loss.train.model import HEAD, head_slice, initial_parameters
-from mf_loss.train.tokenizer import CharTokenizer, read_corpus
-from mf_loss.train.trainer import FAIL_ENV, learning_rate
+from mf_loss.train.tokenizer import TokenizerSettings, prepare_corpus, read_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 STEPS, CKPT_EVERY, FAIL_STEP = 12, 4, 10
-SHORT = [f"--steps={STEPS}", f"--set=runner_config.save_checkpoint_steps={CKPT_EVERY}", "--set=runner_config.log_interval=4",
-         "--set=lr_schedule.warmup_steps=3"]
+# A smaller model than the shipped configs' (same code paths): the runs take seconds per step, not more.
+SMALL = ["model.model_config.vocab_size=1024", "model.model_config.hidden_size=64", "model.model_config.num_layers=1",
+         "model.model_config.seq_length=32", "lr_schedule.warmup_steps=3", "runner_config.log_interval=4",
+         f"runner_config.save_checkpoint_steps={CKPT_EVERY}"]
+UNFUSED, FUSED = "loss.type=CrossEntropyLoss", "loss.type=LinearCrossEntropyLoss"
+
+
+def _fused_loss_available() -> bool:
+    from mf_loss.registry import registered_losses
+    return "LinearCrossEntropyLoss" in registered_losses()
+
+
+# Until mf_loss.LinearCrossEntropyLoss lands (another engineer's work in progress), the runs that need it wait.
+needs_fused_loss = pytest.mark.skipif(not _fused_loss_available(), reason="mf_loss.LinearCrossEntropyLoss not there yet")
 TOLERANCE = 1e-5
 
 
-# ------------------------------------------------------------------------------------- pieces
+# ------------------------------------------------------------------------------------- corpus and tokenizer
 
-def test_tokenizer_round_trip_and_vocabulary_fits():
+@pytest.mark.unit
+def test_builtin_corpus_is_the_king_james_bible():
     text = read_corpus("builtin")
-    assert 20_000 < len(text) < 300_000
-    tokenizer = CharTokenizer.from_text(text)
-    assert len(tokenizer) <= load_config(CONFIGS / "dp2_mp2.yaml")["model"]["model_config"]["vocab_size"]
-    sample = "In the beginning God created the heaven and the earth."
-    assert tokenizer.decode(tokenizer.encode(sample)) == sample
-    assert tokenizer.encode("\u00e9")[0] == tokenizer.unk_id
+    assert len(text.encode()) > 4_000_000
+    assert text.startswith("In the beginning God created the heaven and the earth.\n")
+    assert text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
 
 
-def _spec(config, pad_id=0):
-    mc, rc, ds = config["model"]["model_config"], config["runner_config"], config["train_dataset"]
-    return BatchSpec(rc["global_batch_size"], mc["seq_length"], ds["pad_probability"], ds["ignore_probability"],
-                     config["loss"]["ignore_index"], pad_id)
+@pytest.mark.unit
+def test_tokenizer_is_built_once_reused_and_rebuilt_when_corpus_or_settings_change(tmp_path):
+    text = read_corpus("builtin")[:150_000]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    cache = tmp_path / "cache"
+    settings = TokenizerSettings(vocab_size=400)
+
+    first = prepare_corpus(str(corpus), settings, cache)
+    assert first.built and first.vocab_size == 400 and first.pad_id == 0
+    assert text.startswith(first.decode(first.ids[:300]))          # the ids are the corpus, in order
+    sample = "And God said, Let there be light: caf\u00e9 \u2014 \u00fcber"  # unseen bytes encode too
+    assert first.decode(first.encode(sample)) == sample
+
+    again = prepare_corpus(str(corpus), settings, cache)
+    assert not again.built and again.directory == first.directory
+    np.testing.assert_array_equal(again.ids, first.ids)
+
+    other_settings = prepare_corpus(str(corpus), TokenizerSettings(vocab_size=420), cache)
+    assert other_settings.built and other_settings.directory != first.directory and other_settings.vocab_size == 420
+    corpus.write_text(text + "Amen.\n")
+    other_corpus = prepare_corpus(str(corpus), settings, cache)
+    assert other_corpus.built and other_corpus.directory not in (first.directory, other_settings.directory)
+    # atomic builds: nothing half-written is left beside the finished caches
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted(
+        p.name for p in (first.directory, other_settings.directory, other_corpus.directory))
 
 
-def test_batches_are_deterministic_and_dp_ranks_count_different_tokens():
+@pytest.mark.unit
+def test_missing_corpus_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot read the training corpus .*nope.txt"):
+        prepare_corpus(str(tmp_path / "nope.txt"), TokenizerSettings(400), tmp_path)
+
+
+# ------------------------------------------------------------------------------------- batches and schedule
+
+@pytest.mark.unit
+def test_batches_hold_next_tokens_padding_and_unequal_dp_shares():
     config = load_config(CONFIGS / "dp2_mp2.yaml")
-    spec = _spec(config)
-    ids = CharTokenizer.from_text(read_corpus("builtin")).encode(read_corpus("builtin"))
-    for step in range(STEPS):
-        batch = global_batch(ids, spec, config["seed"], step)
-        again = global_batch(ids, spec, config["seed"], step)
-        assert np.array_equal(batch.tokens, again.tokens) and np.array_equal(batch.labels, again.labels)
-        assert batch.tokens.shape == (16, 64)
-        assert (batch.mask == 0).any() and (batch.labels == -100).any()
-        assert np.all(batch.tokens[batch.mask == 0] == 0)
+    mc, rc, ds = config["model"]["model_config"], config["runner_config"], config["train_dataset"]
+    corpus = prepare_corpus("builtin", TokenizerSettings(mc["vocab_size"]))
+    spec = BatchSpec(rc["global_batch_size"], mc["seq_length"], ds["pad_probability"], ds["ignore_probability"],
+                     -100, corpus.pad_id)
+    text = read_corpus("builtin")
+    for step in range(6):
+        batch = global_batch(corpus.ids, spec, config["seed"], step)
+        assert batch.tokens.shape == (16, 64) and batch.tokens.max() < corpus.vocab_size
+        counted = (batch.mask != 0) & (batch.labels != -100)
+        next_ok = (batch.mask[:, 1:] != 0) & (batch.labels[:, :-1] != -100)
+        np.testing.assert_array_equal(batch.labels[:, :-1][next_ok], batch.tokens[:, 1:][next_ok])
+        assert (batch.mask == 0).any() and (batch.labels == -100).any() and counted.any()
+        assert np.all(batch.tokens[batch.mask == 0] == corpus.pad_id)
+        row = batch.tokens[1][batch.mask[1] != 0]
+        assert corpus.decode(row) in text                                # rows are windows of the corpus
         parts = [rank_micro_batches(batch, 2, d, 2) for d in range(2)]
         assert parts[0].tokens.shape == (2, 4, 64)
         counts = [p.counted(-100) for p in parts]
         assert counts[0] != counts[1], f"step {step}: both dp ranks count {counts[0]} tokens"
-        assert sum(counts) == batch.counted(-100)
+        assert sum(counts) == batch.counted(-100) == int(counted.sum())
         np.testing.assert_array_equal(np.concatenate([p.tokens.reshape(-1, 64) for p in parts]), batch.tokens)
 
 
-def test_learning_rate_schedule():
+@pytest.mark.unit
+def test_learning_rates_follow_warm_up_then_cosine():
+    from mf_loss.train.trainer import learning_rates
     config = load_config(CONFIGS / "single.yaml")
-    base, end, warmup, total = 5e-3, 3e-4, 20, 300
-    assert learning_rate(config, 0) == pytest.approx(base / warmup)
-    assert learning_rate(config, warmup - 1) == pytest.approx(base)
-    assert learning_rate(config, warmup) == pytest.approx(base)
-    assert learning_rate(config, total) == pytest.approx(end)
-    constant = load_config(CONFIGS / "single.yaml", ["lr_schedule.type=ConstantWarmUpLR"])
-    assert learning_rate(constant, 300) == pytest.approx(base)
+    base, end, warmup, total = 3e-3, 3e-4, 20, 200
+    rates = learning_rates(config)
+    assert len(rates) == total
+    for step in range(total):
+        if step < warmup:
+            expected = base * (step + 1) / warmup
+        else:
+            expected = end + 0.5 * (base - end) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert rates[step] == pytest.approx(expected, rel=1e-12), step
+    constant = learning_rates(load_config(CONFIGS / "single.yaml", ["lr_schedule.type=ConstantWarmUpLR"]))
+    assert constant[warmup:] == [pytest.approx(base)] * (total - warmup)
 
 
-def test_initial_weights_are_the_same_on_every_layout():
-    mc = load_config(CONFIGS / "dp2_mp2.yaml")["model"]["model_config"]
-    full = initial_parameters(mc, 7)
-    again = initial_parameters(mc, 7)
-    assert all(np.array_equal(full[k], again[k]) for k in full)
-    slices = [head_slice(full[HEAD], r, 2) for r in range(2)]
-    assert slices[0].shape == (40, 64)
-    np.testing.assert_array_equal(np.concatenate(slices), full[HEAD])
+# ------------------------------------------------------------------------------------- the model's math
+
+def _torch_llama(params: dict, tokens, mc):
+    """The same Llama-style decoder, written plainly in float64 torch."""
+    import torch
+    hidden, heads = mc["hidden_size"], mc["num_heads"]
+    head_dim = hidden // heads
+    batch, seq = tokens.shape
+
+    def rms(x, gain):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + mc["rms_norm_eps"]) * gain
+
+    def rope(x):  # (B, heads, S, head_dim), pairs (i, i + head_dim/2) rotated by position * theta^(-2i/hd)
+        frequency = mc["rope_theta"] ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle = torch.arange(seq, dtype=torch.float64)[:, None] * frequency[None, :]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        first, second = x[..., :head_dim // 2], x[..., head_dim // 2:]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+
+    x = params["tok_embeddings"][torch.as_tensor(tokens, dtype=torch.long)]
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
+    for i in range(mc["num_layers"]):
+        p = {name[len(f"layers.{i}."):]: value for name, value in params.items() if name.startswith(f"layers.{i}.")}
+        h = rms(x, p["attention_norm"])
+        q, k, v = ((h @ p[f"attention.{n}"]).reshape(batch, seq, heads, head_dim).transpose(1, 2)
+                   for n in ("wq", "wk", "wv"))
+        scores = (rope(q) @ rope(k).transpose(-1, -2)) / math.sqrt(head_dim)
+        attention = torch.softmax(scores.masked_fill(causal, float("-inf")), -1) @ v
+        x = x + attention.transpose(1, 2).reshape(batch, seq, hidden) @ p["attention.wo"]
+        h = rms(x, p["ffn_norm"])
+        x = x + (torch.nn.functional.silu(h @ p["feed_forward.w1"]) * (h @ p["feed_forward.w3"])) @ p["feed_forward.w2"]
+    return rms(x, params["norm_out"]).reshape(batch * seq, hidden) @ params["head.weight"].T
 
 
-def test_loss_chart_is_a_png(tmp_path):
-    path = plot.line_chart_png(tmp_path / "c.png", list(range(1, 51)), [4.0 / (1 + 0.1 * i) for i in range(50)],
-                               title="test")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    assert int.from_bytes(data[16:20], "big") == 720 and int.from_bytes(data[20:24], "big") == 420
+@pytest.mark.unit
+def test_model_logits_and_gradients_match_a_float64_torch_reference():
+    import mindspore as ms
+    import torch
+
+    from mf_loss.parallel.comm import rank_layout
+    from mf_loss.parallel.config import ParallelConfig
+    from mf_loss.train.model import LlamaLM, initial_parameters
+    mc = load_config(CONFIGS / "single.yaml", ["model.model_config.vocab_size=300", "model.model_config.hidden_size=32",
+                                               "model.model_config.num_heads=4", "model.model_config.seq_length=8",
+                                               "model.model_config.init_std=0.2"])["model"]["model_config"]
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 300, size=(2, 8)).astype(np.int32)
+    weights_out = rng.standard_normal((16, 300))  # d(loss)/d(logits): a random linear functional of the logits
+
+    model = LlamaLM(mc, rank_layout(ParallelConfig(1, 1)), seed=5)
+
+    def objective(tokens_):
+        return (model(tokens_) * ms.Tensor(weights_out.astype(np.float32))).sum()
+
+    value, grads = ms.value_and_grad(objective, None, model.params)(ms.Tensor(tokens))
+
+    params = {name: torch.tensor(array, dtype=torch.float64, requires_grad=True)
+              for name, array in initial_parameters(mc, 5).items()}
+    logits = _torch_llama(params, tokens, mc)
+    reference = (logits * torch.as_tensor(weights_out)).sum()
+    reference.backward()
+    np.testing.assert_allclose(model(ms.Tensor(tokens)).asnumpy(), logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert float(value.asnumpy()) == pytest.approx(float(reference), rel=1e-4)
+    for name, grad in zip(model.names, grads):
+        expected = params[name].grad.numpy()
+        # float32 against float64 through two blocks: relative to the gradient's scale
+        np.testing.assert_allclose(grad.asnumpy(), expected, atol=1e-4 * np.abs(expected).max(), err_msg=name)
+
+
+# ------------------------------------------------------------------------------------- outputs and progress
+
+@pytest.mark.unit
+def test_charts_are_drawn(tmp_path):
+    import matplotlib.image
+    from mf_loss.train import plot
+    steps = list(range(1, 51))
+    loss_png = plot.loss_chart(tmp_path / "loss.png", steps, [9 / (1 + 0.1 * s) for s in steps],
+                               title="test run", label="dp=2 x mp=2, fused head")
+    assert matplotlib.image.imread(loss_png).shape[:2] == (450, 800)
+    memory = {0: [900.0, 950.0], 1: [880.0, 940.0]}
+    throughput_png = plot.throughput_chart(tmp_path / "t.png", steps, [1000.0 + s for s in steps], [1, 50], memory,
+                                           title="test run")
+    image = matplotlib.image.imread(throughput_png)
+    assert image.shape[:2] == (650, 800) and image[..., :3].std() > 0.05  # not a blank canvas
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_shows_steps_loss_and_throughput(terminal):
+    from mf_loss.train.progress import ProgressView
+    out = _Terminal() if terminal else io.StringIO()
+    view = ProgressView(out, log_interval=5)
+    view.show({"message": "training test"})
+    for step in range(3, 13):  # a run resumed at step 2
+        view.show({"step": step, "total": 12, "loss": 10.0 / step, "tokens_per_s": 1234.0})
+    view.close()
+    text = out.getvalue()
+    assert text.startswith("training test\n")
+    if terminal:  # tqdm: counter, ETA and the postfix
+        assert "12/12" in text and "loss 0.8333, 1,234 tok/s" in text and "\r" in text
+    else:         # plain lines: the first step shown, every 5th, the last
+        assert re.findall(r"step +(\d+)/12  loss (\d\.\d{4})  tok/s 1,234", text) == [
+            ("3", "3.3333"), ("5", "2.0000"), ("10", "1.0000"), ("12", "0.8333")]
 
 
 # ------------------------------------------------------------------------------------- real runs
 
 def train_cli(config, output_dir, *extra, fail_at=None, timeout=420):
+    from mf_loss.train.trainer import FAIL_ENV
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop(FAIL_ENV, None)
     if fail_at:
         env[FAIL_ENV] = fail_at
     command = [sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIGS / config),
-               "--output-dir", str(output_dir), "--timeout", "300", *SHORT, *extra]
-    started = time.monotonic()
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - started
+               "--output-dir", str(output_dir), "--timeout", "300", f"--steps={STEPS}",
+               *(f"--set={o}" for o in SMALL + [FUSED]), *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_csv(run_dir):
@@ -119,118 +265,131 @@ def read_csv(run_dir):
     return read_curve(Path(run_dir) / "loss.csv")
 
 
-def weights(run_dir, step_dir=None):
+def weights(run_dir):
     from mf_loss.train.trainer import load_full_weights
-    return load_full_weights(Path(run_dir) / "checkpoints", step_dir)
+    return load_full_weights(Path(run_dir) / "checkpoints")
 
 
 def processes_mentioning(text: str) -> list:
+    import psutil
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]}")
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.info["pid"] != os.getpid() and text in cmdline:
+            found.append(f"{process.info['pid']}: {cmdline[:200]}")
     return found
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Single process, whole batch, uninterrupted."""
+    """Single process, whole batch, fused head, uninterrupted."""
     out = tmp_path_factory.mktemp("reference")
-    proc, _ = train_cli("single.yaml", out)
+    proc = train_cli("single.yaml", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = out / "single"
     return run_dir, read_csv(run_dir), weights(run_dir), proc.stdout
 
 
+@pytest.mark.slow
+@needs_fused_loss
 def test_single_process_run_writes_its_outputs(reference):
     run_dir, curve, _, stdout = reference
     assert [row["step"] for row in curve] == list(range(1, STEPS + 1))
-    assert curve[-1]["loss"] < curve[0]["loss"]
-    assert re.search(rf"step {STEPS}/{STEPS} \[#+\] loss \d\.\d{{4}}  tok/s [\d,]+ ", stdout), stdout[-2000:]
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.3
+    assert re.search(rf"step {STEPS}/{STEPS}  loss \d\.\d{{4}}  tok/s [\d,]+", stdout), stdout[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["layout"] == "1 x 1"
+    assert summary["steps"] == STEPS and summary["layout"] == "1 x 1" and summary["head"] == "fused"
     assert summary["final_loss"] == pytest.approx(curve[-1]["loss"], rel=1e-6)
-    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "loss:" in (run_dir / "summary.txt").read_text()
+    assert len(summary["peak_rss_mib_per_rank"]) == 1 and summary["peak_rss_mib_per_rank"][0] > 100
+    assert 0 < summary["loss_share_of_step"] < 1.5
+    for name in ("loss.png", "throughput.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    assert "peak resident memory per rank" in (run_dir / "summary.txt").read_text()
+    events = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "step" in e] == list(range(1, STEPS + 1))
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == STEPS
 
 
-def test_resume_after_a_failure_gives_the_uninterrupted_curve(reference, tmp_path):
+@pytest.mark.slow
+@needs_fused_loss
+def test_unfused_run_resumed_with_the_fused_head_equals_the_fused_run(reference, tmp_path):
     _, ref_curve, ref_weights, _ = reference
     # a NaN enters the loss at step 10: check_for_nan_in_loss_and_grad stops the run, naming the rank
-    proc, _ = train_cli("single.yaml", tmp_path, fail_at=f"0:{FAIL_STEP}:nan")
+    proc = train_cli("single.yaml", tmp_path, f"--set={UNFUSED}", fail_at=f"0:{FAIL_STEP}:nan")
     assert proc.returncode == 1
     assert ("training failed on rank 0: NonFiniteLossError: non-finite loss or gradient on rank 0 (dp 0, mp 0): "
             "1 token(s)") in proc.stderr, proc.stderr[-2000:]
     assert "The last complete checkpoint is step 8" in proc.stderr and "--resume" in proc.stderr
     run_dir = tmp_path / "single"
     assert [row["step"] for row in read_csv(run_dir)][-1] == FAIL_STEP - 1  # every completed step is kept
-    proc, _ = train_cli("single.yaml", tmp_path, "--resume")
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["written_with_head"] == "unfused"
+    proc = train_cli("single.yaml", tmp_path, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed at step 8" in proc.stdout
+    assert "resumed at step 8" in proc.stdout and "fused head" in proc.stdout
     curve = read_csv(run_dir)
     assert [row["step"] for row in curve] == list(range(1, STEPS + 1))
-    assert [row["loss"] for row in curve] == [row["loss"] for row in ref_curve]
+    assert [row["counted_tokens"] for row in curve] == [row["counted_tokens"] for row in ref_curve]
+    np.testing.assert_allclose([r["loss"] for r in curve], [r["loss"] for r in ref_curve], rtol=0, atol=TOLERANCE)
     final = weights(run_dir)
-    assert all(np.array_equal(final[name], ref_weights[name]) for name in ref_weights)
+    for name in ref_weights:
+        np.testing.assert_allclose(final[name], ref_weights[name], rtol=0, atol=TOLERANCE, err_msg=name)
 
 
 @pytest.fixture(scope="module")
 def dp2_mp2_failed(tmp_path_factory):
-    """dp=2 x mp=2 on 4 ranks; rank 1 raises at step 10, after the step-8 checkpoint."""
+    """dp=2 x mp=2 on 4 ranks, fused head; rank 1 raises at step 10, after the step-8 checkpoint."""
     out = tmp_path_factory.mktemp("dp2_mp2")
-    proc, seconds = train_cli("dp2_mp2.yaml", out, fail_at=f"1:{FAIL_STEP}")
-    return out, proc, seconds
+    return out, train_cli("dp2_mp2.yaml", out, fail_at=f"1:{FAIL_STEP}")
 
 
 @pytest.mark.distributed
+@needs_fused_loss
 def test_rank_failure_stops_the_job_with_a_clear_message(dp2_mp2_failed):
-    out, proc, seconds = dp2_mp2_failed
+    out, proc = dp2_mp2_failed
     run_dir = out / "dp2_mp2"
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "failed on rank 1" in proc.stderr
     assert str(run_dir / "logs" / "worker_1.log") in proc.stderr
     assert f"InjectedFailure: injected failure on rank 1 at step {FAIL_STEP}" in proc.stderr  # the log tail
     assert "The last complete checkpoint is step 8" in proc.stderr
-    assert seconds < 240
     assert processes_mentioning(str(run_dir)) == []
-    # rank 0 echoed its progress while the job ran
-    assert re.search(r"step +8/12 \[#+\.*\] loss \d\.\d{4}  tok/s ", proc.stdout), proc.stdout[-2000:]
+    # node 0's process showed rank 0's progress while the job ran (plain lines: not a terminal)
+    assert re.search(r"step +8/12  loss \d\.\d{4}  tok/s ", proc.stdout), proc.stdout[-2000:]
 
 
 @pytest.mark.distributed
+@needs_fused_loss
 def test_last_checkpoint_stays_loadable_after_the_failure(dp2_mp2_failed):
     import mindspore as ms
-    out, _, _ = dp2_mp2_failed
+    out, _ = dp2_mp2_failed
     ckpt = out / "dp2_mp2" / "checkpoints"
     latest = json.loads((ckpt / "latest.json").read_text())
     assert latest["step"] == 8 and (latest["data_parallel"], latest["model_parallel"]) == (2, 2)
     for rank in range(4):
         params = ms.load_checkpoint(str(ckpt / latest["dir"] / f"rank_{rank}.ckpt"))
-        assert params[HEAD].shape == (40, 64) and "adam_m.embedding.word" in params
+        assert params["head.weight"].shape == (512, 64)
+        assert "adam_m.tok_embeddings" in params and int(params["global_step"].asnumpy()) == 8
     assert not list(ckpt.rglob(".*partial*"))
 
 
 @pytest.mark.distributed
-def test_dp2_mp2_resumed_run_matches_the_single_process_run(dp2_mp2_failed, reference):
+@needs_fused_loss
+def test_dp2_mp2_resumed_with_the_unfused_head_matches_the_single_process_run(dp2_mp2_failed, reference):
     from mf_loss.train.compare import compare_runs
-    out, _, _ = dp2_mp2_failed
-    proc, _ = train_cli("dp2_mp2.yaml", out, "--resume")
+    out, _ = dp2_mp2_failed
+    proc = train_cli("dp2_mp2.yaml", out, "--resume", f"--set={UNFUSED}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed at step 8" in proc.stdout
+    assert "resumed at step 8" in proc.stdout and "unfused head" in proc.stdout
     run_dir = out / "dp2_mp2"
     assert [row["step"] for row in read_csv(run_dir)] == list(range(1, STEPS + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["peak_rss_mib_per_rank"]) == 4 and min(summary["peak_rss_mib_per_rank"]) > 100
     result = compare_runs(reference[0], run_dir)
     assert result["counted_tokens_equal"]
     assert result["loss_max_diff"] <= TOLERANCE
     assert result["weight_max_diff"] <= TOLERANCE, result["per_weight"]
-    print(f"dp2 x mp2 vs single process: loss curve max |diff| {result['loss_max_diff']:.2e}, "
-          f"weights max |diff| {result['weight_max_diff']:.2e}")
+    print(f"dp2 x mp2 (fused, then unfused) vs single process (fused): loss curve max |diff| "
+          f"{result['loss_max_diff']:.2e}, weights max |diff| {result['weight_max_diff']:.2e}")
 
 
 @pytest.mark.distributed

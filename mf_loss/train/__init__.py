@@ -1,8 +1,10 @@
-"""`mf-loss train`: a small causal language model trained on dp x mp ranks with the vocab-parallel loss.
+"""`mf-loss train`: a small Llama-style language model trained on dp x mp ranks with the vocab-parallel loss.
 
-Modules: `tokenizer` (character tokenizer over the shipped corpus), `data` (deterministic global
-batches, split over data-parallel ranks and micro-batches), `model` (the model; its output layer is
-split over model-parallel ranks), `trainer` (the step, the optimizer, checkpoints, outputs), `worker`
-(the per-rank entry msrun starts), `run` (the parent: checks, launch, progress), `plot` (PNG chart),
-`demo` (`mf-loss demo`).
+Modules: `tokenizer` (byte-level BPE over the shipped corpus, built once and cached), `data` (deterministic
+global batches, split over data-parallel ranks and micro-batches), `model` (the model; its output layer is
+split over model-parallel ranks), `checks` (what training needs of a config), `trainer` (the step,
+MindSpore's optimizer and schedule, the fused or unfused head, checkpoints, outputs), `progress` (the
+progress events and their tqdm view), `plot` (matplotlib charts), `worker` (the per-rank entry msrun
+starts), `run` (the parent: checks, data, launch on one or several nodes, progress), `compare` (two runs'
+curves and weights), `demo` (`mf-loss demo`).
 """

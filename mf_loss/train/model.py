@@ -1,11 +1,14 @@
-"""A tiny causal language model whose output layer is split over the model-parallel ranks.
+"""A small Llama-style decoder whose output layer is split over the model-parallel ranks.
 
-The trunk (embeddings, transformer blocks, final norm) is replicated on every rank. The output weight
-(V, H) is split by rows: model-parallel rank r holds rows [r*V/mp, (r+1)*V/mp) and produces that slice
-of the logits, which goes straight into the vocab-parallel CrossEntropyLoss. The hidden states reach the
-output layer through `CopyToModelParallel` (Megatron's "copy to tensor-parallel region"): identity
-forward, and a SUM all-reduce over the model-parallel group backward, since each rank's slice of the
-logits contributes only its part of d(loss)/d(hidden).
+The trunk (token embedding; blocks of RMSNorm, causal attention with rotary positions, RMSNorm, SwiGLU MLP;
+final RMSNorm) is replicated on every rank, as in MindFormers' Llama at toy size. The output weight (V, H)
+is split by rows: model-parallel rank r holds rows [r*V/mp, (r+1)*V/mp). The final hidden state reaches the
+output layer through `CopyToModelParallel` (Megatron's "copy to tensor-parallel region"): identity forward,
+a SUM all-reduce over the model-parallel group backward, since each rank's vocabulary slice contributes
+only its part of d(loss)/d(hidden).
+
+`hidden(tokens)` returns that hidden state (B*S, H); `construct(tokens)` this rank's logits slice
+(B*S, V/mp), for the unfused loss. The fused loss takes `hidden(tokens)` and `head_weight()` itself.
 
 Parameters are drawn in NumPy from the seed at their full shapes in a fixed order, then sliced, so every
 layout starts from the same weights.
@@ -20,8 +23,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from ..parallel.comm import RankLayout
 
 HEAD = "head.weight"
-_BLOCK_PARAMS = ("ln1.gamma", "ln1.beta", "attention.qkv", "attention.out", "ln2.gamma", "ln2.beta", "mlp.fc1",
-                 "mlp.fc1_bias", "mlp.fc2", "mlp.fc2_bias")
+_BLOCK_PARAMS = ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                 "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 
 
 class CopyToModelParallel(nn.Cell):
@@ -38,33 +41,34 @@ class CopyToModelParallel(nn.Cell):
         return (self.all_reduce(dout),)
 
 
+def ffn_size(model_config: dict) -> int:
+    """Llama's SwiGLU width: 2/3 of 4H, rounded up to a multiple of 32, unless set."""
+    hidden = model_config["hidden_size"]
+    return model_config["ffn_hidden_size"] or 32 * -(-(8 * hidden // 3) // 32)
+
+
 def initial_parameters(model_config: dict, seed: int) -> dict:
     """name -> float32 array at its full shape, drawn in a fixed order from `seed`."""
     rng = np.random.default_rng(seed)
-    vocab, hidden, seq = model_config["vocab_size"], model_config["hidden_size"], model_config["seq_length"]
-    ffn = model_config["ffn_hidden_size"] or 4 * hidden
-    std = model_config["init_std"]
-    layers = model_config["num_layers"]
-    out_std = std / math.sqrt(2 * max(layers, 1))
+    vocab, hidden = model_config["vocab_size"], model_config["hidden_size"]
+    ffn, layers, std = ffn_size(model_config), model_config["num_layers"], model_config["init_std"]
+    out_std = std / math.sqrt(2 * max(layers, 1))  # GPT-2's scaling of the residual projections
 
     def normal(shape, scale):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    params = {"embedding.word": normal((vocab, hidden), std), "embedding.position": normal((seq, hidden), std)}
+    params = {"tok_embeddings": normal((vocab, hidden), std)}
     for i in range(layers):
-        p = f"blocks.{i}."
-        params[p + "ln1.gamma"] = np.ones(hidden, np.float32)
-        params[p + "ln1.beta"] = np.zeros(hidden, np.float32)
-        params[p + "attention.qkv"] = normal((hidden, 3 * hidden), std)
-        params[p + "attention.out"] = normal((hidden, hidden), out_std)
-        params[p + "ln2.gamma"] = np.ones(hidden, np.float32)
-        params[p + "ln2.beta"] = np.zeros(hidden, np.float32)
-        params[p + "mlp.fc1"] = normal((hidden, ffn), std)
-        params[p + "mlp.fc1_bias"] = np.zeros(ffn, np.float32)
-        params[p + "mlp.fc2"] = normal((ffn, hidden), out_std)
-        params[p + "mlp.fc2_bias"] = np.zeros(hidden, np.float32)
-    params["final_ln.gamma"] = np.ones(hidden, np.float32)
-    params["final_ln.beta"] = np.zeros(hidden, np.float32)
+        p = f"layers.{i}."
+        params[p + "attention_norm"] = np.ones(hidden, np.float32)
+        for name in ("wq", "wk", "wv"):
+            params[p + "attention." + name] = normal((hidden, hidden), std)
+        params[p + "attention.wo"] = normal((hidden, hidden), out_std)
+        params[p + "ffn_norm"] = np.ones(hidden, np.float32)
+        params[p + "feed_forward.w1"] = normal((hidden, ffn), std)
+        params[p + "feed_forward.w3"] = normal((hidden, ffn), std)
+        params[p + "feed_forward.w2"] = normal((ffn, hidden), out_std)
+    params["norm_out"] = np.ones(hidden, np.float32)
     params[HEAD] = normal((vocab, hidden), std)
     return params
 
@@ -74,27 +78,28 @@ def head_slice(full_head: np.ndarray, mp_rank: int, mp_size: int) -> np.ndarray:
     return np.ascontiguousarray(full_head[mp_rank * rows:(mp_rank + 1) * rows])
 
 
-def _layer_norm(x, gamma, beta, eps):
-    mean = x.mean(axis=-1, keep_dims=True)
-    centered = x - mean
-    var = (centered * centered).mean(axis=-1, keep_dims=True)
-    return centered * ops.rsqrt(var + eps) * gamma + beta
+def rotary_tables(seq_length: int, head_dim: int, theta: float):
+    """cos and sin (S, head_dim) of Llama's rotary embedding, in the rotate-half layout."""
+    inverse_frequency = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(seq_length, dtype=np.float64), inverse_frequency)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def _gelu(x):
-    return 0.5 * x * (1.0 + ops.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+def _rms_norm(x, gamma, eps):
+    return x * ops.rsqrt((x * x).mean(axis=-1, keep_dims=True) + eps) * gamma
 
 
-class TinyCausalLM(nn.Cell):
+class LlamaLM(nn.Cell):
     """construct(tokens (B, S) int32) -> this rank's logits slice (B*S, V/mp) float32."""
 
     def __init__(self, model_config: dict, layout: RankLayout, seed: int):
         super().__init__()
-        self.hidden = model_config["hidden_size"]
+        self.hidden_size = model_config["hidden_size"]
         self.heads = model_config["num_heads"]
+        self.head_dim = self.hidden_size // self.heads
         self.layers = model_config["num_layers"]
-        self.seq_length = model_config["seq_length"]
-        self.eps = model_config["layernorm_epsilon"]
+        self.eps = model_config["rms_norm_eps"]
         self.vocab = model_config["vocab_size"]
         self.local_vocab = self.vocab // layout.mp_size
         arrays = initial_parameters(model_config, seed)
@@ -103,39 +108,50 @@ class TinyCausalLM(nn.Cell):
         self.names = list(arrays)
         self.params = ms.ParameterTuple([Parameter(Tensor(arrays[n]), name=n) for n in self.names])
         index = {n: i for i, n in enumerate(self.names)}
-        self.i_word, self.i_position = index["embedding.word"], index["embedding.position"]
-        self.i_final = (index["final_ln.gamma"], index["final_ln.beta"])
-        self.i_head = index[HEAD]
-        self.i_blocks = tuple(tuple(index[f"blocks.{i}.{n}"] for n in _BLOCK_PARAMS) for i in range(self.layers))
+        self.i_embedding, self.i_norm_out, self.i_head = index["tok_embeddings"], index["norm_out"], index[HEAD]
+        self.i_blocks = tuple(tuple(index[f"layers.{i}.{n}"] for n in _BLOCK_PARAMS) for i in range(self.layers))
         self.copy_to_mp = CopyToModelParallel(layout.group) if layout.mp_size > 1 else None
-        causal = np.triu(np.full((self.seq_length, self.seq_length), -1e9, np.float32), k=1)
-        self.causal_bias = Tensor(causal)
+        seq = model_config["seq_length"]
+        self.causal_bias = Tensor(np.triu(np.full((seq, seq), -1e9, np.float32), k=1))
+        cos, sin = rotary_tables(seq, self.head_dim, model_config["rope_theta"])
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
         self.head_matmul = ops.MatMul(transpose_b=True)
 
-    def construct(self, tokens):
+    def head_weight(self):
+        return self.params[self.i_head]
+
+    def hidden(self, tokens):
+        """The final hidden state (B*S, H), identical on every model-parallel rank."""
         batch, seq = tokens.shape
         p = self.params
-        x = ops.gather(p[self.i_word], tokens, 0) + p[self.i_position][:seq]
+        x = ops.gather(p[self.i_embedding], tokens, 0)
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         for indices in self.i_blocks:
-            x = self._block(x, [p[i] for i in indices], batch, seq)
-        x = _layer_norm(x, p[self.i_final[0]], p[self.i_final[1]], self.eps)
-        x = x.reshape(batch * seq, self.hidden)
+            x = self._block(x, [p[i] for i in indices], batch, seq, cos, sin)
+        x = _rms_norm(x, p[self.i_norm_out], self.eps).reshape(batch * seq, self.hidden_size)
         if self.copy_to_mp is not None:
             x = self.copy_to_mp(x)
-        return self.head_matmul(x, p[self.i_head])
+        return x
 
-    def _block(self, x, weights, batch, seq):
-        ln1_gamma, ln1_beta, qkv_weight, out_weight, ln2_gamma, ln2_beta, fc1, fc1_bias, fc2, fc2_bias = weights
-        heads, head_dim = self.heads, self.hidden // self.heads
-        h = _layer_norm(x, ln1_gamma, ln1_beta, self.eps)
-        qkv = ops.matmul(h, qkv_weight).reshape(batch, seq, 3, heads, head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, heads, S, head_dim)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(head_dim))
+    def construct(self, tokens):
+        return self.head_matmul(self.hidden(tokens), self.params[self.i_head])
+
+    def _rotate(self, x, cos, sin):
+        half = self.head_dim // 2
+        rotated = ops.concat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+    def _block(self, x, weights, batch, seq, cos, sin):
+        attention_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2 = weights
+        h = _rms_norm(x, attention_norm, self.eps)
+
+        def heads(projection):  # (B, S, H) -> (B, heads, S, head_dim)
+            return ops.matmul(h, projection).reshape(batch, seq, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = self._rotate(heads(wq), cos, sin), self._rotate(heads(wk), cos, sin), heads(wv)
+        scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(self.head_dim))
         scores = scores + self.causal_bias[:seq, :seq]
         attention = ops.matmul(ops.softmax(scores, -1), v)  # (B, heads, S, head_dim)
-        attention = attention.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden)
-        x = x + ops.matmul(attention, out_weight)
-        h = _layer_norm(x, ln2_gamma, ln2_beta, self.eps)
-        h = _gelu(ops.matmul(h, fc1) + fc1_bias)
-        return x + ops.matmul(h, fc2) + fc2_bias
+        x = x + ops.matmul(attention.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden_size), wo)
+        h = _rms_norm(x, ffn_norm, self.eps)
+        return x + ops.matmul(ops.silu(ops.matmul(h, w1)) * ops.matmul(h, w3), w2)

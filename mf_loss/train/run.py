@@ -1,9 +1,12 @@
-"""The parent side of `mf-loss train`: check the request, start the ranks, show their progress.
+"""The parent side of `mf-loss train`: check the request, prepare the data, start the ranks, show progress.
 
 One rank (data_parallel = model_parallel = 1) trains in this process. More ranks are started with msrun
-(`mf_loss.launch.launch`, which stops the whole job when a rank fails or time runs out); rank 0 writes its
-progress to <run dir>/progress.log, which this process follows and prints.
+(`mf_loss.launch.launch`, which stops the whole job when a rank fails or time runs out), on one node or
+several (`nnodes`, every node running the same command with its own `node_rank`). The tokenizer and the
+corpus's ids are built here, before any rank starts, so that no rank builds them. Rank 0 (on node 0)
+appends its progress to <run dir>/progress.jsonl, which node 0's process follows and shows.
 """
+import json
 import os
 import shutil
 import signal
@@ -14,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config_loader import Config, ConfigError, check_trainable, load_config
+import psutil
+
+from ..config_loader import Config, ConfigError, load_config
+from .checks import check_trainable
 
 RANKS_PER_CORE = 4            # CPU ranks mostly wait on each other; beyond this a step crawls
 RANK_MEMORY_GIB = 1.0         # measured peak ~0.85 GiB resident per training rank (MindSpore + graph)
@@ -27,37 +33,45 @@ class TrainError(RuntimeError):
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(psutil.Process().cpu_affinity())
 
 
-def available_memory_gib() -> Optional[float]:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+def available_memory_gib() -> float:
+    return psutil.virtual_memory().available / 2**30
 
 
-def check_capacity(config: Config) -> None:
-    """Refuse layouts this machine cannot run: more than RANKS_PER_CORE ranks per core, or more ranks
-    than the available memory holds."""
-    world = config.world_size
+def check_layout(config: Config, nnodes: int, node_rank: int) -> int:
+    """The ranks this node runs: dp x mp over all nodes, split evenly, each model-parallel group on one node."""
+    p, world = config.parallel, config.world_size
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise TrainError(f"--node-rank {node_rank} must be in [0, --nnodes {nnodes})")
+    if world % nnodes:
+        raise TrainError(f"{config.source}: data_parallel x model_parallel = {p['data_parallel']} x "
+                         f"{p['model_parallel']} = {world} ranks do not split evenly over --nnodes {nnodes}")
+    per_node = world // nnodes
+    if per_node % p["model_parallel"]:
+        raise TrainError(f"{config.source}: {per_node} rank(s) per node cannot hold whole model-parallel groups of "
+                         f"{p['model_parallel']} (ranks are model-parallel adjacent: rank = dp_rank x mp + mp_rank); "
+                         f"the model-parallel ranks must share a node, whose collectives run every micro-batch. Use "
+                         f"--nnodes dividing data_parallel = {p['data_parallel']}")
+    return per_node
+
+
+def check_capacity(config: Config, ranks: int) -> None:
+    """Refuse more ranks on this node than it can run: more than RANKS_PER_CORE per core, or more than the
+    available memory holds."""
     cores = usable_cores()
     limit, reason = RANKS_PER_CORE * cores, f"{RANKS_PER_CORE} per CPU core on {cores} core(s)"
     memory = available_memory_gib()
-    if memory is not None and int(memory / RANK_MEMORY_GIB) < limit:
+    if int(memory / RANK_MEMORY_GIB) < limit:
         limit = max(1, int(memory / RANK_MEMORY_GIB))
         reason = f"about {RANK_MEMORY_GIB:g} GiB per rank in {memory:.1f} GiB of available memory"
-    if world > limit:
+    if ranks > limit:
         p = config.parallel
         raise TrainError(f"{config.source}: parallel_config asks for data_parallel x model_parallel = "
-                         f"{p['data_parallel']} x {p['model_parallel']} = {world} ranks, more than this machine can "
-                         f"run: at most {limit} ({reason}). Lower data_parallel or model_parallel.")
+                         f"{p['data_parallel']} x {p['model_parallel']} = {config.world_size} ranks, {ranks} on this "
+                         f"node, more than this machine can run: at most {limit} ({reason}). Lower data_parallel or "
+                         "model_parallel, or spread the job over more nodes (--nnodes).")
 
 
 def check_port(port: int) -> None:
@@ -74,11 +88,11 @@ def check_port(port: int) -> None:
 
 
 class _Follower(threading.Thread):
-    """Prints the lines appended to a file until stopped."""
+    """Shows the events appended to progress.jsonl (by rank 0) until stopped."""
 
-    def __init__(self, path: Path, out=sys.stdout):
+    def __init__(self, path: Path, view):
         super().__init__(daemon=True)
-        self.path, self.out = path, out
+        self.path, self.view = path, view
         self.offset = path.stat().st_size if path.exists() else 0
         self.stopping = threading.Event()
 
@@ -91,14 +105,13 @@ class _Follower(threading.Thread):
     def drain(self):
         if not self.path.exists():
             return
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
-            text = f.read()
-        complete = text[:text.rfind("\n") + 1]
-        if complete:
-            self.out.write(complete)
-            self.out.flush()
-            self.offset += len(complete.encode())
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode().splitlines():
+            self.view.show(json.loads(line))
 
     def stop(self):
         self.stopping.set()
@@ -124,7 +137,8 @@ def run_dir_for(config: Config, output_dir: Optional[str] = None) -> Path:
 def _fresh_run_dir(run_dir: Path) -> None:
     """A new (not resumed) run starts from an empty run directory."""
     if run_dir.exists():
-        for name in ("loss.csv", "loss.png", "progress.log", "summary.json", "summary.txt"):
+        for name in ("loss.csv", "loss.png", "throughput.png", "memory.json", "progress.jsonl", "summary.json",
+                     "summary.txt"):
             (run_dir / name).unlink(missing_ok=True)
         for name in ("checkpoints", "logs"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -141,26 +155,39 @@ def _checkpoint_note(run_dir: Path, args_text: str) -> str:
 
 
 def train_command(config_path: str, overrides=(), *, resume: bool = False, output_dir: Optional[str] = None,
-                  port: Optional[int] = None, timeout: float = 900.0, out=sys.stdout) -> Path:
-    """Validate, then train on the configured ranks; returns the run directory. Raises ConfigError or
+                  port: Optional[int] = None, timeout: float = 900.0, nnodes: int = 1, node_rank: int = 0,
+                  master_addr: str = "127.0.0.1", out=sys.stdout) -> Path:
+    """Validate, prepare the data, then train on the configured ranks (this node's share of them); returns
+    the run directory. `port` is msrun's master port (on `master_addr`, node 0). Raises ConfigError or
     TrainError with a message for the user."""
     config = load_config(config_path, overrides)
     check_trainable(config)
-    check_capacity(config)
-    if port is not None:
+    ranks_here = check_layout(config, nnodes, node_rank)
+    check_capacity(config, ranks_here)
+    if nnodes > 1 and port is None:
+        raise TrainError("--nnodes > 1 needs --master-port: every node must name the same port of node 0")
+    if port is not None and node_rank == 0:
         check_port(port)
     run_dir = run_dir_for(config, output_dir)
     resume = resume or config["resume_training"]
     if resume:
         from .trainer import resume_source
         resume_source(config, run_dir)  # fails here, before any rank starts, when there is nothing to resume
-    else:
-        _fresh_run_dir(run_dir)
+    elif node_rank == 0:
+        _fresh_run_dir(run_dir)  # other nodes leave the directory alone: it may be node 0's (a shared disk)
     args_text = f"--config {config_path}" + "".join(f" --set {o}" for o in overrides)
     if output_dir:
         args_text += f" --output-dir {output_dir}"
-    world = config.world_size
-    if world == 1:
+    if nnodes > 1:
+        args_text += f" --nnodes {nnodes} --node-rank {node_rank} --master-addr {master_addr} --master-port {port}"
+
+    from .progress import ProgressView
+    from .tokenizer import prepare_corpus
+    from .trainer import tokenizer_settings
+    corpus = prepare_corpus(config["train_dataset"]["corpus"], tokenizer_settings(config))
+    print(f"tokenizer: {'built' if corpus.built else 'cached'} in {corpus.directory} ({corpus.vocab_size} tokens, "
+          f"corpus {corpus.ids.size:,} tokens)", file=out, flush=True)
+    if config.world_size == 1:
         from .trainer import train
         try:
             train(config, run_dir, resume=resume, echo=True)
@@ -173,28 +200,36 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
 
     from ..launch import launch
     run_dir.mkdir(parents=True, exist_ok=True)
-    worker_args = ["train", "--config", str(Path(config_path).resolve()), "--run-dir", str(run_dir)]
+    worker_args = ["train", "--config", str(Path(config_path).resolve()), "--run-dir", str(run_dir),
+                   "--nnodes", str(nnodes)]
     for override in overrides:
         worker_args += ["--set", override]
     if resume:
         worker_args.append("--resume")
-    env = worker_env()
-    print(f"starting {world} ranks with msrun (start-up takes ~30 s); logs in {run_dir / 'logs'}", file=out,
+    log_dir = run_dir / "logs" if nnodes == 1 else run_dir / "logs" / f"node_{node_rank}"
+    where = f"node {node_rank} of {nnodes}: " if nnodes > 1 else ""
+    print(f"{where}starting {ranks_here} ranks with msrun (start-up takes ~30 s); logs in {log_dir}", file=out,
           flush=True)
-    follower = _Follower(run_dir / "progress.log", out)
-    follower.start()
+    follower = None
+    if node_rank == 0:  # rank 0 runs here
+        follower = _Follower(run_dir / "progress.jsonl", ProgressView(out, config["runner_config"]["log_interval"]))
+        follower.start()
     started = time.monotonic()
+    nodes = dict(port=port) if nnodes == 1 else dict(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                                     master_port=port)
     # SIGTERM unwinds like Ctrl-C, so launch() still stops the whole job on the way out.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        result = launch(str(WORKER), worker_args, workers=world, log_dir=str(run_dir / "logs"), timeout=timeout,
-                        env=env, port=port, quiet=True)
+        result = launch(str(WORKER), worker_args, workers=ranks_here, log_dir=str(log_dir), timeout=timeout,
+                        env=worker_env(), quiet=True, **nodes)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        follower.stop()
+        if follower is not None:
+            follower.stop()
+            follower.view.close()
     if not result.ok:
-        raise TrainError(f"{result.message}\n{_checkpoint_note(run_dir, args_text)}")
+        raise TrainError(f"{where}{result.message}\n{_checkpoint_note(run_dir, args_text)}")
     if result.message:  # a rank that crashed in MindSpore's teardown after the work was done
         print(result.message, file=out, flush=True)
-    print(f"msrun job finished in {time.monotonic() - started:.0f} s", file=out, flush=True)
+    print(f"{where}msrun job finished in {time.monotonic() - started:.0f} s", file=out, flush=True)
     return run_dir

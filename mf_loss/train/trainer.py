@@ -1,12 +1,15 @@
 """The training loop of one rank: step, optimizer, exact global token mean, checkpoints, outputs.
 
 One step on data-parallel rank d, model-parallel rank r:
-  for each micro-batch: logits slice = model(tokens); (numerator, denominator) = loss(logits slice, ...);
-      gradients of the numerator (the sum of token losses) are accumulated, as are both loss outputs;
+  for each micro-batch: the model's final hidden state goes to the loss, either as this rank's logits slice
+      (unfused head: hidden @ head_slice.T, then CrossEntropyLoss) or as it is, with this rank's head rows
+      (fused head: LinearCrossEntropyLoss, which never makes the logits); the loss returns the per-token
+      (numerator, denominator); gradients of the numerator (the sum of token losses) accumulate;
   one SUM all-reduce over the data-parallel group of [all gradients, numerator, denominator];
   every gradient is divided once by the global denominator (counted tokens of all micro-batches and all
   data-parallel ranks): the exact global token mean, whatever each rank counted (Megatron's per-token loss);
-  the optimizer steps. The loss curve is numerator / denominator of the whole global batch.
+  MindSpore's optimizer steps with the rate of MindSpore's schedule. The loss curve is numerator /
+  denominator of the whole global batch.
 The trunk's gradient was already summed over the model-parallel group by CopyToModelParallel's backward,
 so replicated parameters stay identical on every rank.
 """
@@ -14,6 +17,7 @@ import csv
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,124 +25,100 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import psutil
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
-from ..config_loader import Config, ConfigError, build_loss, check_trainable
+from ..config_loader import Config, ConfigError, build_loss
 from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import ParallelConfig
 from . import plot
+from .checks import check_trainable, fused_head
 from .data import BatchSpec, global_batch, rank_micro_batches
-from .model import HEAD, TinyCausalLM
-from .tokenizer import CharTokenizer, corpus_path, read_corpus
+from .model import HEAD, LlamaLM
+from .progress import EventLog, ProgressView
+from .tokenizer import TokenizerSettings, prepare_corpus
 
 # For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
 # that rank's input mask at that step instead (caught by check_for_nan_in_loss_and_grad).
 FAIL_ENV = "MF_LOSS_FAIL_AT"
 CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s")
+# Optimizer parameters that hold settings, not state: rebuilt from the config, never restored.
+_OPTIMIZER_SETTINGS = ("learning_rate", "momentum")
 
 
 class InjectedFailure(RuntimeError):
     pass
 
 
-# -------------------------------------------------------------------------------------------- optimizers
+# -------------------------------------------------------------------------------------------- optimizer
 
-class AdamW(nn.Cell):
-    """Adam with decoupled weight decay (matrices only), bias-corrected; state saved in checkpoints."""
-
-    def __init__(self, params: ms.ParameterTuple, betas, eps, weight_decay):
-        super().__init__(auto_prefix=False)
-        self.params = params
-        self.m = params.clone(prefix="adam_m", init="zeros")
-        self.v = params.clone(prefix="adam_v", init="zeros")
-        self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
-        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.eps = float(eps)
-        self.decay = tuple(float(weight_decay) if len(p.shape) > 1 else 0.0 for p in params)
-
-    def state(self):
-        return list(self.m) + list(self.v) + [self.step]
-
-    def construct(self, grads, lr):
-        step = self.step + 1.0
-        ops.assign(self.step, step)
-        correction1 = 1.0 - ops.pow(self.beta1, step)
-        correction2 = 1.0 - ops.pow(self.beta2, step)
-        for i in range(len(self.params)):
-            param, m, v, grad = self.params[i], self.m[i], self.v[i], grads[i]
-            m_new = self.beta1 * m + (1.0 - self.beta1) * grad
-            v_new = self.beta2 * v + (1.0 - self.beta2) * grad * grad
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            update = (m_new / correction1) / (ops.sqrt(v_new / correction2) + self.eps) + self.decay[i] * param
-            ops.assign(param, param - lr * update)
-        return step
-
-
-class SGD(nn.Cell):
-    """SGD with optional momentum and weight decay."""
-
-    def __init__(self, params: ms.ParameterTuple, momentum, weight_decay):
-        super().__init__(auto_prefix=False)
-        self.params = params
-        self.buffers = params.clone(prefix="sgd_momentum", init="zeros")
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-
-    def state(self):
-        return list(self.buffers)
-
-    def construct(self, grads, lr):
-        for i in range(len(self.params)):
-            param, buf = self.params[i], self.buffers[i]
-            grad = grads[i] + self.weight_decay * param
-            buf_new = self.momentum * buf + grad
-            ops.assign(buf, buf_new)
-            ops.assign(param, param - lr * buf_new)
-        return lr
-
-
-def build_optimizer(config: Config, params):
-    opt = config["optimizer"]
-    if opt["type"] == "AdamW":
-        return AdamW(params, opt["betas"], opt["eps"], opt["weight_decay"])
-    return SGD(params, opt["momentum"], opt["weight_decay"])
-
-
-def learning_rate(config: Config, step: int) -> float:
-    """The rate for 0-based `step`: linear warm-up, then constant or cosine down to lr_end."""
+def learning_rates(config: Config) -> list:
+    """The rate of every step (0-based), from MindSpore's schedules: linear warm-up, then constant or cosine
+    decay to lr_end."""
     sched = config["lr_schedule"]
-    total = sched["total_steps"] if sched["total_steps"] not in (None, -1) else config["runner_config"]["train_steps"]
-    warmup = sched["warmup_steps"]
-    if sched["warmup_ratio"] is not None:
-        warmup = int(sched["warmup_ratio"] * total)
-    base = sched["learning_rate"]
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if sched["type"] == "ConstantWarmUpLR":
-        return base
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return sched["lr_end"] + 0.5 * (base - sched["lr_end"]) * (1.0 + math.cos(math.pi * progress))
+    total = config["runner_config"]["train_steps"]
+    if sched["total_steps"] not in (None, -1):
+        total = max(total, sched["total_steps"])
+    warmup = int(sched["warmup_ratio"] * total) if sched["warmup_ratio"] is not None else sched["warmup_steps"]
+    warmup = min(warmup, total)
+    base = float(sched["learning_rate"])
+    # nn.warmup_lr's step 0 has rate 0 (a wasted step); drop it: the warm-up is base * (i + 1) / warmup.
+    rates = nn.warmup_lr(base, warmup + 1, 1, warmup)[1:] if warmup else []
+    rest = total - warmup
+    if rest:
+        if sched["type"] == "ConstantWarmUpLR" or sched["lr_end"] >= base:
+            rates += [base] * rest
+        else:
+            rates += nn.cosine_decay_lr(float(sched["lr_end"]), base, rest, 1, rest)
+    return rates
+
+
+def build_optimizer(config: Config, params, rates: list) -> nn.Optimizer:
+    """MindSpore's optimizer for the configured type; weight decay on matrices only (not on norm gains)."""
+    opt = config["optimizer"]
+    decay = [p for p in params if len(p.shape) > 1]
+    groups = [{"params": decay, "weight_decay": float(opt["weight_decay"])},
+              {"params": [p for p in params if len(p.shape) <= 1], "weight_decay": 0.0}]
+    # order_params: the optimizer takes the gradients in the model's parameter order, not the groups'.
+    groups = [g for g in groups if g["params"]] + [{"order_params": list(params)}]
+    if opt["type"] == "AdamW":
+        beta1, beta2 = opt["betas"]
+        return nn.AdamWeightDecay(groups, learning_rate=rates, beta1=beta1, beta2=beta2, eps=opt["eps"])
+    if opt["type"] == "Adam":
+        beta1, beta2 = opt["betas"]
+        return nn.Adam(groups, learning_rate=rates, beta1=beta1, beta2=beta2, eps=opt["eps"])
+    return nn.SGD(groups, learning_rate=rates, momentum=opt["momentum"])
+
+
+def optimizer_state(optimizer: nn.Optimizer, model_names) -> list:
+    """The optimizer's own state (moments, step count), for checkpoints."""
+    seen, state = set(model_names), []
+    for _, param in optimizer.parameters_and_names():
+        if param.name not in seen and not param.name.startswith(_OPTIMIZER_SETTINGS):
+            seen.add(param.name)
+            state.append(param)
+    return state
 
 
 # -------------------------------------------------------------------------------------------- train step
 
 class TrainStep(nn.Cell):
-    """construct(tokens, labels, mask (M, b, S), lr) -> (global numerator, global denominator, gradient norm).
+    """construct(tokens, labels, mask (M, b, S)) -> (global numerator, global denominator, gradient norm).
 
     With `max_grad_norm`, the gradients (already divided by the global token count) are scaled down to
     that global norm when above it; the norm sums the replicated parameters once and the output layer's
     slices over the model-parallel group.
     """
 
-    def __init__(self, model: TinyCausalLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str],
-                 mp_group: Optional[str] = None, max_grad_norm: Optional[float] = None):
+    def __init__(self, model: LlamaLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str],
+                 mp_group: Optional[str] = None, max_grad_norm: Optional[float] = None, fused_head: bool = False):
         super().__init__(auto_prefix=False)
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
+        self.fused_head = fused_head
         self.weights = model.params
         self.micro_batch_num = micro_batch_num
         self.grad_fn = ms.value_and_grad(self.forward, None, self.weights, has_aux=True)
@@ -151,11 +131,14 @@ class TrainStep(nn.Cell):
         self.head_start, self.head_end = self.offsets[model.i_head], self.offsets[model.i_head + 1]
 
     def forward(self, tokens, labels, mask):
-        logits = self.model(tokens)
-        numerator, denominator = self.loss(logits, labels.reshape(-1), mask.reshape(-1))
+        if self.fused_head:
+            numerator, denominator = self.loss(self.model.hidden(tokens), self.model.head_weight(),
+                                               labels.reshape(-1), mask.reshape(-1))
+        else:
+            numerator, denominator = self.loss(self.model(tokens), labels.reshape(-1), mask.reshape(-1))
         return numerator, denominator
 
-    def construct(self, tokens, labels, mask, lr):
+    def construct(self, tokens, labels, mask):
         # The loss accumulates its non-finite token counts over the micro-batches until check_finite().
         (numerator, denominator), grads = self.grad_fn(tokens[0], labels[0], mask[0])
         for i in range(1, self.micro_batch_num):
@@ -175,7 +158,7 @@ class TrainStep(nn.Cell):
             scale = scale * ops.minimum(1.0, self.max_grad_norm / (norm + 1e-6))
         grads = tuple(flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) * scale
                       for i in range(len(self.shapes)))
-        self.optimizer(grads, lr)
+        self.optimizer(grads)
         return numerator, denominator, norm
 
     def _norm(self, flat):
@@ -191,6 +174,43 @@ class TrainStep(nn.Cell):
             rest = flat[self.head_end:self.offsets[-1]]
             squares = squares + (rest * rest).sum()
         return ops.sqrt(squares[0])
+
+
+class HeadAndLoss(nn.Cell):
+    """The output layer and the loss alone, forward and backward (to hidden and head weight): what the loss's
+    share of a step is measured on."""
+
+    def __init__(self, loss, fused_head: bool):
+        super().__init__(auto_prefix=False)
+        self.loss, self.fused_head = loss, fused_head
+        self.head_matmul = ops.MatMul(transpose_b=True)
+        self.grad_fn = ms.value_and_grad(self.forward, (0, 1), None, has_aux=True)
+
+    def forward(self, hidden, head, labels, mask):
+        if self.fused_head:
+            return self.loss(hidden, head, labels, mask)
+        return self.loss(self.head_matmul(hidden, head), labels, mask)
+
+    def construct(self, hidden, head, labels, mask):
+        (numerator, _), (d_hidden, d_head) = self.grad_fn(hidden, head, labels, mask)
+        return numerator, d_hidden.sum() + d_head.sum()
+
+
+def time_head_and_loss(loss, fused_head: bool, model: LlamaLM, batch, repeats: int = 5) -> float:
+    """Median seconds of one micro-batch's output layer + loss, forward and backward, on this batch's shapes
+    (every rank runs it: the loss exchanges statistics)."""
+    rows = batch.tokens[0].size
+    hidden = Tensor(np.random.default_rng(0).standard_normal((rows, model.hidden_size)).astype(np.float32))
+    labels, mask = Tensor(batch.labels[0].reshape(-1)), Tensor(batch.mask[0].reshape(-1))
+    cell = HeadAndLoss(loss, fused_head)
+    head = Tensor(model.head_weight().asnumpy())
+    seconds = []
+    for _ in range(repeats + 1):  # the first call compiles
+        tick = time.perf_counter()
+        numerator, _ = cell(hidden, head, labels, mask)
+        numerator.asnumpy()
+        seconds.append(time.perf_counter() - tick)
+    return float(np.median(seconds[1:]))
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -257,44 +277,16 @@ def load_full_weights(ckpt_dir: Path, step_dir: Optional[str] = None) -> dict:
     rank 0, output layer concatenated over the model-parallel ranks of data-parallel rank 0."""
     ckpt_dir = Path(ckpt_dir)
     latest = read_latest(ckpt_dir)
-    if latest is None and step_dir is None:
+    if latest is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (latest.json missing)")
     directory = ckpt_dir / (step_dir or latest["dir"])
-    mp = (latest or {}).get("model_parallel", 1)
-    shards = [ms.load_checkpoint(str(directory / f"rank_{r}.ckpt")) for r in range(mp)]
-    weights = {name: value.asnumpy() for name, value in shards[0].items()
-               if not name.startswith(("adam_", "sgd_")) and name != HEAD}
+    shards = [ms.load_checkpoint(str(directory / f"rank_{r}.ckpt")) for r in range(latest["model_parallel"])]
+    weights = {name: shards[0][name].asnumpy() for name in latest["model_parameters"] if name != HEAD}
     weights[HEAD] = np.concatenate([s[HEAD].asnumpy() for s in shards], axis=0)
     return weights
 
 
 # -------------------------------------------------------------------------------------------- outputs
-
-class Progress:
-    """A plain-text progress bar; rank 0 writes it to progress.log (and stdout when `echo`)."""
-
-    def __init__(self, path: Optional[Path], total: int, echo: bool):
-        self.path, self.total, self.echo = path, total, echo
-        self.file = open(path, "a") if path is not None else None
-
-    def line(self, text: str) -> None:
-        if self.file is not None:
-            self.file.write(text + "\n")
-            self.file.flush()
-        if self.echo:
-            print(text, flush=True)
-
-    def step(self, step: int, loss: float, tokens_per_s: float, elapsed: float, seconds_per_step: float) -> None:
-        width = 24
-        done = int(width * step / self.total)
-        eta = "--" if seconds_per_step is None else f"{seconds_per_step * (self.total - step):.0f}s"
-        self.line(f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * done}{'.' * (width - done)}] "
-                  f"loss {loss:.4f}  tok/s {tokens_per_s:,.0f}  elapsed {elapsed:.0f}s  eta {eta}")
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
 
 def read_curve(path: Path) -> list:
     if not Path(path).exists():
@@ -308,20 +300,17 @@ def _csv_row(row: dict) -> dict:
     return {k: (f"{row[k]:.9g}" if isinstance(row[k], float) else row[k]) for k in CSV_FIELDS}
 
 
-def write_curve(path: Path, rows: list) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(_csv_row(row) for row in rows)
-    os.replace(tmp, path)
-
-
 class CurveWriter:
-    """Appends one row per step to loss.csv (flushed: a crash keeps every completed step)."""
+    """Writes loss.csv (the rows kept from before a resume), then one row per step, flushed: a crash keeps
+    every completed step."""
 
     def __init__(self, path: Path, rows: list):
-        write_curve(path, rows)
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(_csv_row(row) for row in rows)
+        os.replace(tmp, path)
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
 
@@ -331,6 +320,31 @@ class CurveWriter:
 
     def close(self):
         self.file.close()
+
+
+class MemoryProbe:
+    """Resident memory of every rank: this rank's now (psutil) and its peak, gathered on all ranks by one SUM
+    all-reduce in which each rank fills its own slot. The peak is the kernel's high-water mark
+    (getrusage's ru_maxrss): a step's logits and their gradient live only inside the step, where no
+    sample taken between steps would see them."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.process = psutil.Process()
+        self.gather = ops.AllReduce() if world_size > 1 else None
+
+    def _all_ranks(self, value_mib: float) -> list:
+        slots = np.zeros(self.world_size, np.float32)
+        slots[self.rank] = value_mib
+        if self.gather is not None:
+            slots = self.gather(Tensor(slots)).asnumpy()
+        return [round(float(v), 1) for v in slots]
+
+    def resident_mib(self) -> list:
+        return self._all_ranks(self.process.memory_info().rss / 2**20)
+
+    def peak_mib(self) -> list:
+        return self._all_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -349,7 +363,7 @@ def _set_context(config: Config) -> None:
     if config.world_size > 1:
         # Ranks share the machine's cores: one kernel thread each unless there are cores to spare
         # (measured on 2 cores, 4 ranks: fewer context switches, steadier steps).
-        threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)
+        threads = max(1, len(psutil.Process().cpu_affinity()) // config.world_size)
         ms.set_context(runtime_num_threads=threads, inter_op_parallel_num=threads)
 
 
@@ -381,8 +395,23 @@ def _injected_failure():
     return int(rank), int(step), (kind[0] if kind else "raise")
 
 
-def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -> RunResult:
-    """Train on this rank; more than one rank needs mindspore.communication initialised (msrun)."""
+def tokenizer_settings(config: Config) -> TokenizerSettings:
+    return TokenizerSettings(vocab_size=config["model"]["model_config"]["vocab_size"])
+
+
+def build_training_loss(config: Config):
+    if not fused_head(config):
+        return build_loss(config)
+    # The model's CopyToModelParallel already all-reduces d(loss)/d(hidden) over the model-parallel group
+    # in its backward; the loss completing that sum too would count every rank's share mp times.
+    return build_loss(config, complete_hidden_grad=False)
+
+
+def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, nnodes: int = 1) -> RunResult:
+    """Train on this rank; more than one rank needs mindspore.communication initialised (msrun).
+
+    The main rank (rank 0, on node 0) writes the curve, charts and summary; the first rank of every node
+    writes that node's latest.json beside its ranks' checkpoints, so that each node can resume."""
     check_trainable(config)
     _set_context(config)
     started = time.perf_counter()
@@ -390,63 +419,69 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
     parallel = ParallelConfig(config.parallel["data_parallel"], config.parallel["model_parallel"])
     layout = rank_layout(parallel)
     rank, is_main = layout.rank, layout.rank == 0
+    node_main = rank % (parallel.world_size // nnodes) == 0
     mc, rc, ds = config["model"]["model_config"], config["runner_config"], config["train_dataset"]
     dp, mp, micro = parallel.data_parallel, parallel.model_parallel, config.parallel["micro_batch_num"]
     total_steps = rc["train_steps"]
+    fused = fused_head(config)
 
-    text = read_corpus(ds["corpus"])
-    tokenizer = CharTokenizer.from_text(text)
-    if len(tokenizer) > mc["vocab_size"]:
-        raise ConfigError(f"{config.source}: model.model_config.vocab_size: the corpus {corpus_path(ds['corpus'])} "
-                          f"needs {len(tokenizer)} token ids (characters + <pad>, <unk>), more than vocab_size "
-                          f"{mc['vocab_size']}")
-    corpus_ids = tokenizer.encode(text)
-    ignore_index = config["loss"].get("ignore_index", -100)
+    corpus = prepare_corpus(ds["corpus"], tokenizer_settings(config))
     spec = BatchSpec(rc["global_batch_size"], mc["seq_length"], ds["pad_probability"], ds["ignore_probability"],
-                     ignore_index, tokenizer.pad_id)
+                     config["loss"].get("ignore_index", -100), corpus.pad_id)
 
-    model = TinyCausalLM(mc, layout, config["seed"])
-    loss = build_loss(config)
-    optimizer = build_optimizer(config, model.params)
+    model = LlamaLM(mc, layout, config["seed"])
+    loss = build_training_loss(config)
+    rates = learning_rates(config)
+    optimizer = build_optimizer(config, list(model.params), rates)
     step_cell = TrainStep(model, loss, optimizer, micro, _dp_group(layout, parallel),
-                          layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"])
-    state = list(model.params) + optimizer.state()
+                          layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"], fused)
+    state = list(model.params) + optimizer_state(optimizer, model.names)
+    memory = MemoryProbe(rank, parallel.world_size)
 
     ckpt_dir = checkpoint_dir(run_dir)
-    curve_path = run_dir / "loss.csv"
+    curve_path, memory_path = run_dir / "loss.csv", run_dir / "memory.json"
     start_step, resumed_from = 0, None
     if resume:
         source_dir, latest = resume_source(config, run_dir)
         load_rank_checkpoint(state, source_dir / latest["dir"] / f"rank_{rank}.ckpt")
         start_step, resumed_from = latest["step"], str(source_dir / latest["dir"])
     curve = [row for row in read_curve(curve_path) if row["step"] <= start_step] if resume else []
+    memory_log = json.loads(memory_path.read_text()) if resume and memory_path.exists() else {"step": [], "mib": []}
+    keep = sum(1 for s in memory_log["step"] if s <= start_step)
+    memory_log = {"step": memory_log["step"][:keep], "mib": memory_log["mib"][:keep]}
 
-    progress = Progress(run_dir / "progress.log" if is_main else None, total_steps, echo and is_main)
-    curve_writer = None
+    events = view = curve_writer = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         curve_writer = CurveWriter(curve_path, curve)
-        progress.line(f"training {config['run_name']}: {dp} x {mp} ranks (data x model parallel), "
-                      f"{total_steps} steps of {rc['global_batch_size']} x {mc['seq_length']} tokens, "
-                      f"{micro} micro-batch(es) per rank, vocabulary {mc['vocab_size']} "
-                      f"({mc['vocab_size'] // mp} per rank)"
-                      + (f"; resumed at step {start_step} from {resumed_from}" if resume else ""))
+        events = EventLog(run_dir / "progress.jsonl")
+        view = ProgressView(log_interval=rc["log_interval"]) if echo else None
+
+    def publish(event):
+        if view is not None:
+            view.show(event)
+
+    if is_main:
+        publish(events.message(
+            f"training {config['run_name']}: {dp} x {mp} ranks (data x model parallel), {total_steps} steps of "
+            f"{rc['global_batch_size']} x {mc['seq_length']} tokens, {micro} micro-batch(es) per rank, Llama-style "
+            f"{mc['num_layers']} x {mc['hidden_size']}, BPE vocabulary {mc['vocab_size']} ({mc['vocab_size'] // mp} "
+            f"per rank), {'fused' if fused else 'unfused'} head ({config['loss']['type']})"
+            + (f"; resumed at step {start_step} from {resumed_from}" if resume else "")))
 
     failure = _injected_failure()
-    window_tokens, window_time, compile_time = 0, 0.0, None
-    steady_tokens, steady_time = 0, 0.0
+    compile_time, steady_tokens, steady_time = None, 0.0, 0.0
     loop_start = time.perf_counter()
+    batch = None
     for step in range(start_step, total_steps):
-        batch = rank_micro_batches(global_batch(corpus_ids, spec, config["seed"], step), dp, layout.dp_rank, micro)
+        batch = rank_micro_batches(global_batch(corpus.ids, spec, config["seed"], step), dp, layout.dp_rank, micro)
         if failure is not None and failure[:2] == (rank, step + 1):
             if failure[2] != "nan":
                 raise InjectedFailure(f"injected failure on rank {rank} at step {step + 1} "
                                       f"({FAIL_ENV}={os.environ[FAIL_ENV]})")
             batch.mask[0, 0, 0] = np.nan
-        lr = learning_rate(config, step)
         tick = time.perf_counter()
-        numerator, denominator, grad_norm = step_cell(Tensor(batch.tokens), Tensor(batch.labels),
-                                                      Tensor(batch.mask), Tensor(lr, ms.float32))
+        numerator, denominator, grad_norm = step_cell(Tensor(batch.tokens), Tensor(batch.labels), Tensor(batch.mask))
         numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
         seconds = time.perf_counter() - tick
         if loss.check_for_nan:
@@ -459,53 +494,63 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True) -
         else:
             steady_tokens += denominator
             steady_time += seconds
-        window_tokens += denominator
-        window_time += seconds
         done = step + 1
-        curve.append({"step": done, "loss": value, "counted_tokens": int(denominator), "learning_rate": lr,
+        curve.append({"step": done, "loss": value, "counted_tokens": int(denominator), "learning_rate": rates[step],
                       "grad_norm": float(grad_norm.asnumpy()), "step_time_s": seconds,
                       "tokens_per_s": denominator / seconds})
-        if curve_writer is not None:
+        if done == start_step + 1 or done % rc["log_interval"] == 0 or done == total_steps:
+            memory_log["step"].append(done)
+            memory_log["mib"].append(memory.resident_mib())
+        if is_main:
             curve_writer.append(curve[-1])
-        if is_main and (done % rc["log_interval"] == 0 or done == total_steps or done == start_step + 1):
-            per_step = steady_time / (done - start_step - 1) if done > start_step + 1 else None  # 1st: compiling
-            progress.step(done, value, window_tokens / max(window_time, 1e-9), time.perf_counter() - loop_start,
-                          per_step)
-            window_tokens, window_time = 0, 0.0
+            publish(events.step(done, total_steps, value, denominator / seconds))
         interval = rc["save_checkpoint_steps"]
         if done == total_steps or (interval and done % interval == 0):
-            _save(state, ckpt_dir, done, rank, parallel, rc["keep_checkpoint_max"], is_main)
+            _save(state, model.names, ckpt_dir, done, rank, parallel, rc["keep_checkpoint_max"], node_main, fused)
+            if is_main:
+                _write_atomic(memory_path, json.dumps(memory_log))
 
+    train_time = time.perf_counter() - loop_start
+    peak = memory.peak_mib()
+    head_loss_s = time_head_and_loss(loss, fused, model, batch) if batch is not None else None
     result = RunResult(run_dir, curve)
     if is_main:
         curve_writer.close()
-        result.summary = _summarize(config, run_dir, curve, dict(
-            layout=f"{dp} x {mp}", world_size=dp * mp, resumed_from=resumed_from, start_step=start_step,
+        step_times = [row["step_time_s"] for row in curve[start_step + 1:]]
+        step_s = float(np.median(step_times)) if step_times else None
+        result.summary = _summarize(config, run_dir, curve, memory_log, dict(
+            layout=f"{dp} x {mp}", world_size=dp * mp, nnodes=nnodes, head="fused" if fused else "unfused",
+            loss_type=config["loss"]["type"], resumed_from=resumed_from, start_step=start_step,
             compile_step_s=compile_time, steady_tokens_per_s=steady_tokens / steady_time if steady_time else None,
-            train_time_s=time.perf_counter() - loop_start, total_time_s=time.perf_counter() - started,
-            vocabulary=len(tokenizer), ignored_config_keys=config.ignored))
-        progress.line("")
-        progress.line((run_dir / "summary.txt").read_text().rstrip())
-    progress.close()
+            median_step_s=step_s, head_and_loss_s_per_micro_batch=head_loss_s,
+            loss_share_of_step=(head_loss_s * micro / step_s) if head_loss_s and step_s else None,
+            peak_rss_mib_per_rank=peak, train_time_s=train_time, total_time_s=time.perf_counter() - started,
+            vocabulary=corpus.vocab_size, corpus_tokens=int(corpus.ids.size), tokenizer_cache=str(corpus.directory),
+            ignored_config_keys=config.ignored))
+        publish(events.message((run_dir / "summary.txt").read_text().rstrip()))
+        events.close()
+        if view is not None:
+            view.close()
     _barrier(parallel.world_size)  # the main rank's outputs are written before any rank starts to exit
     return result
 
 
-def _save(state, ckpt_dir, step, rank, parallel, keep, is_main):
+def _save(state, model_names, ckpt_dir, step, rank, parallel, keep, node_main, fused):
     name = f"step_{step:06d}"
     save_rank_checkpoint(state, ckpt_dir / name, rank)
     _barrier(parallel.world_size)  # every rank's file is complete before latest.json points at them
-    if is_main:
+    if node_main:
         _write_atomic(ckpt_dir / "latest.json", json.dumps({
             "step": step, "dir": name, "data_parallel": parallel.data_parallel,
-            "model_parallel": parallel.model_parallel, "world_size": parallel.world_size}, indent=1))
+            "model_parallel": parallel.model_parallel, "world_size": parallel.world_size,
+            "written_with_head": "fused" if fused else "unfused", "model_parameters": list(model_names)}, indent=1))
         steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
         for old in steps[:-keep] if keep else []:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _summarize(config, run_dir, curve, extra) -> dict:
+def _summarize(config, run_dir, curve, memory_log, extra) -> dict:
     losses = [row["loss"] for row in curve]
     summary = {
         "run_name": config["run_name"], "config": config.source, "steps": len(curve),
@@ -513,25 +558,37 @@ def _summarize(config, run_dir, curve, extra) -> dict:
         "min_loss": min(losses) if losses else None,
         "counted_tokens": int(sum(row["counted_tokens"] for row in curve)),
         "checkpoint": str(checkpoint_dir(run_dir) / "latest.json"),
-        "loss_csv": str(run_dir / "loss.csv"), "loss_png": str(run_dir / "loss.png"), **extra}
+        "outputs": [str(run_dir / name) for name in ("loss.csv", "loss.png", "throughput.png", "memory.json")],
+        **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    tps = summary["steady_tokens_per_s"]
+    tps, share = summary["steady_tokens_per_s"], summary["loss_share_of_step"]
     lines = [
         f"run {summary['run_name']} ({summary['config']})",
-        f"layout: data_parallel x model_parallel = {summary['layout']} ({summary['world_size']} rank(s))",
+        f"layout: data_parallel x model_parallel = {summary['layout']} ({summary['world_size']} rank(s) on "
+        f"{summary['nnodes']} node(s)); head: {summary['head']} ({summary['loss_type']})",
         f"steps: {summary['steps']}" + (f" (resumed at step {extra['start_step']})" if extra["resumed_from"] else ""),
         f"loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} (min {summary['min_loss']:.4f})"
         if losses else "loss: no steps",
-        f"counted tokens: {summary['counted_tokens']:,}",
-        f"throughput: {tps:,.0f} counted tokens/s after the first step "
+        f"counted tokens: {summary['counted_tokens']:,}; BPE vocabulary {summary['vocabulary']} of the output "
+        f"layer's {config['model']['model_config']['vocab_size']} ({summary['corpus_tokens']:,} corpus tokens)",
+        f"throughput: {tps:,.0f} counted tokens/s after the first step, median step {summary['median_step_s']:.3f} s "
         f"(first step with compilation {extra['compile_step_s']:.1f} s)" if tps else "throughput: n/a",
+        f"output layer + loss: {summary['head_and_loss_s_per_micro_batch'] * 1e3:.1f} ms per micro-batch (forward + "
+        f"backward, measured alone), {share:.0%} of the median step" if share else "output layer + loss: n/a",
+        "peak resident memory per rank (MiB): " + ", ".join(f"rank {r}: {m:,.0f}"
+                                                            for r, m in enumerate(summary["peak_rss_mib_per_rank"])),
         f"time: {extra['train_time_s']:.1f} s training, {extra['total_time_s']:.1f} s in this process",
-        f"outputs: {run_dir}/loss.csv, loss.png, summary.json, checkpoints/",
+        f"outputs: {run_dir}/loss.csv, loss.png, throughput.png, memory.json, summary.json, checkpoints/",
     ]
     if config.ignored:
         lines.append("MindFormers keys accepted and not used: " + ", ".join(config.ignored))
     (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     if losses:
-        plot.line_chart_png(run_dir / "loss.png", [row["step"] for row in curve], losses,
-                            title=f"{config['run_name']}: loss per step ({summary['layout']})")
+        steps = [row["step"] for row in curve]
+        label = f"dp={summary['layout'].replace(' x ', ' x mp=')}, {summary['head']} head"
+        plot.loss_chart(run_dir / "loss.png", steps, losses, label=label,
+                        title=f"{config['run_name']}: training loss per step")
+        per_rank = {r: [m[r] for m in memory_log["mib"]] for r in range(summary["world_size"])}
+        plot.throughput_chart(run_dir / "throughput.png", steps, [row["tokens_per_s"] for row in curve],
+                              memory_log["step"], per_rank, title=f"{config['run_name']}: throughput and memory")
     return summary

@@ -1,6 +1,6 @@
 """The per-rank entry point that `mf-loss train` / `mf-loss demo` start under msrun.
 
-    python mf_loss/train/worker.py train --config FILE --run-dir DIR [--set key=value ...] [--resume]
+    python mf_loss/train/worker.py train --config FILE --run-dir DIR [--set key=value ...] [--resume] [--nnodes N]
     python mf_loss/train/worker.py demo --out DIR [demo options]
 
 Run as a script (msrun takes a file), it drops its own directory from sys.path (its module names would
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     train.add_argument("--run-dir", required=True)
     train.add_argument("--set", action="append", default=[], dest="overrides")
     train.add_argument("--resume", action="store_true")
+    train.add_argument("--nnodes", type=int, default=1)
     demo = sub.add_parser("demo")
     demo.add_argument("--out", required=True)
     demo.add_argument("--spec", required=True, help="JSON of the demo problem")
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         from mf_loss.config_loader import load_config
         from mf_loss.train.trainer import train as run_training
         config = load_config(args.config, args.overrides, world_size=world)
-        run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1)
+        run_training(config, args.run_dir, resume=args.resume or config["resume_training"], echo=world == 1,
+                     nnodes=args.nnodes)
         code = 0
     if world > 1 and code == 0:
         from mindspore.communication import get_rank
