@@ -164,8 +164,11 @@ def format_ratios(entries) -> str:
     lines = []
     for entry in entries:
         anchor = entry["anchor"]
-        parts = [f"{k[len(anchor) + 6:-7]}: {v:.3f}" for k, v in entry.items()
-                 if k.startswith(f"{anchor}_over_") and k.endswith("_median") and not k.endswith("cpu_median")]
+        parts = []
+        for k, v in entry.items():
+            if k.startswith(f"{anchor}_over_") and k.endswith("_median") and not k.endswith("cpu_median"):
+                cpu = entry.get(k[:-len("_median")] + "_cpu_median")
+                parts.append(f"{k[len(anchor) + 6:-7]}: {v:.3f}" + (f" (CPU time {cpu:.3f})" if cpu else ""))
         if parts:
             key = tuple(entry[k] for k in ("rows", "vocab", "dtype", "head", "lm_head"))
             lines.append(f"{anchor} / other, fwd+bwd ({group_title(key)}): " + ", ".join(parts))
