@@ -1,12 +1,17 @@
 """mf_loss: vocab-parallel cross entropy for MindSpore with MindFormers' API.
 
-Layout: `ops/` pure per-shard math and kernels (no communication), `parallel/` the layout and the one
-exchange, `nn/` the thin cells on top.
+The library: `ops/` pure per-shard math and the chunking of rows, `kernels/` the C++ kernels and their
+build, `parallel/` the layout and the one exchange, `functional.py` the functional core, `nn/` the thin
+cells (`CrossEntropyLoss`, `LinearCrossEntropyLoss`), `options.py` and `registry.py`. The tools beside it
+(`launch/`, `train/`, `bench/`, `integrations/`, `cli.py`) use the library; the library never imports them.
 """
-from .nn.loss import CrossEntropyLoss, NonFiniteLossError
+from .functional import LossOutput, cross_entropy, linear_cross_entropy
+from .nn.diagnostics import NonFiniteLossError
+from .nn.linear_loss import LinearCrossEntropyLoss
+from .nn.loss import CrossEntropyLoss
 from .parallel.config import ParallelConfig, default_dpmp_config
 from .registry import get_loss_class, register_loss
 
-__all__ = ["CrossEntropyLoss", "NonFiniteLossError", "ParallelConfig", "default_dpmp_config",
-           "get_loss_class", "register_loss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "LossOutput", "NonFiniteLossError", "ParallelConfig",
+           "cross_entropy", "default_dpmp_config", "get_loss_class", "linear_cross_entropy", "register_loss"]
 __version__ = "0.1.0"

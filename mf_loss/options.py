@@ -67,13 +67,13 @@ def class_weight_array(weight, num_classes_hint=None) -> Optional[np.ndarray]:
     return array
 
 
-def reject_typos(kwargs: dict, known) -> list:
+def reject_typos(kwargs: dict, known, owner: str = "CrossEntropyLoss") -> list:
     """Raise on keyword arguments that look like misspellings of ours; return the others (ignored, as
     MindFormers passes model-level keys through to its losses)."""
     ignored = []
     for key in kwargs:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
         if close:
-            raise TypeError(f"CrossEntropyLoss got an unknown argument {key!r}; did you mean {close[0]!r}?")
+            raise TypeError(f"{owner} got an unknown argument {key!r}; did you mean {close[0]!r}?")
         ignored.append(key)
     return ignored

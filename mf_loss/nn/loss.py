@@ -1,67 +1,119 @@
-"""`CrossEntropyLoss`: MindFormers' loss API over the vocab-parallel core."""
-import numpy as np
+"""`CrossEntropyLoss`: MindFormers' loss API as a thin cell over the functional core and a vocab-parallel core.
 
+`LossCell` is what both loss cells share: the options, the rank layout, the diagnostics, the checks run
+when the cell is called from Python, and the output format (MindFormers': the mean, or (numerator,
+denominator) per token, plus the z-loss term when asked).
+"""
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
+from .. import functional as F
 from ..options import LossOptions, class_weight_array, reject_typos
 from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
+from .diagnostics import LossDiagnostics, NonFiniteLossError
 from .semi_auto import SemiAutoCrossEntropy, parallel_mode_is_semi_auto
-from .vocab_parallel import VocabParallelCrossEntropy
+from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
+                             VocabParallelCrossEntropy)
+
+__all__ = ["CrossEntropyLoss", "LossCell", "NonFiniteLossError"]
 
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
 _cast = ops.Cast()
-_isfinite = ops.IsFinite()
 _stop = ops.stop_gradient
 
-_FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
-_INT_DTYPES = (ms.int32, ms.int64, ms.int16, ms.int8, ms.uint8)
-_OWN_ARGS = ("parallel_config", "check_for_nan_in_loss_and_grad", "calculate_per_token_loss", "seq_split_num",
+LOSS_ARGS = ("parallel_config", "check_for_nan_in_loss_and_grad", "calculate_per_token_loss", "seq_split_num",
              "ignore_index", "weight", "reduction", "label_smoothing", "z_loss_weight", "return_z_loss",
-             "logit_softcap", "empty_mean", "backend", "inplace_backward")
+             "logit_softcap", "empty_mean", "backend")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A non-finite loss or gradient was found by `check_for_nan_in_loss_and_grad`."""
+class LossCell(nn.Cell):
+    """Options, layout, diagnostics and output format shared by the loss cells (see the module docstring)."""
+
+    def __init__(self, parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
+                 *, known_args, kwargs, layout=None, **options):
+        super().__init__()
+        self.ignored_kwargs = reject_typos(kwargs, known_args, type(self).__name__)
+        self.parallel_config = as_parallel_config(parallel_config)
+        self.options = LossOptions(**options)
+        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, int) or seq_split_num < 1:
+            raise ValueError(f"seq_split_num must be a positive int, got {seq_split_num!r}")
+        self.layout = layout if layout is not None else rank_layout(self.parallel_config)
+        self.check_for_nan = bool(check_for_nan_in_loss_and_grad)
+        self.per_token = bool(calculate_per_token_loss) or seq_split_num > 1
+        self.diagnostics = LossDiagnostics(self.layout)
+        # plain attributes for construct: GRAPH mode folds them in as constants
+        self.ignore_index = self.options.ignore_index
+        self.reduction = self.options.reduction
+        self.empty_mean_nan = self.options.empty_mean == "nan"
+        self.z_loss_weight = self.options.z_loss_weight
+        self.return_z_loss = False
+
+    def finish(self, token_loss, denominator, rows, counted, mask, leading_shape):
+        """Records the checks and reduces: the tail of every call. `rows` is a core's per-token tuple;
+        returns (loss, denominator, z_loss), the fields of `LossOutput` (a plain tuple in the graph: see
+        vocab_parallel's note on NamedTuples)."""
+        row_max, log_sum_exp = _stop(rows[ROW_MAX]), _stop(rows[LOG_SUM_EXP])
+        if self.check_for_nan:
+            self.diagnostics.record_nonfinite(token_loss, row_max + log_sum_exp, counted,
+                                              _stop(rows[LOCAL_NONFINITE]))
+        self.diagnostics.record_widths(rows[RANK_WIDTHS])
+        reduce_options = dict(reduction=self.reduction, per_token=self.per_token, empty_mean_nan=self.empty_mean_nan,
+                              leading_shape=leading_shape)
+        loss = F.reduce_tokens(token_loss, denominator, **reduce_options)
+        z_loss = F.reduce_tokens(F.z_loss_tokens(row_max, log_sum_exp, counted, mask, self.z_loss_weight),
+                                 denominator, **reduce_options)
+        if self.per_token:
+            loss, z_loss = loss[0], z_loss[0]
+        return loss, _stop(denominator), z_loss
+
+    def formatted(self, out):
+        loss, denominator, z_loss = out
+        result = (loss, denominator) if self.per_token else loss
+        if self.return_z_loss:
+            return result, z_loss
+        return result
+
+    def check_finite(self):
+        """Host-side check of every call since the last check (call it after each step in GRAPH mode):
+        raises NonFiniteLossError naming this rank and the number of non-finite tokens, and ValueError when
+        the model-parallel ranks' logits widths disagree."""
+        self.diagnostics.check_finite()
+
+    @property
+    def nonfinite_counts(self):
+        return self.diagnostics.nonfinite_counts
+
+    @property
+    def rank_widths(self):
+        return self.diagnostics.rank_widths
+
+    def checked_call(self, call, validate, label, local_vocab, *args):
+        """Runs `call(*args)` from Python with the host-side checks around it. In GRAPH mode the shapes are
+        validated here first for clean messages (inside a bigger compiled graph the same function runs at
+        compile time); in PYNATIVE construct validates as it runs, then labels, widths and NaNs are checked."""
+        eager = ms.get_context("mode") == ms.PYNATIVE_MODE
+        if not eager and all(isinstance(a, Tensor) or a is None for a in args):
+            validate(*args)
+        result = call(*args)
+        if eager:
+            if isinstance(label, Tensor) and label.dtype in F.INT_DTYPES:
+                self.diagnostics.check_labels(label, self.ignore_index, local_vocab)
+            self.diagnostics.check_rank_widths()
+            if self.check_for_nan:
+                self.check_finite()
+        return result
 
 
-def check_call_shapes(logits_shape, logits_dtype, label_shape, label_dtype, mask_shape):
-    """Validate one call's shapes and dtypes; returns True when `label` holds probability targets.
-
-    Plain Python on shapes: MindSpore runs it at compile time in GRAPH mode, so it raises there too.
-    """
-    if logits_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits_dtype}")
-    if len(logits_shape) not in (2, 3):
-        raise ValueError(f"logits must have shape (N, V/mp) or (B, S, V/mp), got {logits_shape}")
-    rows = 1
-    for size in logits_shape[:-1]:
-        rows *= size
-    probability_targets = label_dtype in _FLOAT_DTYPES
-    if probability_targets:
-        if tuple(label_shape) != tuple(logits_shape):
-            raise ValueError(f"float label is read as probability targets and must have the logits' shape "
-                             f"{logits_shape} (each rank its vocabulary slice), got {label_shape}; class "
-                             "ids must be an integer tensor")
-    elif label_dtype not in _INT_DTYPES:
-        raise TypeError(f"label must be integer class ids or float probabilities, got {label_dtype}")
-    elif tuple(label_shape) not in (tuple(logits_shape[:-1]), (rows,)):
-        expected = f"{tuple(logits_shape[:-1])}" if len(logits_shape) == 2 else f"{tuple(logits_shape[:-1])} or ({rows},)"
-        raise ValueError(f"label must have shape {expected} to match logits {logits_shape}, got {label_shape}")
-    if mask_shape is not None:
-        allowed = (tuple(logits_shape[:-1]), (rows, 1)) if len(logits_shape) == 2 else \
-            (tuple(logits_shape[:-1]), (rows,), (rows, 1))
-        if tuple(mask_shape) not in allowed:
-            raise ValueError(f"input_mask must have shape {' or '.join(map(str, allowed))} to match logits "
-                             f"{logits_shape}, got {mask_shape}")
-    return probability_targets
+def _validate_logits_call(logits, label, input_mask=None):
+    F.check_logits_call(logits.shape, logits.dtype, label.shape, label.dtype,
+                        None if input_mask is None else input_mask.shape)
 
 
 @register_loss
-class CrossEntropyLoss(nn.Cell):
+class CrossEntropyLoss(LossCell):
     """Cross entropy over a vocabulary split across model-parallel ranks, with MindFormers' API.
 
     Args:
@@ -91,31 +143,22 @@ class CrossEntropyLoss(nn.Cell):
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
                  logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, **kwargs):
-        super().__init__()
-        self.ignored_kwargs = reject_typos(kwargs, _OWN_ARGS)
-        self.parallel_config = as_parallel_config(parallel_config)
-        self.options = LossOptions(ignore_index=int(ignore_index), reduction=reduction,
-                                   label_smoothing=float(label_smoothing), z_loss_weight=float(z_loss_weight),
-                                   logit_softcap=logit_softcap, empty_mean=empty_mean, backend=backend,
-                                   inplace_backward=inplace_backward)
-        if not isinstance(seq_split_num, int) or seq_split_num < 1:
-            raise ValueError(f"seq_split_num must be a positive int, got {seq_split_num!r}")
         # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
-        self.semi_auto = parallel_mode_is_semi_auto()
-        self.layout = (RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="") if self.semi_auto
-                       else rank_layout(self.parallel_config))
-        self.check_for_nan = bool(check_for_nan_in_loss_and_grad)
-        self.per_token = bool(calculate_per_token_loss) or seq_split_num > 1
+        semi_auto = parallel_mode_is_semi_auto()
+        super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
+                         known_args=LOSS_ARGS + ("inplace_backward",), kwargs=kwargs,
+                         layout=RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="") if semi_auto else None,
+                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
+                         backend=backend, inplace_backward=inplace_backward)
         self.return_z_loss = bool(return_z_loss)
-        # plain attributes for construct: GRAPH mode folds them in as constants
-        self.ignore_index = self.options.ignore_index
-        self.reduction = self.options.reduction
-        self.empty_mean_nan = self.options.empty_mean == "nan"
-        core_args = dict(weight=class_weight_array(weight), label_smoothing=self.options.label_smoothing,
-                         z_loss_weight=self.options.z_loss_weight, logit_softcap=logit_softcap, backend=backend,
-                         inplace=self.options.inplace_backward)
-        if self.semi_auto:
-            if self.options.inplace_backward:
+        self.semi_auto = semi_auto
+        options = self.options
+        core_args = dict(weight=class_weight_array(weight), label_smoothing=options.label_smoothing,
+                         z_loss_weight=options.z_loss_weight, logit_softcap=options.logit_softcap,
+                         backend=options.backend, inplace=options.inplace_backward)
+        if semi_auto:
+            if options.inplace_backward:
                 raise ValueError("inplace_backward=True is not supported in semi_auto/auto parallel mode (it uses "
                                  "MindSpore's own sharded ops); use the explicit vocab-parallel mode")
             if weight is not None:
@@ -123,141 +166,48 @@ class CrossEntropyLoss(nn.Cell):
                                  "vocab-parallel mode (parallel_mode='stand_alone' under msrun)")
             self.class_index_core = SemiAutoCrossEntropy(
                 self.parallel_config.data_parallel, self.parallel_config.model_parallel,
-                label_smoothing=self.options.label_smoothing, z_loss_weight=self.options.z_loss_weight,
-                logit_softcap=logit_softcap)
+                label_smoothing=options.label_smoothing, z_loss_weight=options.z_loss_weight,
+                logit_softcap=options.logit_softcap)
             self.probability_core = None
         else:
-            self.class_index_core = VocabParallelCrossEntropy(self.layout, probability_targets=False, **core_args)
-            self.probability_core = VocabParallelCrossEntropy(self.layout, probability_targets=True, **core_args)
-        # [non-finite rows, of them masked out, of them non-finite in this rank's slice]
-        self.nonfinite_counts = Parameter(Tensor(np.zeros(3, np.int32)), name="nonfinite_counts",
-                                          requires_grad=False)
-        # every model-parallel rank's logits width, as seen in the last exchange
-        self.rank_widths = Parameter(Tensor(np.zeros(self.layout.mp_size, np.int32)), name="rank_widths",
-                                     requires_grad=False)
+            self.class_index_core = VocabParallelCrossEntropy(self.layout, **core_args)
+            self.probability_core = VocabParallelCrossEntropy(self.layout, **core_args)
 
-    def construct(self, logits, label, input_mask=None):
-        mask_shape = None if input_mask is None else input_mask.shape
-        probability_targets = check_call_shapes(logits.shape, logits.dtype, label.shape, label.dtype, mask_shape)
+    def compute(self, logits, label, input_mask=None):
+        probability_targets = F.check_logits_call(logits.shape, logits.dtype, label.shape, label.dtype,
+                                                  None if input_mask is None else input_mask.shape)
         leading_shape = logits.shape[:-1]
         if len(logits.shape) != 2:
             # Only when needed: in PYNATIVE a reshape's backward copies the gradient (2x the logits at peak).
             logits = logits.reshape(-1, logits.shape[-1])
-        rows = logits.shape[0]
-        mask = (ops.ones((rows,), ms.float32) if input_mask is None
-                else _cast(input_mask.reshape(-1), ms.float32))
-        counted = mask != 0
+        mask, counted = F.count_tokens(input_mask, logits.shape[0])
         if probability_targets:
             if self.probability_core is None:
                 raise ValueError("probability targets are not supported in semi_auto/auto parallel mode yet")
-            target = label.reshape(-1, logits.shape[-1])
-            loss, row_max, log_sum_exp, target_mass, local_nonfinite, rank_widths = self.probability_core(
-                logits, target, counted)
+            rows = self.probability_core(logits, label.reshape(-1, logits.shape[-1]), counted)
+            loss = rows[TOKEN_LOSS]
             denominator_terms = mask
         else:
             target = _cast(label.reshape(-1), ms.int32)
             counted = ops.logical_and(counted, target != self.ignore_index)
-            loss, row_max, log_sum_exp, target_mass, local_nonfinite, rank_widths = self.class_index_core(
-                logits, target, counted)
-            # A label outside [0, V) must never pass silently: its token loss becomes NaN (PYNATIVE raises
-            # earlier with the position and value).
-            num_classes = logits.shape[-1] * self.layout.mp_size
-            out_of_range = ops.logical_and(counted, ops.logical_or(target < 0, target >= num_classes))
-            loss = _select(out_of_range, ops.fill(ms.float32, loss.shape, float("nan")), loss)
-            denominator_terms = _stop(target_mass) * mask
-        if self.layout.mp_size > 1:
-            ops.assign(self.rank_widths, _cast(rank_widths, ms.int32))
+            rows = self.class_index_core(logits, target, counted)
+            outside = self.diagnostics.record_labels(target, self.ignore_index, logits.shape[-1] * self.layout.mp_size)
+            loss = F.out_of_range_nan(rows[TOKEN_LOSS], ops.logical_and(counted, outside))
+            denominator_terms = _stop(rows[TARGET_MASS]) * mask
         token_loss = _select(counted, loss * mask, _zeros_like(loss))
         denominator = _select(counted, denominator_terms, _zeros_like(mask)).sum()
-        row_max, log_sum_exp = _stop(row_max), _stop(log_sum_exp)
-        if self.check_for_nan:
-            self._record_nonfinite(token_loss, row_max + log_sum_exp, counted, _stop(local_nonfinite))
-        result = self._reduce(token_loss, denominator, leading_shape)
-        if self.return_z_loss:
-            lse = row_max + log_sum_exp
-            z_loss = _select(counted, self.options.z_loss_weight * lse * lse * mask, _zeros_like(lse))
-            return result, self._reduce(z_loss, denominator, leading_shape)
-        return result
+        return self.finish(token_loss, denominator, rows, counted, mask, leading_shape)
 
-    def _reduce(self, token_loss, denominator, leading_shape):
-        if self.per_token:
-            return token_loss.sum(), denominator
-        if self.reduction == "none":
-            return token_loss.reshape(leading_shape)
-        total = token_loss.sum()
-        if self.reduction == "sum":
-            return total
-        nonempty = denominator > 0
-        # Guard the division itself, not only its result: the gradient of x / 0 is inf, and inf * 0 = NaN.
-        safe_denominator = _select(nonempty, denominator, ops.ones_like(denominator))
-        empty_value = float("nan") if self.empty_mean_nan else 0.0
-        return _select(nonempty, total / safe_denominator, ops.fill(ms.float32, (), empty_value))
+    def construct(self, logits, label, input_mask=None):
+        return self.formatted(self.compute(logits, label, input_mask))
 
-    def _record_nonfinite(self, token_loss, lse, counted, local_nonfinite):
-        # Non-finite lse makes the row's gradient non-finite; a non-finite counted loss is the loss itself.
-        # Masked-out rows are counted too: a NaN under a mask is still a NaN in the model.
-        bad = ops.logical_or(ops.logical_not(_isfinite(lse)),
-                             ops.logical_and(counted, ops.logical_not(_isfinite(token_loss))))
-        bad_i = _cast(bad, ms.int32)
-        counts = ops.stack([bad_i.sum(), (bad_i * _cast(ops.logical_not(counted), ms.int32)).sum(),
-                            (bad_i * _cast(local_nonfinite > 0, ms.int32)).sum()])
-        # Accumulated until check_finite() reads it: a step of several micro-batches is checked whole.
-        ops.assign_add(self.nonfinite_counts, _cast(counts, ms.int32))
+    def __call__(self, logits, label, input_mask=None):
+        local_vocab = logits.shape[-1] if isinstance(logits, Tensor) else 0
+        return self.checked_call(super().__call__, _validate_logits_call, label, local_vocab, logits, label,
+                                 input_mask)
 
-    def check_finite(self):
-        """Host-side check of every call since the last check (call it after each step in GRAPH mode):
-        raises NonFiniteLossError naming this rank and the number of non-finite tokens, and ValueError when
-        the model-parallel ranks' logits widths disagree."""
-        self._check_rank_widths()
-        bad, masked, local = (int(v) for v in self.nonfinite_counts.asnumpy())
-        if bad:
-            self.nonfinite_counts.set_data(Tensor(np.zeros(3, np.int32)))
-            layout = self.layout
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient on {layout.describe()}: {bad} token(s) "
-                f"({masked} of them masked out); {local} of them non-finite in this rank's own vocabulary "
-                "slice")
-
-    def _check_rank_widths(self):
-        if self.layout.mp_size == 1:
-            return
-        widths = self.rank_widths.asnumpy()
-        mine = widths[self.layout.mp_rank]
-        other = next((r for r, w in enumerate(widths) if w != mine), None)
-        if other is not None:
-            raise ValueError(f"logits width differs between model-parallel ranks: {self.layout.describe()} has "
-                             f"{mine} columns, mp rank {other} has {widths[other]}; every rank must hold V/mp "
-                             "columns of the vocabulary")
-
-    def __call__(self, *args, **kwargs):
-        # Runs only when the loss is called from Python (PYNATIVE, or a top-level GRAPH call): clean
-        # messages first; inside a bigger compiled graph the same checks run at compile time in construct.
-        self._check_call(*args, **kwargs)
-        eager = ms.get_context("mode") == ms.PYNATIVE_MODE
-        if eager:
-            self._check_labels_eagerly(*args, **kwargs)
-        result = super().__call__(*args, **kwargs)
-        if eager:
-            self._check_rank_widths()
-            if self.check_for_nan:
-                self.check_finite()
-        return result
-
-    @staticmethod
-    def _check_call(logits, label, input_mask=None):
-        if isinstance(logits, Tensor) and isinstance(label, Tensor):
-            check_call_shapes(logits.shape, logits.dtype, label.shape, label.dtype,
-                              input_mask.shape if isinstance(input_mask, Tensor) else None)
-
-    def _check_labels_eagerly(self, logits, label, input_mask=None):
-        if not isinstance(label, Tensor) or not isinstance(logits, Tensor) or label.dtype in _FLOAT_DTYPES:
-            return
-        num_classes = logits.shape[-1] * self.layout.mp_size
-        values = label.asnumpy()
-        bad = (values != self.ignore_index) & ((values < 0) | (values >= num_classes))
-        if bad.any():
-            position = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"label{list(position)} = {values[position]} is outside [0, {num_classes}) and is "
-                             f"not ignore_index={self.ignore_index} (vocabulary of {num_classes} = "
-                             f"{self.layout.mp_size} model-parallel ranks x {logits.shape[-1]} logits per rank); "
-                             f"{int(bad.sum())} label(s) out of range in all")
+    def outputs(self, logits, label, input_mask=None) -> F.LossOutput:
+        """The named `LossOutput` of one call (what `mf_loss.functional.cross_entropy` returns)."""
+        local_vocab = logits.shape[-1]
+        return F.LossOutput(*self.checked_call(self.compute, _validate_logits_call, label, local_vocab, logits, label,
+                                               input_mask))

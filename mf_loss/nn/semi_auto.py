@@ -11,14 +11,14 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
+
 def parallel_mode_is_semi_auto() -> bool:
     return ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
 
 
 class SemiAutoCrossEntropy(nn.Cell):
-    """construct(logits (N, V), label (N,) int32, active (N,) bool) -> the same five (N,) outputs as
-    `VocabParallelCrossEntropy`: token_loss, row_max, log_sum_exp, target_mass, local_nonfinite, and the
-    (1,) logits width (one logical slice)."""
+    """construct(logits (N, V), label (N,) int32, active (N,) bool) -> the per-token tuple of
+    `VocabParallelCrossEntropy` (RANK_WIDTHS: the (1,) logits width of one logical slice)."""
 
     def __init__(self, data_parallel: int, model_parallel: int, *, label_smoothing=0.0, z_loss_weight=0.0,
                  logit_softcap=None):
@@ -61,5 +61,5 @@ class SemiAutoCrossEntropy(nn.Cell):
         loss = loss.reshape(-1)
         loss = self.select(active, loss, ops.zeros_like(loss))
         target_mass = ops.ones_like(loss)
-        return loss, row_max.reshape(-1), ops.stop_gradient(log_sum_exp.reshape(-1)), target_mass, \
-            ops.zeros_like(loss), ops.fill(ms.float32, (1,), float(num_classes))
+        return (loss, row_max.reshape(-1), ops.stop_gradient(log_sum_exp.reshape(-1)), target_mass,
+                ops.zeros_like(loss), ops.fill(ms.float32, (1,), float(num_classes)))

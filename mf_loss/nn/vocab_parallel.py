@@ -3,6 +3,10 @@
 Forward: local statistics (shard math) -> one exchange (communication layer) -> per-token loss.
 Backward: the gradient of the rank's own slice from the saved row statistics; no collective (autodiff
 through the exchange would all-reduce gradients and multiply them by the group size).
+
+`VocabShard` holds what both cores (this one and the fused lm head's, `linear_vocab_parallel`) know about
+the rank's slice of the vocabulary: its class weights, its place, the backend's per-shard steps, and how
+to finish the exchanged statistics into token losses.
 """
 import numpy as np
 
@@ -19,23 +23,27 @@ _cast = ops.Cast()
 _isfinite = ops.IsFinite()
 
 
-class VocabParallelCrossEntropy(nn.Cell):
-    """construct(logits (N, Vl), target, active (N,) bool) ->
-    (token_loss, row_max, log_sum_exp, target_mass, local_nonfinite), each (N,) float32, and
-    rank_widths (mp,): every model-parallel rank's logits width (token_loss is NaN if they differ).
+# A core's per-token result is a plain tuple with these positions, each (N,) float32 unless said:
+#   TOKEN_LOSS       loss of each token, 0 where not active; NaN if the ranks' widths disagree
+#   ROW_MAX          max logit of the row over the full vocabulary
+#   LOG_SUM_EXP      log sum exp(x - row_max) over the full vocabulary
+#   TARGET_MASS      w[y] (class ids; 0 for a label no rank owns) or sum_c w_c t_c (probabilities)
+#   LOCAL_NONFINITE  1.0 where this rank's own statistics of the row are not finite
+#   RANK_WIDTHS      (mp,) every model-parallel rank's logits width, as exchanged
+# Only TOKEN_LOSS is differentiable; the rest are statistics for reductions and checks (callers stop their
+# gradients). Not a NamedTuple: in GRAPH mode MindSpore 2.10 silently gives zero gradients through
+# NamedTuple fields (tests/test_modes_and_errors.py keeps GRAPH gradients checked against NumPy).
+TOKEN_LOSS, ROW_MAX, LOG_SUM_EXP, TARGET_MASS, LOCAL_NONFINITE, RANK_WIDTHS = range(6)
 
-    `target` is (N,) int32 class ids over the full vocabulary, or (N, Vl) probabilities of this slice.
-    `token_loss` is 0 where `active` is False. Only `token_loss` is differentiable; the other outputs are
-    statistics for reductions and checks (callers stop their gradients).
-    """
 
-    def __init__(self, layout: RankLayout, *, probability_targets: bool, weight: np.ndarray = None,
-                 label_smoothing: float = 0.0, z_loss_weight: float = 0.0, logit_softcap=None,
-                 backend: str = "auto", inplace: bool = False):
+class VocabShard(nn.Cell):
+    """This rank's slice of the vocabulary and the per-shard math on it (no collective of its own)."""
+
+    def __init__(self, layout: RankLayout, *, weight: np.ndarray = None, label_smoothing: float = 0.0,
+                 z_loss_weight: float = 0.0, logit_softcap=None, backend: str = "auto", inplace: bool = False):
         super().__init__()
         self.mp_size = layout.mp_size
         self.mp_rank = layout.mp_rank
-        self.probability_targets = probability_targets
         self.label_smoothing = float(label_smoothing)
         self.z_loss_weight = float(z_loss_weight)
         self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
@@ -44,6 +52,7 @@ class VocabParallelCrossEntropy(nn.Cell):
         self.inplace = kernels.inplace
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
+        self.scratch_logits_grad = kernels.scratch_logits_grad
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None
@@ -56,33 +65,36 @@ class VocabParallelCrossEntropy(nn.Cell):
             self.rank_weight_sums = Tensor(per_rank.astype(np.float64).sum(axis=1).astype(np.float32))
             self.weight_total = float(weight.astype(np.float64).sum())
 
-    def _vocab(self, logits):
-        local_vocab = logits.shape[-1]
+    def vocab(self, local_vocab: int):
+        """(classes in the full vocabulary, first class of this rank) for a slice `local_vocab` wide."""
         if self.full_weight is not None and self.full_weight.shape[0] != local_vocab * self.mp_size:
             raise ValueError(f"weight has {self.full_weight.shape[0]} classes but logits of width {local_vocab} "
                              f"on {self.mp_size} model-parallel ranks make a vocabulary of "
                              f"{local_vocab * self.mp_size}")
         return local_vocab * self.mp_size, local_vocab * self.mp_rank
 
-    def _spec(self, vocab_start):
+    def spec(self, vocab_start: int) -> math.ShardSpec:
         return math.ShardSpec(vocab_start, self.logit_softcap, self.label_smoothing)
 
-    def _weight_sums(self, local_vocab):
+    def weight_sums(self, local_vocab: int):
+        """(each rank's sum of class weights (mp,), the full vocabulary's) for label smoothing."""
         if self.full_weight is None:
             return Tensor(np.full(self.mp_size, local_vocab, np.float32)), float(local_vocab * self.mp_size)
         return self.rank_weight_sums, self.weight_total
 
-    def construct(self, logits, target, active):
-        num_classes, vocab_start = self._vocab(logits)
-        rank_weight_sums, weight_total = self._weight_sums(logits.shape[-1])
-        local_vocab = logits.shape[-1]
-        local = self.local_row_stats(logits, target, self.weight, self._spec(vocab_start))
-        # Each rank only knows its own width: it rides along in the exchange as one extra row.
+    def exchange_stats(self, local, local_vocab: int):
+        """Every rank's statistics (mp, N, K) and widths (mp,) from this rank's (N, K): the ONE exchange.
+        Each rank only knows its own width: it rides along as one extra row."""
         width_row = ops.concat((ops.fill(ms.float32, (1, 1), float(local_vocab)),
                                 ops.fill(ms.float32, (1, local.shape[-1] - 1), 0.0)), 1)
         gathered = self.exchange(ops.concat((local, width_row), 0))
-        rank_widths = gathered[:, -1, 0]
-        stats = math.combine_row_stats(gathered[:, :-1, :], rank_weight_sums)
+        return gathered[:, :-1, :], gathered[:, -1, 0]
+
+    def finish(self, local, gathered, rank_widths, active, local_vocab: int):
+        """Token losses from the exchanged statistics; NaN for active rows when the widths disagree."""
+        num_classes, _ = self.vocab(local_vocab)
+        rank_weight_sums, weight_total = self.weight_sums(local_vocab)
+        stats = math.combine_row_stats(gathered, rank_weight_sums)
         loss = math.token_loss(stats, self.label_smoothing, num_classes, weight_total, self.z_loss_weight)
         widths_agree = (rank_widths == float(local_vocab)).all()
         loss = _select(ops.logical_and(active, widths_agree), loss,
@@ -90,14 +102,33 @@ class VocabParallelCrossEntropy(nn.Cell):
         local_nonfinite = _cast(ops.logical_not(_isfinite(local).all(axis=-1)), ms.float32)
         return loss, stats["row_max"], stats["log_sum_exp"], stats["target_mass"], local_nonfinite, rank_widths
 
-    def bprop(self, logits, target, active, out, dout):
-        num_classes, vocab_start = self._vocab(logits)
-        _, weight_total = self._weight_sums(logits.shape[-1])
-        _, row_max, log_sum_exp, target_mass, _, _ = out
-        upstream = _select(active, dout[0], _zeros_like(dout[0]))
+    def coefficients(self, row_max, log_sum_exp, target_mass, upstream, local_vocab: int):
+        """The (a, b, q) of the gradient formula (shard_math) for per-row upstream gradients."""
+        num_classes, _ = self.vocab(local_vocab)
+        _, weight_total = self.weight_sums(local_vocab)
         stats = {"row_max": row_max, "log_sum_exp": log_sum_exp, "target_mass": target_mass}
-        a, b, q = math.grad_coefficients(stats, upstream, self.label_smoothing, num_classes, weight_total,
-                                         self.z_loss_weight)
-        grad = self.logits_grad(logits, target, self.weight, self._spec(vocab_start), row_max, log_sum_exp,
-                                (a, b, q))
+        return math.grad_coefficients(stats, upstream, self.label_smoothing, num_classes, weight_total,
+                                      self.z_loss_weight)
+
+
+class VocabParallelCrossEntropy(VocabShard):
+    """construct(logits (N, Vl), target, active (N,) bool) -> the per-token tuple (TOKEN_LOSS, ...).
+
+    `target` is (N,) int32 class ids over the full vocabulary, or (N, Vl) probabilities of this slice.
+    """
+
+    def construct(self, logits, target, active):
+        local_vocab = logits.shape[-1]
+        _, vocab_start = self.vocab(local_vocab)
+        local = self.local_row_stats(logits, target, self.weight, self.spec(vocab_start))
+        gathered, rank_widths = self.exchange_stats(local, local_vocab)
+        return self.finish(local, gathered, rank_widths, active, local_vocab)
+
+    def bprop(self, logits, target, active, out, dout):
+        local_vocab = logits.shape[-1]
+        _, vocab_start = self.vocab(local_vocab)
+        upstream = _select(active, dout[TOKEN_LOSS], _zeros_like(dout[TOKEN_LOSS]))
+        coefficients = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
+        grad = self.logits_grad(logits, target, self.weight, self.spec(vocab_start), out[ROW_MAX],
+                                out[LOG_SUM_EXP], coefficients)
         return grad, _zeros_like(target), _zeros_like(active)

@@ -34,15 +34,19 @@ _auto_warned = False
 
 @dataclass(frozen=True)
 class Backend:
-    """The two per-shard steps of one implementation (signatures of `shard_math`)."""
+    """The two per-shard steps of one implementation (signatures of `shard_math`).
+
+    `scratch_logits_grad` is the gradient of logits that nobody reads afterwards (the fused head's chunk
+    logits): written over them where the backend can (fused), a new tensor otherwise."""
 
     name: str
     local_row_stats: Callable
     logits_grad: Callable
+    scratch_logits_grad: Callable
     inplace: bool = False
 
 
-COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad)
+COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad)
 
 
 def device_target() -> str:
@@ -60,7 +64,7 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   inplace=bool(inplace))
+                   fused.logits_grad_inplace, inplace=bool(inplace))
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

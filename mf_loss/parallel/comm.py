@@ -98,3 +98,19 @@ class RowStatsExchange(nn.Cell):
         """Bytes all-reduced for an (rows, cols) statistics block as handed to construct (the loss sends
         N token rows plus one row carrying its logits width)."""
         return 0 if self.mp_size == 1 else self.mp_size * rows * cols * 4
+
+
+class ModelParallelSum(nn.Cell):
+    """SUM over the model-parallel group (identity when mp = 1): the lm head's input gradient, of which each
+    rank holds only the share of its vocabulary slice (Megatron's copy-to-tensor-parallel backward)."""
+
+    def __init__(self, layout: RankLayout):
+        super().__init__()
+        self.mp_size = layout.mp_size
+        if self.mp_size > 1:
+            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, layout.group)
+
+    def construct(self, x):
+        if self.mp_size == 1:
+            return x
+        return self.all_reduce(x)

@@ -1,0 +1,158 @@
+"""`LinearCrossEntropyLoss`: the lm head and the loss in one cell, exactly `CrossEntropyLoss` applied to
+`hidden @ head_weight.T`, without ever holding the (N, V/mp) logits or their gradient.
+
+A thin cell over the functional core and a chunked core (`linear_vocab_parallel`): it counts the tokens,
+makes each token's weight in the loss (`row_scale`) before any logit exists, and reduces.
+"""
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from .. import functional as F
+from ..options import class_weight_array
+from ..parallel.config import default_dpmp_config
+from ..registry import register_loss
+from .linear_vocab_parallel import OBJECTIVE, GradByRecompute, GradInForward
+from .loss import LOSS_ARGS, LossCell
+from .semi_auto import parallel_mode_is_semi_auto
+from .vocab_parallel import TOKEN_LOSS
+
+_select = ops.Select()
+_zeros_like = ops.ZerosLike()
+_cast = ops.Cast()
+_stop = ops.stop_gradient
+
+GRAD_MODES = ("auto", "forward", "recompute")
+
+
+def _validate_linear_call(hidden, head_weight, label, input_mask=None):
+    F.check_linear_call(hidden.shape, hidden.dtype, head_weight.shape, head_weight.dtype, label.shape, label.dtype,
+                        None if input_mask is None else input_mask.shape)
+
+
+@register_loss
+class LinearCrossEntropyLoss(LossCell):
+    """The fused lm head + vocab-parallel cross entropy, with `CrossEntropyLoss`'s options and outputs.
+
+    Args: every argument of `CrossEntropyLoss` but `inplace_backward` (the chunk logits are always written
+    over by their gradient where the backend can), and:
+        chunk_size: rows per chunk; None chooses it from a memory budget (`mf_loss.ops.chunking`).
+        complete_hidden_grad: True (default) sums hidden's gradient over the model-parallel ranks in the
+            backward, so the caller gets the whole gradient; False returns this rank's share, for models
+            whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
+        grad_mode: "forward" makes the gradient in the forward (3 matmuls; one exchange per chunk when
+            mp > 1), "recompute" makes the chunk logits again in the backward (4 matmuls; one exchange),
+            "auto" is "forward" except for reduction="none", which needs "recompute".
+    Inputs:
+        hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
+        head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
+        label (N,) or (B, S): integer class ids in [0, V) or ignore_index (probability targets are refused:
+            they are (N, V) themselves).
+        input_mask: None, or (N,), (N, 1), (B, S) bool/int/float weights of the tokens.
+    hidden and head_weight are float32, float16 or bfloat16; the maths runs in float32 and the gradients come
+    back in their dtypes.
+    """
+
+    def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
+                 calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
+                 reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
+                 logit_softcap=None, empty_mean="zero", backend="auto", chunk_size=None,
+                 complete_hidden_grad=True, grad_mode="auto", **kwargs):
+        if parallel_mode_is_semi_auto():
+            raise ValueError("LinearCrossEntropyLoss runs in the explicit vocab-parallel mode (parallel_mode="
+                             "'stand_alone' under msrun), not in semi_auto/auto parallel mode")
+        super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
+                         known_args=LOSS_ARGS + ("chunk_size", "complete_hidden_grad", "grad_mode"), kwargs=kwargs,
+                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
+                         backend=backend)
+        self.return_z_loss = bool(return_z_loss)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+        if not isinstance(complete_hidden_grad, (bool, np.bool_)):
+            raise TypeError(f"complete_hidden_grad must be a bool, got {complete_hidden_grad!r}")
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {', '.join(map(repr, GRAD_MODES))}, got {grad_mode!r}")
+        unreduced = self.reduction == "none" and not self.per_token
+        if grad_mode == "forward" and unreduced:
+            raise ValueError("grad_mode='forward' needs a scalar loss (reduction 'mean' or 'sum', or "
+                             "calculate_per_token_loss); reduction='none' needs grad_mode='recompute' or 'auto'")
+        self.grad_mode = "recompute" if grad_mode == "recompute" or unreduced else "forward"
+        weights = class_weight_array(weight)
+        # every rank looks up the weight of any class for the denominator, which needs no logits
+        self.class_weight = None if weights is None else Tensor(weights)
+        core = GradInForward if self.grad_mode == "forward" else GradByRecompute
+        self.core = core(self.layout, weight=weights, label_smoothing=self.options.label_smoothing,
+                         z_loss_weight=self.options.z_loss_weight, logit_softcap=self.options.logit_softcap,
+                         backend=self.options.backend, chunk_size=chunk_size,
+                         complete_hidden_grad=bool(complete_hidden_grad))
+
+    @property
+    def backend(self):
+        return self.core.backend
+
+    def collectives_per_call(self, rows: int, local_vocab: int) -> dict:
+        """All-reduces one forward and backward issue on this layout (none when mp = 1), for the README and
+        the benchmark: {"forward": n, "backward": n}."""
+        if self.layout.mp_size == 1:
+            return {"forward": 0, "backward": 0}
+        forward = 1 if self.grad_mode == "recompute" else max(len(self.core.bounds(rows, local_vocab)), 1)
+        return {"forward": forward, "backward": 1 if self.core.complete_hidden_grad else 0}
+
+    def compute(self, hidden, head_weight, label, input_mask=None):
+        F.check_linear_call(hidden.shape, hidden.dtype, head_weight.shape, head_weight.dtype, label.shape,
+                            label.dtype, None if input_mask is None else input_mask.shape)
+        leading_shape = hidden.shape[:-1]
+        if len(hidden.shape) != 2:
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        rows = hidden.shape[0]
+        num_classes = head_weight.shape[0] * self.layout.mp_size
+        mask, counted = F.count_tokens(input_mask, rows)
+        target = _cast(label.reshape(-1), ms.int32)
+        counted = ops.logical_and(counted, target != self.ignore_index)
+        outside = self.diagnostics.record_labels(target, self.ignore_index, num_classes)
+        # each counted token's share of the denominator, w[y] * mask: known from the labels alone
+        valid = ops.logical_and(target >= 0, target < num_classes)
+        if self.class_weight is None:
+            class_mass = _cast(valid, ms.float32)
+        else:
+            class_mass = _select(valid, ops.gather(self.class_weight, _select(valid, target, _zeros_like(target)), 0),
+                                 ops.zeros((rows,), ms.float32))
+        denominator = _select(counted, class_mass * mask, _zeros_like(mask)).sum()
+        if self.reduction == "mean" and not self.per_token:
+            _, divisor = F.safe_denominator(denominator)
+            row_scale = mask / divisor
+        else:
+            row_scale = mask
+        # a counted label outside [0, V) makes the loss NaN, never a silently wrong number
+        row_scale = F.out_of_range_nan(_select(counted, row_scale, _zeros_like(row_scale)),
+                                       ops.logical_and(counted, outside))
+        out = self.core(hidden, head_weight, target, row_scale, counted)
+        rows_out = out[1:7]
+        loss = F.out_of_range_nan(rows_out[TOKEN_LOSS], ops.logical_and(counted, outside))
+        token_loss = _select(counted, loss * mask, _zeros_like(loss))
+        loss, denominator, z_loss = self.finish(token_loss, denominator, rows_out, counted, mask, leading_shape)
+        if self.grad_mode == "forward":
+            # the core's objective carries the gradient: the same value, reduced as asked
+            objective = out[OBJECTIVE]
+            if self.reduction == "mean" and not self.per_token:
+                nonempty, _ = F.safe_denominator(denominator)
+                loss = _select(nonempty, objective, loss)
+            else:
+                loss = objective
+        return loss, denominator, z_loss
+
+    def construct(self, hidden, head_weight, label, input_mask=None):
+        return self.formatted(self.compute(hidden, head_weight, label, input_mask))
+
+    def __call__(self, hidden, head_weight, label, input_mask=None):
+        local_vocab = head_weight.shape[0] if isinstance(head_weight, Tensor) else 0
+        return self.checked_call(super().__call__, _validate_linear_call, label, local_vocab, hidden, head_weight,
+                                 label, input_mask)
+
+    def outputs(self, hidden, head_weight, label, input_mask=None) -> F.LossOutput:
+        """The named `LossOutput` of one call (what `mf_loss.functional.linear_cross_entropy` returns)."""
+        return F.LossOutput(*self.checked_call(self.compute, _validate_linear_call, label, head_weight.shape[0],
+                                               hidden, head_weight, label, input_mask))

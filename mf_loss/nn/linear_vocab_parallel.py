@@ -1,0 +1,174 @@
+"""The autodiff wrapper of the fused lm head + vocab-parallel cross entropy: the (N, V/mp) logits never exist.
+
+Rows go through in chunks (`ops.chunking`): a chunk's logits are made by a matmul, reduced to row statistics
+by the backend's per-shard step, and dropped. In GRAPH mode the chunk loop is unrolled and each chunk is
+ordered after the previous one (a Depend on the chunk's input), so that one chunk's buffers are alive at a
+time instead of whatever the scheduler would overlap.
+
+The loss cell hands the core a per-row `row_scale`: the loss it returns is `objective = sum_n row_scale_n *
+token_loss_n` (mean: mask / denominator; sum and the per-token numerator: mask), known before any logit.
+Two ways to the gradient, both exact (collectives per call for mp > 1 in brackets):
+
+- `GradInForward` (Liger's way): the gradient of `objective` is made chunk by chunk in the forward, right
+  after the chunk's statistics, and the backward only scales it by the upstream scalar. 3 matmuls, as the
+  unfused head. A chunk's statistics must be complete before its gradient, so with mp > 1 each chunk makes
+  its own exchange [chunks + 1: one exchange per chunk, plus the hidden gradient's sum in the backward].
+  `token_loss` is not differentiable here (the loss cell only reads it under stop_gradient).
+- `GradByRecompute` (Cut Cross-Entropy's way): the forward makes the statistics of every chunk and ONE
+  exchange; the backward makes each chunk's logits again. 4 matmuls [2: the exchange, and the hidden
+  gradient's sum]. Needed for reduction="none" (a per-row upstream gradient).
+
+The hidden gradient's sum over the model-parallel ranks (`complete_hidden_grad`) is the lm head's own
+backward all-reduce (Megatron's copy-to-tensor-parallel region), not an extra one; models whose own copy op
+already sums it ask for this rank's share only.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..ops import chunking
+from ..parallel.comm import ModelParallelSum
+from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
+                             VocabShard)
+
+_cast = ops.Cast()
+_depend = ops.Depend()
+_select = ops.Select()
+_zeros_like = ops.ZerosLike()
+_logits_of = ops.MatMul(transpose_b=True)   # (n, H) x (Vl, H)^T
+_hidden_grad_of = ops.MatMul()              # (n, Vl) x (Vl, H)
+_weight_grad_of = ops.MatMul(transpose_a=True)  # (n, Vl)^T x (n, H)
+# positions in a core's output: the objective, the per-token tuple of vocab_parallel, then (GradInForward) the
+# gradients made in the forward
+OBJECTIVE, HIDDEN_GRAD, WEIGHT_GRAD = 0, 7, 8
+
+
+class LinearShard(VocabShard):
+    """What both gradient strategies share: chunking, the chunk logits, the chunk gradient."""
+
+    def __init__(self, layout, *, chunk_size=None, complete_hidden_grad=True, **shard_options):
+        super().__init__(layout, **shard_options)
+        self.chunk_size = chunk_size
+        self.complete_hidden_grad = bool(complete_hidden_grad)
+        self.model_parallel_sum = ModelParallelSum(layout)
+
+    def chunk_rows(self, rows: int, local_vocab: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        # the fused steps keep one float32 chunk of logits (the gradient is written over it); the composed
+        # ops hold a few chunk-sized temporaries at once (exp, probabilities, gradient, selects)
+        buffers = 1 if self.backend == "fused" else 6
+        return chunking.auto_chunk_rows(rows, local_vocab, buffers=buffers)
+
+    def bounds(self, rows: int, local_vocab: int):
+        return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
+
+    def chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients):
+        """(d hidden chunk, d weight share) of one chunk from its logits, which are consumed."""
+        grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
+        return _hidden_grad_of(grad, weight32), _weight_grad_of(grad, hidden_chunk)
+
+    def finish_hidden_grad(self, hidden_grad, hidden):
+        if self.complete_hidden_grad:
+            hidden_grad = self.model_parallel_sum(hidden_grad)
+        return _cast(hidden_grad, hidden.dtype)
+
+
+def _after(tensor, previous):
+    """`tensor`, ordered after `previous` has been computed (GRAPH mode would otherwise overlap chunks)."""
+    return tensor if previous is None else _depend(tensor, previous)
+
+
+def _accumulate(total, part):
+    return part if total is None else total + part
+
+
+class GradByRecompute(LinearShard):
+    """construct(hidden (N, H), head_weight (Vl, H), target (N,) int32, row_scale (N,), active (N,) bool)
+    -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
+
+    def construct(self, hidden, head_weight, target, row_scale, active):
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
+        spec = self.spec(vocab_start)
+        weight32 = _cast(head_weight, ms.float32)
+        parts = []
+        previous = None
+        for start, stop in self.bounds(rows, local_vocab):
+            chunk = _after(_cast(hidden[start:stop], ms.float32), previous)
+            previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
+            parts.append(previous)
+        columns = 5 if self.label_smoothing > 0 else 4
+        local = ops.concat(parts, 0) if parts else ops.zeros((0, columns), ms.float32)
+        gathered, rank_widths = self.exchange_stats(local, local_vocab)
+        rows_out = self.finish(local, gathered, rank_widths, active, local_vocab)
+        return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
+
+    def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
+        spec = self.spec(vocab_start)
+        row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
+        upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
+        a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
+        weight32 = _cast(head_weight, ms.float32)
+        hidden_parts = []
+        weight_grad = None
+        for start, stop in self.bounds(rows, local_vocab):
+            chunk = _after(_cast(hidden[start:stop], ms.float32), weight_grad)
+            logits = _logits_of(chunk, weight32)
+            hidden_part, weight_part = self.chunk_grads(
+                logits, chunk, weight32, target[start:stop], spec, row_max[start:stop], log_sum_exp[start:stop],
+                (a[start:stop], b[start:stop], q[start:stop]))
+            hidden_parts.append(hidden_part)
+            weight_grad = _accumulate(weight_grad, weight_part)
+        if not hidden_parts:
+            return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
+                    _zeros_like(active))
+        hidden_grad = self.finish_hidden_grad(ops.concat(hidden_parts, 0), hidden)
+        return (hidden_grad, _cast(weight_grad, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
+                _zeros_like(active))
+
+
+class GradInForward(LinearShard):
+    """construct(hidden, head_weight, target, row_scale, active) -> (objective, the per-token tuple of
+    `vocab_parallel`, hidden_grad, weight_grad): the gradient of `objective` is made in the forward."""
+
+    def construct(self, hidden, head_weight, target, row_scale, active):
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
+        spec = self.spec(vocab_start)
+        weight32 = _cast(head_weight, ms.float32)
+        pieces = []   # the per-token tuple of each chunk
+        hidden_parts = []
+        weight_grad = None
+        for start, stop in self.bounds(rows, local_vocab):
+            chunk = _after(_cast(hidden[start:stop], ms.float32), weight_grad)
+            logits = _logits_of(chunk, weight32)
+            local = self.local_row_stats(logits, target[start:stop], self.weight, spec)
+            gathered, rank_widths = self.exchange_stats(local, local_vocab)
+            piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
+            coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
+                                             row_scale[start:stop], local_vocab)
+            hidden_part, weight_part = self.chunk_grads(logits, chunk, weight32, target[start:stop], spec,
+                                                        piece[ROW_MAX], piece[LOG_SUM_EXP], coefficients)
+            pieces.append(piece)
+            hidden_parts.append(hidden_part)
+            weight_grad = _accumulate(weight_grad, weight_part)
+        if not pieces:  # no rows: nothing to exchange, every output empty or zero
+            empty = ops.zeros((0,), ms.float32)
+            widths = ops.fill(ms.float32, (self.mp_size,), float(local_vocab))
+            return (empty.sum(), empty, empty, empty, empty, empty, widths, ops.zeros(hidden.shape, ms.float32),
+                    ops.zeros(head_weight.shape, ms.float32))
+        token_loss = ops.concat([piece[TOKEN_LOSS] for piece in pieces], 0)
+        return ((row_scale * token_loss).sum(), token_loss,
+                ops.concat([piece[ROW_MAX] for piece in pieces], 0),
+                ops.concat([piece[LOG_SUM_EXP] for piece in pieces], 0),
+                ops.concat([piece[TARGET_MASS] for piece in pieces], 0),
+                ops.concat([piece[LOCAL_NONFINITE] for piece in pieces], 0),
+                pieces[0][RANK_WIDTHS], ops.concat(hidden_parts, 0), weight_grad)
+
+    def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
+        scale = dout[0]
+        hidden_grad = self.finish_hidden_grad(out[HIDDEN_GRAD] * scale, hidden)
+        return (hidden_grad, _cast(out[WEIGHT_GRAD] * scale, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
+                _zeros_like(active))

@@ -1,0 +1,42 @@
+"""How rows are split into chunks, so that nothing (rows, vocabulary)-sized exists at once.
+
+Pure Python on shapes: GRAPH mode unrolls the chunk loop at compile time from these static bounds.
+"""
+import math
+
+# What one chunk may hold of float32 (rows, V/mp) buffers when the caller does not say: the logits and
+# the gradient of a chunk with the fused kernels, a few more temporaries with the composed ops. Small
+# against the logits of a training step (0.5-2 GB at LLM shapes), large enough that each chunk's matmul
+# runs at full speed (>= 64 rows for V/mp up to 128k).
+DEFAULT_CHUNK_BYTES = 32 << 20
+MIN_AUTO_ROWS = 16
+
+
+def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
+    least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine), at most `rows` (one chunk). Plain
+    statements, as in chunk_bounds."""
+    per_row = local_vocab * 4 * buffers if local_vocab > 0 and buffers > 0 else 4
+    chunk = budget_bytes // per_row
+    if chunk < MIN_AUTO_ROWS:
+        chunk = MIN_AUTO_ROWS
+    if chunk > rows:
+        chunk = rows
+    return chunk if chunk > 0 else 1
+
+
+def chunk_bounds(rows: int, chunk_rows: int) -> list:
+    """[(start, stop), ...] covering [0, rows) in order; the last chunk holds the remainder; [] when empty.
+    Plain statements only: MindSpore's GRAPH parser runs this at compile time, inside custom bprops too,
+    where generator expressions and the builtin min() fail to compile."""
+    bounds = []
+    for start in range(0, rows, chunk_rows):
+        stop = start + chunk_rows
+        if stop > rows:
+            stop = rows
+        bounds.append((start, stop))
+    return bounds
+
+
+def num_chunks(rows: int, chunk_rows: int) -> int:
+    return math.ceil(rows / chunk_rows) if rows else 0
