@@ -150,3 +150,32 @@ def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_run_config(compare.CONFIG, [override])
     assert "mindformers_llama.yaml" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------- fused head
+
+@pytest.mark.skipif(not hasattr(mf_loss, "LinearCrossEntropyLoss"), reason="mf_loss has no LinearCrossEntropyLoss")
+def test_fused_head_llama_equals_the_logits_llama():
+    """loss.type mf_loss.LinearCrossEntropyLoss: the Llama hands its hidden state and head rows to the loss (no
+    logits); same loss and parameter gradients as with the logits and CrossEntropyLoss."""
+    config = compare.single_rank_config()
+    block = {"calculate_per_token_loss": True, "ignore_index": -100}
+    fused = build_model(config, {"type": "mf_loss.LinearCrossEntropyLoss", **block})
+    plain = build_model(config, {"type": "mf_loss.CrossEntropyLoss", **block})
+    assert fused.fused_head and not plain.fused_head
+    batch = global_batch(compare.corpus_ids("builtin"), config, 0)  # padded rows and ignored spans included
+    inputs = (ms.Tensor(batch.input_ids), ms.Tensor(batch.labels))
+    (num_fused, den_fused), grads_fused = _per_token_loss_and_grads(fused, inputs)
+    (num_plain, den_plain), grads_plain = _per_token_loss_and_grads(plain, inputs)
+    assert den_fused == den_plain == counted_tokens(batch, -100)
+    assert num_fused == pytest.approx(num_plain, rel=1e-6)
+    scale = max(float(np.abs(g).max()) for g in grads_plain.values())
+    for name, grad in grads_plain.items():
+        np.testing.assert_allclose(grads_fused[name], grad, rtol=0, atol=1e-6 * scale, err_msg=name)
+
+
+def _per_token_loss_and_grads(network, inputs):
+    params = network.trainable_params()
+    (numerator, denominator), grads = ms.value_and_grad(network, None, params, has_aux=True)(*inputs)
+    return (float(numerator.asnumpy()), float(denominator.asnumpy())), {
+        p.name: g.asnumpy() for p, g in zip(params, grads)}

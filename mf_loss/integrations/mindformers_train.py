@@ -490,6 +490,10 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     ms.set_context(mode=ms.GRAPH_MODE if config.graph_mode else ms.PYNATIVE_MODE, device_target="CPU")
+    if not config.graph_mode:
+        # PYNATIVE runs kernels on a worker thread while this one busy-waits at every sync, taking a core from
+        # the other ranks; run them on this thread instead
+        ms.runtime.launch_blocking()
     if config.world_size > 1:
         threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)  # ranks share the cores
         ms.set_context(runtime_num_threads=threads, inter_op_parallel_num=threads)
