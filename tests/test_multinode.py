@@ -1,0 +1,259 @@
+"""Several msrun nodes (issue 11): two nodes simulated on this machine (two msrun processes, node ranks 0 and
+1 on 127.0.0.1, 2 ranks each); a node whose ranks are killed stops the other, naming the node and rank, and
+leaves no process; `mf-loss train` on two nodes equals the one-node run. Unit tests check the arguments
+and the msrun command line of each node without starting anything."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mf_loss import cli
+from mf_loss.launch import NodeLayout, free_port, launch, msrun_command
+from test_launch import JobProcesses
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("launch_worker.py")
+CONFIG = ROOT / "configs" / "dp2_mp2.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- unit
+
+@pytest.mark.unit
+def test_each_node_holds_its_block_of_global_ranks():
+    nodes = [NodeLayout(workers=2, nnodes=2, node_rank=k, master_port=29500) for k in (0, 1)]
+    assert [list(n.ranks) for n in nodes] == [[0, 1], [2, 3]]
+    assert [n.world for n in nodes] == [4, 4]
+    assert [nodes[0].node_of(r) for r in range(4)] == [0, 0, 1, 1]
+    assert nodes[1].describe_rank(2) == "rank 2 on node 1"
+    assert NodeLayout(workers=4, master_port=29500).describe_rank(3) == "rank 3"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=2, nnodes=2, node_rank=2), r"node_rank 2 must be in \[0, nnodes=2\)"),
+    (dict(workers=2, nnodes=2, node_rank=-1), r"node_rank -1 must be in \[0, nnodes=2\)"),
+    (dict(workers=2, nnodes=0), r"nnodes must be >= 1, got 0"),
+    (dict(workers=0), r"workers \(ranks on this node\) must be >= 1, got 0"),
+    (dict(workers=2, master_port=80), r"master_port 80 must be a TCP port in \[1024, 65535\]"),
+    (dict(workers=2, master_addr="node 0"), r"master_addr must be a host name or IP address, got 'node 0'"),
+    (dict(workers=2, cluster_timeout=0), r"cluster_timeout must be >= 1 s, got 0"),
+])
+def test_node_layout_refuses_bad_arguments_by_name(kwargs, message):
+    kwargs.setdefault("master_port", 29500)
+    with pytest.raises(ValueError, match=message):
+        NodeLayout(**kwargs)
+
+
+@pytest.mark.unit
+def test_node_layout_refuses_a_non_integer_rank():
+    with pytest.raises(TypeError, match=r"node_rank must be an int, got '1' \(str\)"):
+        NodeLayout(workers=2, nnodes=2, node_rank="1", master_port=29500)
+
+
+@pytest.mark.unit
+def test_msrun_reads_each_nodes_command_line_as_that_node(monkeypatch, tmp_path):
+    """The command lines of the two nodes differ only in --node_rank, and msrun's own parser reads them as
+    4 ranks in all, 2 here, node 0's scheduler at 10.0.0.1:29500."""
+    from mindspore.parallel.cluster.run import get_args
+
+    msrun = Path(sys.executable).parent / "msrun"
+    lines = [msrun_command(msrun, NodeLayout(workers=2, nnodes=2, node_rank=k, master_addr="10.0.0.1",
+                                             master_port=29500, cluster_timeout=120), tmp_path, WORKER, ["x", 1])
+             for k in (0, 1)]
+    assert [a for a, b in zip(*lines) if a != b] == ["--node_rank=0"]
+    for k, line in enumerate(lines):
+        monkeypatch.setattr(sys, "argv", line)
+        args = get_args()
+        assert (args.worker_num, args.local_worker_num, args.node_rank) == (4, 2, k)
+        assert (args.master_addr, args.master_port, args.cluster_time_out) == ("10.0.0.1", 29500, 120)
+        assert (args.join, args.log_dir, args.task_script, args.task_script_args) == (True, str(tmp_path),
+                                                                                     str(WORKER), ["x", "1"])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nnodes=2, node_rank=1), r"nnodes=2 needs master_port"),
+    (dict(port=29500, master_port=29501), r"port=29500 and master_port=29501 differ"),
+    (dict(nnodes=2, node_rank=2, master_port=29500), r"node_rank 2 must be in \[0, nnodes=2\)"),
+    (dict(nnodes=2, node_rank=1, master_port=29500, master_addr="no-such-host.invalid"),
+     r"master_addr 'no-such-host.invalid' does not resolve"),
+])
+def test_launch_refuses_bad_node_arguments_before_starting_anything(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        launch(WORKER, ["none"], workers=2, log_dir=tmp_path, timeout=10, **kwargs)
+    assert psutil.Process().children() == []
+    assert not (tmp_path / "msrun.log").exists()
+
+
+def _cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flags, code, message", [
+    (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500"], 1, "--node-rank 2 must be in [0, --nnodes 2)"),
+    (["--nnodes", "3", "--master-port", "29500"], 1, "do not split evenly over --nnodes 3"),
+    (["--nnodes", "4", "--master-port", "29500"], 1, "cannot hold whole model-parallel groups of 2"),
+    (["--nnodes", "2"], 1, "--nnodes > 1 needs --master-port"),
+    (["--nnodes", "2", "--port", "29500"], 2, "--port is the one-node flag; with --nnodes 2 give --master-port"),
+    (["--port", "29500", "--master-port", "29501"], 2, "--port 29500 and --master-port 29501 differ"),
+    (["--nnodes", "2", "--master-port", "80"], 2, "--master-port 80 must be a TCP port in [1024, 65535]"),
+])
+def test_train_refuses_bad_node_flags_naming_the_flag(capsys, flags, code, message):
+    got_code, err = _cli(["train", "--config", str(CONFIG), "--set", "loss.type=CrossEntropyLoss", *flags], capsys)
+    assert got_code == code and message in err, err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flags, expected", [
+    ([], dict(port=None, nnodes=1, node_rank=0, master_addr="127.0.0.1")),
+    (["--port", "29500"], dict(port=29500, nnodes=1, node_rank=0, master_addr="127.0.0.1")),
+    (["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"],
+     dict(port=29500, nnodes=2, node_rank=1, master_addr="10.0.0.1")),
+])
+def test_train_passes_the_node_flags_to_train_command(monkeypatch, capsys, flags, expected):
+    import mf_loss.train.run as run
+    calls = []
+    monkeypatch.setattr(run, "train_command", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert _cli(["train", "--config", str(CONFIG), "--steps", "3", *flags], capsys)[0] == 0
+    (args, kwargs), = calls
+    assert args == (str(CONFIG), ["runner_config.train_steps=3"])
+    assert {k: kwargs[k] for k in expected} == expected
+
+
+# ----------------------------------------------------------------------------------------------- msrun
+
+def launch_two_nodes(out: Path, mode: str, on_started=None, timeout=300):
+    """Both nodes' launch() calls, each in a thread as on its own machine; returns their results."""
+    port, results = free_port(), {}
+
+    def node(k):
+        env = dict(os.environ, MF_LOSS_TEST_NODE=str(k),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        results[k] = launch(WORKER, [mode, out], workers=2, nnodes=2, node_rank=k, master_port=port,
+                            log_dir=out / "logs" / f"node_{k}", timeout=timeout, env=env, quiet=True,
+                            cluster_timeout=180)
+        results[k].finished = time.monotonic()
+
+    threads = [threading.Thread(target=node, args=(k,)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    if on_started is not None:
+        on_started()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.distributed
+def test_two_nodes_make_one_world_with_collectives_across_them(tmp_path):
+    processes = JobProcesses()
+    results = launch_two_nodes(tmp_path, "nodes")
+    for k in (0, 1):
+        assert results[k].ok, f"node {k}: {results[k].message}"
+    reports = {r: json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(4)}
+    assert {r: (rep["world"], rep["node"]) for r, rep in reports.items()} == {0: (4, 0), 1: (4, 0), 2: (4, 1),
+                                                                             3: (4, 1)}
+    for rank, report in reports.items():
+        assert report["gathered"] == [1.0, 2.0, 3.0, 4.0]            # every rank's slot, from both nodes
+        partner = (rank + 2) % 4                                      # the same place on the other node
+        assert report["cross_group"] == sorted([rank, partner])
+        assert report["cross_sum"] == 10.0 ** rank + 10.0 ** partner
+    for k, ranks in ((0, [0, 1]), (1, [2, 3])):  # each node's ranks log on that node
+        assert sorted(p.name for p in (tmp_path / "logs" / f"node_{k}").glob("worker_*.log")) == \
+            [f"worker_{r}.log" for r in ranks]
+    assert processes.left_running() == []
+
+
+def killer(out: Path, ranks, killed: dict):
+    """Kills `ranks` (a whole node's, as when its machine dies) once they run their all-reduce loop."""
+    def kill():
+        deadline = time.monotonic() + 300
+        while not all((out / f"running_{r}").exists() for r in ranks):
+            assert time.monotonic() < deadline, f"ranks {ranks} never started running"
+            time.sleep(0.2)
+        for rank in ranks:
+            psutil.Process(int((out / f"running_{rank}").read_text())).kill()
+        killed["at"] = time.monotonic()
+    return kill
+
+
+@pytest.mark.distributed
+def test_a_killed_node_stops_the_other_naming_node_and_rank(tmp_path):
+    processes, killed = JobProcesses(), {}
+    results = launch_two_nodes(tmp_path, "nodes_forever", on_started=killer(tmp_path, (2, 3), killed), timeout=400)
+    node0, node1 = results[0], results[1]
+    assert not node1.ok and node1.failed_rank in (2, 3) and node1.failed_node == 1, node1.message
+    assert f"failed on rank {node1.failed_rank} on node 1 of 2 (killed by signal 9)" in node1.message
+    assert not node0.ok and node0.returncode != 124, node0.message  # stopped by the watch, not the timeout
+    assert node0.failed_node == 1 and node0.failed_rank in (2, 3), node0.message
+    assert f"on node 0 of 2 stopped: rank {node0.failed_rank} on node 1 stopped answering" in node0.message
+    assert f"worker_{node0.failed_rank}.log" in node0.message  # its log tail (readable here: one machine)
+    print(f"node 0 stopped {node0.finished - killed['at']:.0f} s after node 1's ranks were killed:\n{node0.message}")
+    assert processes.left_running() == []
+
+
+@pytest.mark.distributed
+def test_a_killed_master_node_stops_the_other(tmp_path):
+    """Node 0 holds msrun's scheduler: when its ranks die, its launcher stops the scheduler too and node 1's
+    ranks lose it."""
+    processes, killed = JobProcesses(), {}
+    results = launch_two_nodes(tmp_path, "nodes_forever", on_started=killer(tmp_path, (0, 1), killed), timeout=400)
+    node0, node1 = results[0], results[1]
+    assert not node0.ok and node0.failed_rank in (0, 1) and node0.failed_node == 0, node0.message
+    assert f"failed on rank {node0.failed_rank} on node 0 of 2 (killed by signal 9)" in node0.message
+    assert not node1.ok and node1.returncode != 124 and node1.failed_node == 0, node1.message
+    assert "on node 1 of 2 stopped: its ranks lost node 0 (msrun's scheduler at 127.0.0.1:" in node1.message
+    print(f"node 1 stopped {node1.finished - killed['at']:.0f} s after node 0's ranks were killed:\n{node1.message}")
+    assert processes.left_running() == []
+
+
+def _mf_loss_train(*flags, timeout):
+    return subprocess.Popen([sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIG), *map(str, flags)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT))), timeout
+
+
+def _finish(proc_and_timeout):
+    proc, timeout = proc_and_timeout
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        output += f"\n(killed after {timeout} s)"
+    return proc.returncode, output
+
+
+@pytest.mark.distributed
+def test_train_on_two_nodes_equals_the_one_node_run(tmp_path):
+    """dp=2 x mp=2 with each model-parallel pair on its own node: the loss curve and the final weights equal
+    the one-node run's to 1e-5; node 0 gets the outputs."""
+    from mf_loss.train.compare import compare_runs
+
+    steps = 6
+    processes = JobProcesses()
+    one = _finish(_mf_loss_train("--steps", steps, "--output-dir", tmp_path / "one", "--timeout", 600, timeout=660))
+    assert one[0] == 0, one[1][-4000:]
+    port = free_port()
+    nodes = [_mf_loss_train("--steps", steps, "--output-dir", tmp_path / f"node{k}", "--nnodes", 2, "--node-rank", k,
+                            "--master-addr", "127.0.0.1", "--master-port", port, "--timeout", 600, timeout=660)
+             for k in (0, 1)]
+    finished = [_finish(node) for node in nodes]
+    for k, (code, output) in enumerate(finished):
+        assert code == 0, f"node {k}:\n{output[-4000:]}"
+    run0 = tmp_path / "node0" / "dp2_mp2"
+    for name in ("loss.csv", "summary.json"):
+        assert (run0 / name).exists() and not (tmp_path / "node1" / "dp2_mp2" / name).exists(), name
+    result = compare_runs(tmp_path / "one" / "dp2_mp2", run0)
+    assert result["steps"] == steps and result["counted_tokens_equal"], result
+    assert result["loss_max_diff"] <= 1e-5 and result["weight_max_diff"] <= 1e-5, result
+    print(f"two nodes vs one: loss max |diff| {result['loss_max_diff']:.1e}, weights {result['weight_max_diff']:.1e}")
+    assert processes.left_running() == []
