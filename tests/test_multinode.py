@@ -128,6 +128,57 @@ def test_train_passes_the_node_flags_to_train_command(monkeypatch, capsys, flags
     assert {k: kwargs[k] for k in expected} == expected
 
 
+def _outcome(tmp_path, node_rank=1, returncode=1, duplicate_scheduler=False, done=0, **watch):
+    """What launch() concludes from the logs and msrun's exit code alone (no process)."""
+    from mf_loss.launch.job import _result, _Watch
+    layout = NodeLayout(workers=2, nnodes=2, node_rank=node_rank, master_port=29500, cluster_timeout=60)
+    (tmp_path / "done").mkdir(exist_ok=True)
+    for rank in list(layout.ranks)[:done]:
+        (tmp_path / "done" / f"rank_{rank}").write_text("done\n")
+    return _result(WORKER, layout, tmp_path, tmp_path / "done", returncode, _Watch(**watch), False, 60,
+                   duplicate_scheduler)
+
+
+BIND_FAILED = ("[WARNING] DISTRIBUTED(5614,7f9e441cde40,python):2026-11-30-01:41:37.619.224 [mindspore/ccsrc/cluster/"
+               "rpc/tcp/socket_operation.cc:454] Listen] Failed to call bind, url: 127.0.0.1:29500 Address already "
+               "in use\n")
+
+
+@pytest.mark.unit
+def test_a_second_nodes_redundant_scheduler_failing_to_bind_is_not_a_failure(tmp_path):
+    (tmp_path / "scheduler.log").write_text(BIND_FAILED)
+    assert _outcome(tmp_path, duplicate_scheduler=True).ok
+    failed = _outcome(tmp_path, duplicate_scheduler=False)  # node 0's own scheduler could not bind: a failure
+    assert not failed.ok and "failed (msrun exit code 1)" in failed.message
+
+
+@pytest.mark.unit
+def test_ranks_another_node_lost_are_named_with_their_node(tmp_path):
+    (tmp_path / "node_1").mkdir()
+    (tmp_path / "node_1" / "worker_3.log").write_text("Traceback (most recent call last):\nRuntimeError: boom\n")
+    (tmp_path / "node_0").mkdir()  # this node's log directory; node 1's beside it, as mf-loss train lays them out
+    result = _outcome(tmp_path / "node_0", node_rank=0, remote_ranks=(3, 2))
+    assert not result.ok and (result.failed_rank, result.failed_node) == (3, 1)
+    assert result.message.startswith(f"msrun job {WORKER} on node 0 of 2 stopped: rank 3 on node 1 stopped "
+                                     "answering (msrun's scheduler timed out rank 3 on node 1, rank 2 on node 1)")
+    assert result.message.endswith(f"Tail of {tmp_path / 'node_1' / 'worker_3.log'}:\nTraceback (most recent call "
+                                   "last):\nRuntimeError: boom")
+    finished = _outcome(tmp_path / "node_0", node_rank=0, remote_ranks=(3,), done=2)
+    assert finished.ok and finished.message.startswith("warning: node 1 stopped answering after every rank on node 0")
+
+
+@pytest.mark.unit
+def test_a_cluster_that_never_formed_says_how_to_start_the_nodes(tmp_path):
+    (tmp_path / "worker_2.log").write_text("[WARNING] DISTRIBUTED(777,7f,python): x\nTraceback (most recent call "
+                                           "last):\nRuntimeError: Failed to initialize distributed job cluster\n")
+    result = _outcome(tmp_path, exited_pid=777, exit_code=1)
+    assert not result.ok and (result.failed_rank, result.failed_node) == (2, 1)
+    assert result.message.startswith(f"msrun job {WORKER} failed on rank 2 on node 1 of 2; tail of ")
+    assert result.message.endswith("did not all register with the scheduler at 127.0.0.1:29500 within 60 s: start "
+                                   "the same command on every node (node ranks 0 to 1) with the same master "
+                                   "address and port.")
+
+
 # ----------------------------------------------------------------------------------------------- msrun
 
 def launch_two_nodes(out: Path, mode: str, on_started=None, timeout=300):

@@ -172,9 +172,17 @@ def _result(script, layout: NodeLayout, log_dir: Path, done_dir: Path, returncod
     if duplicate_scheduler and watch.exited_pid is None and returncode != 0 and \
             logs.SCHEDULER_PORT_TAKEN.search(logs.read_text(log_dir / "scheduler.log")):
         returncode = 0  # only this node's redundant scheduler failed (it could not bind); node 0's ran the job
+    if logs.ranks_done(done_dir) >= layout.workers and (watch.remote_ranks or watch.gave_up_on_master):
+        # another node went first at the job's end (or crashed in its teardown): this node's work is complete
+        gone = f"node {layout.node_of(watch.remote_ranks[0])}" if watch.remote_ranks else "node 0's scheduler"
+        return LaunchResult(0, log_dir, message=(
+            f"warning: {gone} stopped answering after every rank{where} of {script} had finished its work; the "
+            "ranks were stopped and this node's results are complete"))
     if watch.remote_ranks:
         return _remote_failure(script, layout, log_dir, watch.remote_ranks)
-    if watch.gave_up_on_master or (watch.lost_scheduler_at is not None and watch.exited_pid is not None):
+    finished = watch.exit_code is not None and watch.exit_code < 0 and logs.ranks_done(done_dir) >= layout.workers
+    if watch.gave_up_on_master or (watch.lost_scheduler_at is not None and watch.exited_pid is not None
+                                   and not finished):
         return _lost_master(script, layout, log_dir, watch.lost_scheduler_line)
     if timed_out:
         tails = "\n".join(f"--- {layout.describe_rank(r)} ({logs.worker_log(log_dir, r)}) ---\n"
@@ -190,7 +198,7 @@ def _result(script, layout: NodeLayout, log_dir: Path, done_dir: Path, returncod
     rank = logs.rank_of_pid(log_dir, layout.ranks, watch.exited_pid)
     path = logs.worker_log(log_dir, rank) if rank is not None else log_dir / "msrun.log"
     node = layout.node_rank if rank is not None else None
-    if watch.exit_code is not None and watch.exit_code < 0 and logs.ranks_done(done_dir) >= layout.workers:
+    if finished:
         who = f"rank {rank}{where}" if rank is not None else "a rank"
         return LaunchResult(0, log_dir, failed_rank=rank, failed_node=node, message=(
             f"warning: {who} of {script} was killed by signal {-watch.exit_code} after every rank{where} had "
