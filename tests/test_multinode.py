@@ -91,6 +91,15 @@ def test_launch_refuses_bad_node_arguments_before_starting_anything(tmp_path, kw
     assert not (tmp_path / "msrun.log").exists()
 
 
+@pytest.mark.unit
+def test_which_master_addresses_are_this_machines():
+    """msrun starts a scheduler on every node whose master address is local: the simulated nodes here."""
+    from mf_loss.launch.layout import is_local_address, resolve
+    assert is_local_address("127.0.0.1") and is_local_address("127.0.0.2") and is_local_address("::1")
+    assert not is_local_address("192.0.2.1")  # TEST-NET-1, never assigned to a machine
+    assert resolve("127.0.0.1") == "127.0.0.1"
+
+
 def _cli(argv, capsys):
     code = cli.main(argv)
     return code, capsys.readouterr().err
