@@ -39,6 +39,7 @@ import yaml
 
 from ..config_loader import ConfigError, apply_overrides
 from ..train.run import TrainError
+from ..train.trainer import checkpoint_dir, load_rank_checkpoint, read_curve, read_latest, save_rank_checkpoint
 from . import MINDFORMERS_MODEL_TYPES
 
 WORKER = Path(__file__).resolve().parent / "mindformers_worker.py"
@@ -389,15 +390,6 @@ def _barrier(world_size: int) -> None:
         ops.AllReduce()(Tensor(np.ones(1, np.float32))).asnumpy()
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def read_latest(ckpt_dir: Path) -> Optional[dict]:
-    path = Path(ckpt_dir) / "latest.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def resume_source(config: RunConfig, run_dir: Path):
     """(checkpoint directory of one step, its latest.json) to resume from: `load_checkpoint` (a run directory,
     its checkpoints/, or one step_* directory) when set, else the run's own latest."""
@@ -421,7 +413,6 @@ def resume_source(config: RunConfig, run_dir: Path):
 
 
 def _save(state, ckpt_dir: Path, step: int, rank: int, config: RunConfig, head_names) -> None:
-    from ..train.trainer import save_rank_checkpoint
     name = f"step_{step:06d}"
     save_rank_checkpoint(state, ckpt_dir / name, rank)
     _barrier(config.world_size)  # every rank's file is complete before latest.json points at them
@@ -455,14 +446,6 @@ def load_full_weights(step_dir: Path) -> dict:
     return weights
 
 
-def read_curve(path: Path) -> list:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("step", "counted_tokens") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
-
-
 def _write_curve(path: Path, rows: list):
     """loss.csv with `rows`, left open for appending (flushed per row: a crash keeps every finished step)."""
     tmp = path.with_name(f".{path.name}.partial")
@@ -485,7 +468,6 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     from ..parallel.config import ParallelConfig
     from ..train.plot import loss_chart
     from ..train.progress import EventLog
-    from ..train.trainer import load_rank_checkpoint
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
