@@ -71,6 +71,16 @@ def test_build_network_from_the_shipped_yaml_gives_our_llama():
     assert np.isfinite(float(numerator.asnumpy()))
 
 
+def test_a_loss_block_inside_model_config_is_used_too():
+    """For MindFormers' own Trainer, which passes no loss block to build_network: model.model_config.loss."""
+    config = MindFormerConfig(str(compare.CONFIG))
+    config.model.model_config.loss = {"type": "mf_loss.CrossEntropyLoss", "ignore_index": -7}
+    parallel = dict(config.parallel_config, data_parallel=1, model_parallel=1)
+    network = build_network(config.model, default_args={"parallel_config": parallel})
+    assert type(network.loss) is mf_loss.CrossEntropyLoss and network.loss.ignore_index == -7
+    assert not network.loss.per_token
+
+
 def test_the_model_parallel_layout_needs_msrun():
     config = compare.single_rank_config(**{"parallel_config.model_parallel": 2})
     with pytest.raises(Exception, match="msrun"):

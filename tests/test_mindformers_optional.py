@@ -33,9 +33,8 @@ def test_mindformers_is_optional():
 def test_loss_is_registered_in_mindformers_when_it_is_importable():
     assert get_loss_class("CrossEntropyLoss") is CrossEntropyLoss
     if HAS_MINDFORMERS:
-        from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-
         from mf_loss.integrations import mindformers as integration
+        from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
         assert "mf_loss.CrossEntropyLoss" in integration.REGISTERED_LOSSES
         assert MindFormerRegister.get_cls(MindFormerModuleType.LOSS, "mf_loss.CrossEntropyLoss") is CrossEntropyLoss
         assert MindFormerRegister.get_cls(MindFormerModuleType.MODELS, "VocabParallelLlamaForCausalLM") is \
@@ -43,6 +42,15 @@ def test_loss_is_registered_in_mindformers_when_it_is_importable():
     else:
         with pytest.raises(ImportError, match=r"bash scripts/mindformers_env\.sh"):
             import mf_loss.integrations.mindformers  # noqa: F401
+
+
+@pytest.mark.skipif(not HAS_MINDFORMERS, reason="MindFormers is not importable here")
+def test_importing_the_integration_writes_no_logs_into_the_working_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_DEFAULT_PATH"}
+    result = subprocess.run([sys.executable, "-c", "import mf_loss.integrations.mindformers"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=dict(env, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # MindFormers' default would be ./output/log
 
 
 def test_train_sh_tells_mindformers_configs_apart():

@@ -277,10 +277,10 @@ def build_model(config: RunConfig, loss: Optional[dict] = None):
     """MindFormers' build_network on the YAML's model block, with its parallel_config and loss block (or
     `loss`), from the config's seed: every rank and every layout draws the same initial weights."""
     import mindspore as ms
+
+    from .mindformers import REGISTERED_LOSSES  # noqa: F401  (first: it keeps MindFormers' logs out of the cwd)
     from mindformers.models.build_model import build_network
     from mindformers.tools.register import MindFormerConfig
-
-    from .mindformers import REGISTERED_LOSSES  # noqa: F401  (registers our classes)
 
     ms.set_seed(config.seed)
     network = build_network(MindFormerConfig(**{"model": config.tree["model"]}).model, default_args={
