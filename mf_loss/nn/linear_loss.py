@@ -147,10 +147,10 @@ class LinearCrossEntropyLoss(LossCell):
     def construct(self, hidden, head_weight, label, input_mask=None):
         return self.formatted(self.compute(hidden, head_weight, label, input_mask))
 
-    def __call__(self, hidden, head_weight, label, input_mask=None):
+    def __call__(self, hidden, head_weight, label, *mask):
         local_vocab = head_weight.shape[0] if isinstance(head_weight, Tensor) else 0
         return self.checked_call(super().__call__, _validate_linear_call, label, local_vocab, hidden, head_weight,
-                                 label, input_mask)
+                                 label, *mask)
 
     def outputs(self, hidden, head_weight, label, input_mask=None) -> F.LossOutput:
         """The named `LossOutput` of one call (what `mf_loss.functional.linear_cross_entropy` returns)."""

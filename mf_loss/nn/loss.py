@@ -93,7 +93,8 @@ class LossCell(nn.Cell):
     def checked_call(self, call, validate, label, local_vocab, *args):
         """Runs `call(*args)` from Python with the host-side checks around it. In GRAPH mode the shapes are
         validated here first for clean messages (inside a bigger compiled graph the same function runs at
-        compile time); in PYNATIVE construct validates as it runs, then labels, widths and NaNs are checked."""
+        compile time); in PYNATIVE construct validates as it runs, then labels, widths and NaNs are checked.
+        `args` go on exactly as the caller gave them: PYNATIVE's autodiff matches the top cell by them."""
         eager = ms.get_context("mode") == ms.PYNATIVE_MODE
         if not eager and all(isinstance(a, Tensor) or a is None for a in args):
             validate(*args)
@@ -201,10 +202,9 @@ class CrossEntropyLoss(LossCell):
     def construct(self, logits, label, input_mask=None):
         return self.formatted(self.compute(logits, label, input_mask))
 
-    def __call__(self, logits, label, input_mask=None):
+    def __call__(self, logits, label, *mask):
         local_vocab = logits.shape[-1] if isinstance(logits, Tensor) else 0
-        return self.checked_call(super().__call__, _validate_logits_call, label, local_vocab, logits, label,
-                                 input_mask)
+        return self.checked_call(super().__call__, _validate_logits_call, label, local_vocab, logits, label, *mask)
 
     def outputs(self, logits, label, input_mask=None) -> F.LossOutput:
         """The named `LossOutput` of one call (what `mf_loss.functional.cross_entropy` returns)."""
