@@ -58,7 +58,7 @@ def test_shipped_configs_load_and_are_trainable(name, world):
     assert config.world_size == world
     assert config["run_name"] == name
     check_trainable(config)
-    assert config["loss"]["type"] == "CrossEntropyLoss"
+    assert config["loss"]["type"] == "LinearCrossEntropyLoss"  # the fused head is the default
     assert config["loss"]["calculate_per_token_loss"] is True
     assert config["model"]["model_config"]["vocab_size"] % config.parallel["model_parallel"] == 0
     assert config["model"]["arch"]["type"] == "LlamaForCausalLM"
@@ -215,8 +215,6 @@ def test_training_needs_per_token_loss(tmp_path):
         check_trainable(config)
 
 
-@pytest.mark.skipif("LinearCrossEntropyLoss" not in __import__("mf_loss.registry").registry.registered_losses(),
-                    reason="mf_loss.LinearCrossEntropyLoss not there yet (another engineer's work in progress)")
 def test_the_training_job_owns_the_hidden_gradient_sum(tmp_path):
     config = load_config(write_config(tmp_path, {"loss": {"type": "LinearCrossEntropyLoss",
                                                           "complete_hidden_grad": True}}))

@@ -33,16 +33,7 @@ STEPS, CKPT_EVERY, FAIL_STEP = 12, 4, 10
 SMALL = ["model.model_config.vocab_size=1024", "model.model_config.hidden_size=64", "model.model_config.num_layers=1",
          "model.model_config.seq_length=32", "lr_schedule.warmup_steps=3", "runner_config.log_interval=4",
          f"runner_config.save_checkpoint_steps={CKPT_EVERY}"]
-UNFUSED, FUSED = "loss.type=CrossEntropyLoss", "loss.type=LinearCrossEntropyLoss"
-
-
-def _fused_loss_available() -> bool:
-    from mf_loss.registry import registered_losses
-    return "LinearCrossEntropyLoss" in registered_losses()
-
-
-# Until mf_loss.LinearCrossEntropyLoss lands (another engineer's work in progress), the runs that need it wait.
-needs_fused_loss = pytest.mark.skipif(not _fused_loss_available(), reason="mf_loss.LinearCrossEntropyLoss not there yet")
+UNFUSED = "loss.type=CrossEntropyLoss"   # the shipped configs' default is the fused head
 TOLERANCE = 1e-5
 
 
@@ -204,6 +195,49 @@ def test_model_logits_and_gradients_match_a_float64_torch_reference():
         np.testing.assert_allclose(grad.asnumpy(), expected, atol=1e-4 * np.abs(expected).max(), err_msg=name)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD"])
+def test_a_training_step_applies_mindspores_optimizer_to_the_token_mean_gradient(optimizer):
+    """One step of TrainStep against the optimizer's update written in NumPy (step 1, decay on matrices only)."""
+    import mindspore as ms
+
+    from mf_loss.parallel.comm import rank_layout
+    from mf_loss.parallel.config import ParallelConfig
+    from mf_loss.train.model import LlamaLM
+    from mf_loss.train.trainer import TrainStep, build_optimizer, build_training_loss, learning_rates
+    lr, decay, (beta1, beta2), eps = 1e-2, 0.1, (0.9, 0.95), 1e-5
+    config = load_config(CONFIGS / "single.yaml", [
+        UNFUSED, f"optimizer.type={optimizer}", f"optimizer.weight_decay={decay}", "optimizer.max_grad_norm=null",
+        "lr_schedule.type=ConstantWarmUpLR", "lr_schedule.warmup_steps=0", f"lr_schedule.learning_rate={lr}",
+        "model.model_config.vocab_size=300", "model.model_config.hidden_size=16", "model.model_config.num_heads=2",
+        "model.model_config.num_layers=1", "model.model_config.seq_length=8", "parallel_config.micro_batch_num=1"])
+    model = LlamaLM(config["model"]["model_config"], rank_layout(ParallelConfig(1, 1)), seed=2)
+    loss = build_training_loss(config)
+    step = TrainStep(model, loss, build_optimizer(config, list(model.params), learning_rates(config)), 1, None)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 300, size=(1, 2, 8)).astype(np.int32)
+    labels = rng.integers(0, 300, size=(1, 2, 8)).astype(np.int32)
+    mask = np.ones((1, 2, 8), np.float32)
+    mask[0, 1, 5:] = 0
+    before = [p.asnumpy().copy() for p in model.params]
+    (numerator, denominator), grads = step.grad_fn(ms.Tensor(tokens[0]), ms.Tensor(labels[0]), ms.Tensor(mask[0]))
+    assert float(denominator.asnumpy()) == 13
+    step(ms.Tensor(tokens), ms.Tensor(labels), ms.Tensor(mask))
+    for name, p0, grad, param in zip(model.names, before, grads, model.params):
+        g = grad.asnumpy() / 13.0                       # the token mean's gradient
+        wd = decay if p0.ndim > 1 else 0.0              # no decay on the norm gains
+        if optimizer == "AdamW":                         # nn.AdamWeightDecay: no bias correction, decoupled decay
+            m, v = (1 - beta1) * g, (1 - beta2) * g * g
+            expected = p0 - lr * (m / (np.sqrt(v) + eps) + wd * p0)
+        elif optimizer == "Adam":                        # nn.Adam: bias correction in the rate, L2 decay in g
+            g = g + wd * p0
+            m, v = (1 - beta1) * g, (1 - beta2) * g * g
+            expected = p0 - lr * np.sqrt(1 - beta2) / (1 - beta1) * m / (np.sqrt(v) + eps)
+        else:                                            # nn.SGD without momentum
+            expected = p0 - lr * (g + wd * p0)
+        np.testing.assert_allclose(param.asnumpy(), expected, rtol=2e-5, atol=1e-7, err_msg=name)
+
+
 # ------------------------------------------------------------------------------------- outputs and progress
 
 @pytest.mark.unit
@@ -256,7 +290,7 @@ def train_cli(config, output_dir, *extra, fail_at=None, timeout=420):
         env[FAIL_ENV] = fail_at
     command = [sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIGS / config),
                "--output-dir", str(output_dir), "--timeout", "300", f"--steps={STEPS}",
-               *(f"--set={o}" for o in SMALL + [FUSED]), *extra]
+               *(f"--set={o}" for o in SMALL), *extra]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -291,7 +325,6 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@needs_fused_loss
 def test_single_process_run_writes_its_outputs(reference):
     run_dir, curve, _, stdout = reference
     assert [row["step"] for row in curve] == list(range(1, STEPS + 1))
@@ -311,7 +344,6 @@ def test_single_process_run_writes_its_outputs(reference):
 
 
 @pytest.mark.slow
-@needs_fused_loss
 def test_unfused_run_resumed_with_the_fused_head_equals_the_fused_run(reference, tmp_path):
     _, ref_curve, ref_weights, _ = reference
     # a NaN enters the loss at step 10: check_for_nan_in_loss_and_grad stops the run, naming the rank
@@ -343,7 +375,6 @@ def dp2_mp2_failed(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@needs_fused_loss
 def test_rank_failure_stops_the_job_with_a_clear_message(dp2_mp2_failed):
     out, proc = dp2_mp2_failed
     run_dir = out / "dp2_mp2"
@@ -358,7 +389,6 @@ def test_rank_failure_stops_the_job_with_a_clear_message(dp2_mp2_failed):
 
 
 @pytest.mark.distributed
-@needs_fused_loss
 def test_last_checkpoint_stays_loadable_after_the_failure(dp2_mp2_failed):
     import mindspore as ms
     out, _ = dp2_mp2_failed
@@ -373,7 +403,6 @@ def test_last_checkpoint_stays_loadable_after_the_failure(dp2_mp2_failed):
 
 
 @pytest.mark.distributed
-@needs_fused_loss
 def test_dp2_mp2_resumed_with_the_unfused_head_matches_the_single_process_run(dp2_mp2_failed, reference):
     from mf_loss.train.compare import compare_runs
     out, _ = dp2_mp2_failed
