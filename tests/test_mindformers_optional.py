@@ -53,6 +53,16 @@ def test_importing_the_integration_writes_no_logs_into_the_working_directory(tmp
     assert list(tmp_path.iterdir()) == []  # MindFormers' default would be ./output/log
 
 
+@pytest.mark.skipif(HAS_MINDFORMERS, reason="here MindFormers is importable: the command would train")
+def test_the_trainer_without_mindformers_says_what_to_run(tmp_path):
+    command = [sys.executable, "-m", "mf_loss.integrations.mindformers_train", "--config",
+               str(ROOT / "configs" / "mindformers_llama.yaml"), "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 1
+    assert "needs MindFormers" in result.stderr and "bash scripts/mindformers_env.sh" in result.stderr
+
+
 def test_train_sh_tells_mindformers_configs_apart():
     assert is_mindformers_config(ROOT / "configs" / "mindformers_llama.yaml")
     assert not is_mindformers_config(ROOT / "configs" / "dp2_mp2.yaml")

@@ -623,6 +623,7 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
         _fresh_run_dir(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[LOG_ENV] = str(run_dir / "logs" / "mindformers")  # MindFormers' own logs, here and in the ranks
+    from . import mindformers  # noqa: F401  (without MindFormers: an ImportError saying what to run, before msrun)
     view = ProgressView(out, config.log_interval)
     follower = _Follower(run_dir / "progress.jsonl", view)
     follower.start()
@@ -680,7 +681,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"mindformers_train: configuration error: {error}", file=sys.stderr)
         return 2
-    except (TrainError, FileNotFoundError) as error:
+    except (TrainError, FileNotFoundError, ImportError) as error:
         print(f"mindformers_train: {error}", file=sys.stderr)
         return 1
     return 0
