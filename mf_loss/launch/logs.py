@@ -46,7 +46,7 @@ def log_tail(path: Path, lines: int = 40) -> str:
     if not text and not Path(path).exists():
         return f"(no log at {path})"
     # MindSpore's INFO/WARNING chatter buries the Python traceback; keep the lines that say something.
-    useful = [line for line in text.splitlines() if not line.startswith(("[INFO]", "[WARNING]"))]
+    useful = [line for line in text.splitlines() if line.strip() and not line.startswith(("[INFO]", "[WARNING]"))]
     if not useful:  # nothing but chatter (a rank killed by a signal): its last words, whatever they are
         return "\n".join(text.splitlines()[-min(lines, 10):])
     return "\n".join(useful[-lines:])
