@@ -5,6 +5,8 @@ import importlib.util
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 if importlib.util.find_spec("mindformers") is None:
     pytest.skip("needs the MindFormers environment; tests/test_mindformers_suite.py runs this file in it",
@@ -127,6 +129,44 @@ def test_ignored_tokens_table_shows_the_documented_differences():
     assert rows["loss, every label -100"] == (0.0, 0.0)
     theirs_nan, ours_nan = rows["loss, NaN logit in a row with mask 0"]
     assert np.isnan(theirs_nan) and np.isfinite(ours_nan)
+
+
+_LOSS_CELLS = {}
+
+
+def _value_and_logits_grad(name, logits, labels, mask):
+    if not _LOSS_CELLS:
+        _LOSS_CELLS.update(ours=mf_loss.CrossEntropyLoss(), theirs=MindFormersCrossEntropyLoss())
+    value, grad = ms.value_and_grad(_LOSS_CELLS[name], 0)(ms.Tensor(logits), ms.Tensor(labels), ms.Tensor(mask))
+    return float(np.asarray(value.asnumpy()).reshape(())), grad.asnumpy()
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 24), vocab=st.sampled_from([2, 7, 64, 256]), seed=st.integers(0, 2**32 - 1),
+       ignored_fraction=st.sampled_from([0.0, 0.0, 0.3, 1.0]), float_mask=st.booleans())
+def test_against_mindformers_loss_on_any_batch(rows, vocab, seed, ignored_fraction, float_mask):
+    """Our loss and MindFormers' on the same logits: equal when no label is ignore_index; otherwise the same
+    numerator over different denominators (theirs counts the ignored labels), and zero gradient rows for them."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    labels = rng.integers(0, vocab, rows).astype(np.int32)
+    ignored = rng.random(rows) < ignored_fraction
+    labels[ignored] = -100
+    mask = (rng.random(rows) if float_mask else (rng.random(rows) < 0.8)).astype(np.float32)
+    ours, ours_grad = _value_and_logits_grad("ours", logits, labels, mask)
+    theirs, theirs_grad = _value_and_logits_grad("theirs", logits, labels, mask)
+    their_denominator = float(mask.astype(np.float64).sum()) + 1e-8
+    our_denominator = float((mask * ~ignored).astype(np.float64).sum())
+    if our_denominator == 0:
+        assert ours == 0.0 and not ours_grad.any()
+        assert theirs == pytest.approx(0.0, abs=1e-6)
+        return
+    assert theirs * their_denominator == pytest.approx(ours * our_denominator, rel=2e-5, abs=1e-6)
+    assert not ours_grad[ignored].any()
+    np.testing.assert_allclose(ours_grad[~ignored] * our_denominator, theirs_grad[~ignored] * their_denominator,
+                               rtol=2e-5, atol=1e-6)
+    if not ignored.any():
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ the trainer
