@@ -40,8 +40,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "${pip[@]}" "${project_requirements[@]}" >&2
   # A check that the environment imports (in a scratch directory: MindFormers writes ./output/log on import).
   scratch="$(mktemp -d)"
-  (cd "$scratch" && LOCAL_DEFAULT_PATH="$scratch/log" "$venv/bin/python" -c \
-    "import mindspore, mindformers, mf_loss; assert mindspore.__version__.startswith('2.10'), mindspore.__version__" >&2)
+  (cd "$scratch" && LOCAL_DEFAULT_PATH="$scratch/log" "$venv/bin/python" -c "import mindspore, mindformers, mf_loss
+assert mindspore.__version__.startswith('2.10'), mindspore.__version__" >&2)
   rm -rf "$scratch"
   echo "$want" > "$stamp"
 fi

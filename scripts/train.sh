@@ -16,8 +16,8 @@ for arg in "$@"; do
   case "$arg" in --config=*) config="${arg#--config=}" ;; esac
   previous="$arg"
 done
-if "$python" -c 'import sys; from mf_loss.integrations import is_mindformers_config as f; sys.exit(not f(sys.argv[1]))' \
-     "$config"; then
+is_mindformers='import sys; from mf_loss.integrations import is_mindformers_config as f; sys.exit(not f(sys.argv[1]))'
+if "$python" -c "$is_mindformers" "$config"; then
   mindformers_python="$(bash "$root/scripts/mindformers_env.sh")"
   export PATH="$(dirname "$mindformers_python"):$PATH"
   exec "$mindformers_python" -m mf_loss.integrations.mindformers_train "$@"

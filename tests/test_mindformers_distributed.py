@@ -47,7 +47,8 @@ def short_run_config(directory: Path) -> Path:
 
 def train(output_dir: Path, overrides, *extra, timeout: float = 420) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mf_loss.integrations.mindformers_train", "--config",
-               str(short_run_config(output_dir)),               "--output-dir", str(output_dir), "--timeout", str(timeout - 30), *extra]
+               str(short_run_config(output_dir)), "--output-dir", str(output_dir), "--timeout", str(timeout - 30),
+               *extra]
     for override in overrides:
         command += ["--set", override]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -29,4 +29,5 @@ def test_mindformers_tests_pass_in_the_mindformers_environment():
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
     summary = output.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, f"nothing may be skipped there:\n{output[-4000:]}"
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, \
+        f"nothing may be skipped there:\n{output[-4000:]}"
