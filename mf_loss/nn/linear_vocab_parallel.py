@@ -70,16 +70,21 @@ class LinearShard(VocabShard):
     def finish_hidden_grad(self, hidden_grad, hidden):
         if self.complete_hidden_grad:
             hidden_grad = self.model_parallel_sum(hidden_grad)
-        return _cast(hidden_grad, hidden.dtype)
+        return _in_dtype(hidden_grad, hidden.dtype)
+
+
+def _in_dtype(tensor, dtype):
+    """`tensor` cast to `dtype`, without the copy a same-dtype Cast makes (gradient-sized buffers)."""
+    return tensor if tensor.dtype == dtype else _cast(tensor, dtype)
+
+
+def _float32(tensor):
+    return _in_dtype(tensor, ms.float32)
 
 
 def _after(tensor, previous):
     """`tensor`, ordered after `previous` has been computed (GRAPH mode would otherwise overlap chunks)."""
     return tensor if previous is None else _depend(tensor, previous)
-
-
-def _accumulate(total, part):
-    return part if total is None else total + part
 
 
 class GradByRecompute(LinearShard):
@@ -90,11 +95,11 @@ class GradByRecompute(LinearShard):
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
-        weight32 = _cast(head_weight, ms.float32)
+        weight32 = _float32(head_weight)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_cast(hidden[start:stop], ms.float32), previous)
+            chunk = _after(_float32(hidden[start:stop]), previous)
             previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
             parts.append(previous)
         columns = 5 if self.label_smoothing > 0 else 4
@@ -110,22 +115,22 @@ class GradByRecompute(LinearShard):
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
-        weight32 = _cast(head_weight, ms.float32)
+        weight32 = _float32(head_weight)
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_cast(hidden[start:stop], ms.float32), weight_grad)
+            chunk = _after(_float32(hidden[start:stop]), weight_grad)
             logits = _logits_of(chunk, weight32)
             hidden_part, weight_part = self.chunk_grads(
                 logits, chunk, weight32, target[start:stop], spec, row_max[start:stop], log_sum_exp[start:stop],
                 (a[start:stop], b[start:stop], q[start:stop]))
             hidden_parts.append(hidden_part)
-            weight_grad = _accumulate(weight_grad, weight_part)
+            weight_grad = weight_part if weight_grad is None else self.accumulate(weight_grad, weight_part)
         if not hidden_parts:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
                     _zeros_like(active))
         hidden_grad = self.finish_hidden_grad(ops.concat(hidden_parts, 0), hidden)
-        return (hidden_grad, _cast(weight_grad, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
+        return (hidden_grad, _in_dtype(weight_grad, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
                 _zeros_like(active))
 
 
@@ -137,12 +142,12 @@ class GradInForward(LinearShard):
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
-        weight32 = _cast(head_weight, ms.float32)
+        weight32 = _float32(head_weight)
         pieces = []   # the per-token tuple of each chunk
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_cast(hidden[start:stop], ms.float32), weight_grad)
+            chunk = _after(_float32(hidden[start:stop]), weight_grad)
             logits = _logits_of(chunk, weight32)
             local = self.local_row_stats(logits, target[start:stop], self.weight, spec)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
@@ -153,7 +158,7 @@ class GradInForward(LinearShard):
                                                         piece[ROW_MAX], piece[LOG_SUM_EXP], coefficients)
             pieces.append(piece)
             hidden_parts.append(hidden_part)
-            weight_grad = _accumulate(weight_grad, weight_part)
+            weight_grad = weight_part if weight_grad is None else self.accumulate(weight_grad, weight_part)
         if not pieces:  # no rows: nothing to exchange, every output empty or zero
             empty = ops.zeros((0,), ms.float32)
             widths = ops.fill(ms.float32, (self.mp_size,), float(local_vocab))
@@ -170,5 +175,5 @@ class GradInForward(LinearShard):
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
         scale = dout[0]
         hidden_grad = self.finish_hidden_grad(out[HIDDEN_GRAD] * scale, hidden)
-        return (hidden_grad, _cast(out[WEIGHT_GRAD] * scale, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
+        return (hidden_grad, _in_dtype(out[WEIGHT_GRAD] * scale, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
                 _zeros_like(active))

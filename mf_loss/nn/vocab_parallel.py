@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..ops import backends
+from ..ops import backends, chunking
 from ..ops import shard_math as math
 from ..parallel.comm import RankLayout, RowStatsExchange
 
@@ -53,6 +53,7 @@ class VocabShard(nn.Cell):
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
         self.scratch_logits_grad = kernels.scratch_logits_grad
+        self.accumulate = kernels.accumulate
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None
@@ -115,20 +116,55 @@ class VocabParallelCrossEntropy(VocabShard):
     """construct(logits (N, Vl), target, active (N,) bool) -> the per-token tuple (TOKEN_LOSS, ...).
 
     `target` is (N,) int32 class ids over the full vocabulary, or (N, Vl) probabilities of this slice.
+    The composed backend goes through the rows in chunks (`ops.chunking`, each ordered after the previous
+    one), so that its float32 temporaries (exp, probabilities, selects) are chunk-sized, not logits-sized;
+    the fused kernels read each row once and need no chunks.
     """
+
+    def __init__(self, layout, *, chunk_size=None, **shard_options):
+        super().__init__(layout, **shard_options)
+        self.chunk_size = chunk_size
+
+    def bounds(self, rows: int, local_vocab: int):
+        if self.backend == "fused":
+            return [(0, rows)]
+        chunk = self.chunk_size
+        if chunk is None:
+            # the composed steps hold about this many float32 chunk-sized temporaries at once
+            chunk = chunking.auto_chunk_rows(rows, local_vocab, buffers=6)
+        return chunking.chunk_bounds(rows, chunk)
 
     def construct(self, logits, target, active):
         local_vocab = logits.shape[-1]
         _, vocab_start = self.vocab(local_vocab)
-        local = self.local_row_stats(logits, target, self.weight, self.spec(vocab_start))
+        spec = self.spec(vocab_start)
+        bounds = self.bounds(logits.shape[0], local_vocab)
+        if len(bounds) == 1:
+            local = self.local_row_stats(logits, target, self.weight, spec)
+        else:
+            parts = []
+            for start, stop in bounds:
+                rows_of = logits[start:stop] if not parts else ops.depend(logits[start:stop], parts[-1])
+                parts.append(self.local_row_stats(rows_of, target[start:stop], self.weight, spec))
+            local = ops.concat(parts, 0)
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         return self.finish(local, gathered, rank_widths, active, local_vocab)
 
     def bprop(self, logits, target, active, out, dout):
         local_vocab = logits.shape[-1]
         _, vocab_start = self.vocab(local_vocab)
+        spec = self.spec(vocab_start)
         upstream = _select(active, dout[TOKEN_LOSS], _zeros_like(dout[TOKEN_LOSS]))
-        coefficients = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
-        grad = self.logits_grad(logits, target, self.weight, self.spec(vocab_start), out[ROW_MAX],
-                                out[LOG_SUM_EXP], coefficients)
+        a, b, q = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
+        bounds = self.bounds(logits.shape[0], local_vocab)
+        if len(bounds) == 1:
+            grad = self.logits_grad(logits, target, self.weight, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
+        else:
+            parts = []
+            for start, stop in bounds:
+                rows_of = logits[start:stop] if not parts else ops.depend(logits[start:stop], parts[-1])
+                parts.append(self.logits_grad(rows_of, target[start:stop], self.weight, spec,
+                                              out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
+                                              (a[start:stop], b[start:stop], q[start:stop])))
+            grad = ops.concat(parts, 0)
         return grad, _zeros_like(target), _zeros_like(active)

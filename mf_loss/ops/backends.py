@@ -37,16 +37,22 @@ class Backend:
     """The two per-shard steps of one implementation (signatures of `shard_math`).
 
     `scratch_logits_grad` is the gradient of logits that nobody reads afterwards (the fused head's chunk
-    logits): written over them where the backend can (fused), a new tensor otherwise."""
+    logits), and `accumulate(total, part)` is `total + part` for a running total nobody else reads: both
+    written over their first input where the backend can (fused), new tensors otherwise."""
 
     name: str
     local_row_stats: Callable
     logits_grad: Callable
     scratch_logits_grad: Callable
+    accumulate: Callable
     inplace: bool = False
 
 
-COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad)
+def _add(total, part):
+    return total + part
+
+
+COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad, _add)
 
 
 def device_target() -> str:
@@ -64,7 +70,7 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, inplace=bool(inplace))
+                   fused.logits_grad_inplace, fused.accumulate, inplace=bool(inplace))
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

@@ -10,16 +10,22 @@ import math
 # runs at full speed (>= 64 rows for V/mp up to 128k).
 DEFAULT_CHUNK_BYTES = 32 << 20
 MIN_AUTO_ROWS = 16
+# GRAPH mode unrolls the chunk loop: compile time grows with the number of chunks (95 chunks of the composed
+# path took minutes to compile), so an automatic choice makes at most this many
+MAX_AUTO_CHUNKS = 16
 
 
 def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
-    least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine), at most `rows` (one chunk). Plain
-    statements, as in chunk_bounds."""
+    least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine) and rows / MAX_AUTO_CHUNKS, at most
+    `rows` (one chunk). Plain statements, as in chunk_bounds."""
     per_row = local_vocab * 4 * buffers if local_vocab > 0 and buffers > 0 else 4
     chunk = budget_bytes // per_row
     if chunk < MIN_AUTO_ROWS:
         chunk = MIN_AUTO_ROWS
+    fewest = (rows + MAX_AUTO_CHUNKS - 1) // MAX_AUTO_CHUNKS
+    if chunk < fewest:
+        chunk = fewest
     if chunk > rows:
         chunk = rows
     return chunk if chunk > 0 else 1

@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - other MindSpore layouts
     def _run_in_jit():
         return False
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "load", "local_row_stats", "logits_grad", "logits_grad_inplace"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "load", "local_row_stats", "logits_grad",
+           "logits_grad_inplace"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -74,6 +75,7 @@ class FusedKernels:
     row_stats_5: ops.Custom       # (N, 5) statistics (label smoothing)
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
+    accumulate: ops.Custom        # total += part over total; returns the same kind of token
 
 
 _lock = threading.Lock()
@@ -95,7 +97,8 @@ def load() -> FusedKernels:
                                         row_stats_4=custom("mf_row_stats4", _stats_shape_4, _float32),
                                         row_stats_5=custom("mf_row_stats5", _stats_shape_5, _float32),
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
-                                        grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64))
+                                        grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
+                                        accumulate=custom("mf_accumulate_inplace", _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -149,6 +152,23 @@ def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, c
     return _run_grad(_kernels.grad, logits, target, weight, spec, row_max, log_sum_exp, coefficients)
 
 
+def _written_in_place(target, token) -> bool:
+    """Whether the kernel wrote `target`'s own buffer. Always in GRAPH mode / ms.jit, where `target` is then
+    ordered after the kernel by the caller's Depend; in PYNATIVE MindSpore hands a view (a reshape, a slice)
+    to a kernel as a private copy, so the kernel reports the address it wrote."""
+    if _run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
+        return True
+    return int(token.asnumpy()[0]) == target.data_ptr()
+
+
+def accumulate(total, part):
+    """`total + part`, written over `total` (float32, contiguous, not read by anything else afterwards)."""
+    token = _kernels.accumulate(total, part)
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    return total + part  # pragma: no cover - a fresh matmul output is never handed over as a copy
+
+
 def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     """`logits_grad` written over the logits' own buffer; returns the tensor that holds the gradient.
 
@@ -161,8 +181,6 @@ def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_su
     """
     logits = logits.contiguous()
     token = _run_grad(_kernels.grad_inplace, logits, target, weight, spec, row_max, log_sum_exp, coefficients)
-    if _run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
+    if _written_in_place(logits, token):
         return _depend(logits, token)
-    if int(token.asnumpy()[0]) == logits.data_ptr():
-        return logits
     return logits_grad(logits, target, weight, spec, row_max, log_sum_exp, coefficients)
