@@ -253,3 +253,14 @@ def test_merge_reads_a_report_written_before_the_head_rows(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "collectives per step: not counted; 160 bytes" in printed and "memory bandwidth: not measured" in printed
     assert (tmp_path / "merged" / "bench.png").exists()
+
+
+@pytest.mark.unit
+def test_a_worker_error_is_summarised_by_its_exception_and_message():
+    from mf_loss.bench.runner import error_summary
+    assert error_summary("[WARNING] noise\nTraceback (most recent call last):\n  x\nValueError: bad shape (3,)\n") \
+        == "ValueError: bad shape (3,)"
+    mindspore_style = ("Traceback (most recent call last):\n  x\nTypeError: \n-----\n- Kernel select failed:\n-----\n"
+                       "Select CPU operator[StridedSlice] fail! Unsupported data type!\n")
+    assert error_summary(mindspore_style) == ("TypeError: - Kernel select failed: Select CPU operator[StridedSlice] "
+                                              "fail! Unsupported data type!")

@@ -89,10 +89,12 @@ def serve_worker(config: dict) -> None:
 def error_summary(stderr: str) -> str:
     """The exception line of a worker's traceback (else the last lines), without MindSpore's chatter."""
     lines = [t for t in (stderr or "").splitlines() if t.strip() and not t.startswith(("[WARNING]", "[INFO]"))]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0].strip()
-        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
-            return line.strip()[-600:]
+    for index in range(len(lines) - 1, -1, -1):
+        head, _, message = lines[index].partition(":")
+        if head.strip().endswith(("Error", "Exception", "Interrupt")) and " " not in head.strip():
+            if not message.strip():  # MindSpore puts its message on the following lines, between rules
+                message = " ".join(t.strip() for t in lines[index + 1:index + 6] if not t.strip().startswith("---"))
+            return f"{head.strip()}: {message.strip()}"[:600]
     return " | ".join(lines[-4:])[-600:]
 
 
