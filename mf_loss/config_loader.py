@@ -134,6 +134,7 @@ SCHEMA = {
         "keep_checkpoint_max": _positive(2), "epochs": _positive(None), "sink_mode": Key(bool),
         "sink_size": Key(int),
         "gradient_accumulation_steps": Key(int, 1, choices=(1,)),  # use parallel_config.micro_batch_num
+        "measure_loss_time": Key(bool, True),  # time the output layer + loss alone after training (one compile)
     },
     "train_dataset": {
         "corpus": Key(str, "builtin"),              # 'builtin' (mf_loss/data, King James Bible) or a text file
@@ -218,7 +219,7 @@ class _Checker:
     def typed(self, value, expected: type, path: str):
         converted = _as_type(value, expected)
         if converted is _MISSING:
-            self.fail(path, f"expected {_type_names((expected,))}, got {_show(value)}")
+            self.fail(path, f"expected {_TYPE_NAMES.get(expected, expected.__name__)}, got {_show(value)}")
         return converted
 
     def loss(self, value, path: str) -> dict:
@@ -268,29 +269,6 @@ def _as_type(value, expected: type):
     if isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool):
         return value
     return _MISSING
-
-
-def _type_names(types) -> str:
-    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-
-
-def check_value(value, types, path, fail, *, nullable=False, choices=None, minimum=None):
-    """One value of another tool's configuration checked like ours; `fail(path, message)` raises."""
-    if value is None:
-        if nullable:
-            return None
-        fail(path, f"must be set, got null (expected {_type_names(types)})")
-    for expected in types:
-        converted = _as_type(value, expected)
-        if converted is not _MISSING:
-            break
-    else:
-        fail(path, f"expected {_type_names(types)}, got {_show(value)}")
-    if choices is not None and converted not in choices:
-        fail(path, f"must be one of {', '.join(map(repr, choices))}, got {converted!r}")
-    if minimum is not None and isinstance(converted, (int, float)) and converted < minimum:
-        fail(path, f"must be >= {minimum}, got {converted!r}")
-    return converted
 
 
 def _show(value) -> str:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mf_loss import CrossEntropyLoss, get_loss_class
-from mf_loss.config_loader import (ConfigError, apply_overrides, build_loss, check_value, load_config, validate,
+from mf_loss.config_loader import (ConfigError, apply_overrides, build_loss, load_config, validate,
                                    validate_world_size)
 from mf_loss.train.checks import check_trainable
 
@@ -220,17 +220,6 @@ def test_the_training_job_owns_the_hidden_gradient_sum(tmp_path):
                                                           "complete_hidden_grad": True}}))
     with pytest.raises(ConfigError, match="loss.complete_hidden_grad: the model's copy-to-model-parallel op"):
         check_trainable(config)
-
-
-def test_check_value_for_other_tools_configs():
-    def fail(path, message):
-        raise ConfigError(f"{path}: {message}")
-    assert check_value("3e-4", (float,), "lr", fail) == pytest.approx(3e-4)
-    assert check_value(None, (int,), "steps", fail, nullable=True) is None
-    with pytest.raises(ConfigError, match="steps: must be >= 1, got 0"):
-        check_value(0, (int,), "steps", fail, minimum=1)
-    with pytest.raises(ConfigError, match="flag: expected a bool \\(true/false\\), got 1 \\(int\\)"):
-        check_value(1, (bool,), "flag", fail)
 
 
 def test_overrides_are_validated_like_the_file():

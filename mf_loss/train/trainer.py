@@ -512,7 +512,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
 
     train_time = time.perf_counter() - loop_start
     peak = memory.peak_mib()
-    head_loss_s = time_head_and_loss(loss, fused, model, batch) if batch is not None else None
+    measure = rc["measure_loss_time"] and batch is not None
+    head_loss_s = time_head_and_loss(loss, fused, model, batch) if measure else None
     result = RunResult(run_dir, curve)
     if is_main:
         curve_writer.close()
