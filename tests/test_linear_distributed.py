@@ -1,0 +1,130 @@
+"""LinearCrossEntropyLoss under msrun: mp=2 on 2 ranks and dp=2 x mp=2 on 4 ranks, one launch per layout
+(tests/dist_linear_worker.py runs everything on each rank and writes its results).
+
+Every rank's loss and gradients are compared with float64 NumPy on the FULL vocabulary (the reference and
+tolerances of tests/test_linear_cross_entropy.py): dW is the rank's rows of the full dW, dH the full G @ W
+with complete_hidden_grad=True and this rank's share G[:, slice] @ W[slice] with False. Also: the NaN check
+names the rank that sees the NaN, and a compiled value_and_grad + SGD step has exactly the collectives that
+`collectives_per_call` declares, with NumPy's loss and updated parameters.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dist_linear_worker import (CASES, DESIGNS, GRAPH_CASES, NAN_HIDDEN_ROW, ROWS, VOCAB, job_inputs, nan_arrays,
+                                train_inputs, upstream)
+from mf_loss import ParallelConfig
+from mf_loss.launch import launch
+from reference import numpy_cross_entropy
+from test_linear_cross_entropy import assert_matches_reference, reference
+
+pytestmark = pytest.mark.distributed
+LAYOUTS = {"mp2": (1, 2), "dp2_mp2": (2, 2)}
+LAUNCH_TIMEOUT_S = 900
+_jobs = {}
+
+
+def run_job(name, tmp_path_factory):
+    """Launch the worker for one layout once per session; returns (dp, mp, [(arrays, report)] per rank)."""
+    if name not in _jobs:
+        dp, mp = LAYOUTS[name]
+        out = tmp_path_factory.mktemp(f"linear_{name}")
+        result = launch(os.path.join(os.path.dirname(__file__), "dist_linear_worker.py"),
+                        ["--dp", dp, "--mp", mp, "--out", out], workers=dp * mp, log_dir=out / "logs",
+                        timeout=LAUNCH_TIMEOUT_S)
+        ranks = None
+        if result.ok:
+            ranks = [(np.load(out / f"rank{r}.npz"), json.loads((out / f"rank{r}.json").read_text()))
+                     for r in range(dp * mp)]
+        _jobs[name] = (dp, mp, ranks, result.message)  # a failed job is reported by every test, launched once
+    dp, mp, ranks, message = _jobs[name]
+    assert ranks is not None, message
+    return dp, mp, ranks
+
+
+def dp_rows(array, dp, dp_rank):
+    if array is None:
+        return None
+    per_dp = array.shape[0] // dp
+    return array[dp_rank * per_dp:(dp_rank + 1) * per_dp]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, tmp_path_factory):
+    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    width = VOCAB // mp
+    compared = 0
+    for arrays, report in ranks:
+        dp_rank, mp_rank = report["dp_rank"], report["mp_rank"]
+        for backend, grad_mode, complete in DESIGNS:
+            for name in (CASES if mode == "pynative" else GRAPH_CASES):
+                options, _, leading, dtype = CASES[name]
+                none = options.get("reduction") == "none"
+                if none and grad_mode == "forward":
+                    continue
+                h, w, y, m, options = job_inputs(name, dp)
+                h, y, m = dp_rows(h, dp, dp_rank), dp_rows(y, dp, dp_rank), dp_rows(m, dp, dp_rank)
+                ref = reference(h, w, y, m, options, upstream(leading) if none else None,
+                                rows_of_rank=slice(mp_rank * width, (mp_rank + 1) * width), hidden_share=not complete)
+                key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
+                outputs = []
+                while f"{key}/out{len(outputs)}" in arrays:
+                    outputs.append(arrays[f"{key}/out{len(outputs)}"])
+                assert_matches_reference((outputs, arrays[f"{key}/d_hidden"], arrays[f"{key}/d_weight"]), ref,
+                                         f"{key} on dp {dp_rank} mp {mp_rank}", dtype)
+                compared += 1
+    assert compared >= len(ranks) * len(DESIGNS)  # every design ran at least one case on every rank
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_check_names_the_rank(layout, tmp_path_factory):
+    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    config = ParallelConfig(data_parallel=dp, model_parallel=mp)
+    for _, report in ranks:
+        rank, dp_rank, mp_rank = report["rank"], report["dp_rank"], report["mp_rank"]
+        where = f"rank {rank} (dp {dp_rank}, mp {mp_rank})"
+        # a NaN in a hidden row: only that dp group sees it, on every mp rank (each of its logits is NaN)
+        hidden_message = (f"non-finite loss or gradient on {where}: 1 token(s) (0 of them masked out); 1 of them "
+                          "non-finite in this rank's own vocabulary slice")
+        # a NaN in a head-weight row of the last mp rank: every token of every dp group, local to that rank
+        _, _, y, m = nan_arrays(config, "head_weight")
+        y, m = dp_rows(y, dp, dp_rank), dp_rows(m, dp, dp_rank)
+        masked = int(((m == 0) | (y == -100)).sum())
+        local = ROWS if mp_rank == mp - 1 else 0
+        weight_message = (f"non-finite loss or gradient on {where}: {ROWS} token(s) ({masked} of them masked out); "
+                          f"{local} of them non-finite in this rank's own vocabulary slice")
+        for mode in ("pynative", "graph"):
+            assert report[f"nan/{mode}/hidden"] == (hidden_message if dp_rank == dp - 1 else None), \
+                (mode, NAN_HIDDEN_ROW, report)
+            assert report[f"nan/{mode}/head_weight"] == weight_message, (mode, report)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+def test_training_step_collectives_and_numpy_update(layout, grad_mode, tmp_path_factory):
+    """A compiled value_and_grad + SGD step of tanh(x @ A) -> fused head: the AllReduces in the executed graph
+    (backprop included) are collectives_per_call's forward + backward and nothing else; the loss and the
+    parameters after the step are NumPy's on the full head."""
+    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    features, label, projection, head = train_inputs(dp)
+    width = VOCAB // mp
+    for arrays, report in ranks:
+        step = report[f"train/{grad_mode}"]
+        declared = step["declared"]
+        assert step["collectives"] == {"AllReduce": declared["forward"] + declared["backward"], "AllGather": 0,
+                                       "Broadcast": 0, "ReduceScatter": 0}, (report["rank"], step)
+        assert declared["forward"] == (3 if grad_mode == "forward" else 1) and declared["backward"] == 1, step
+        tokens = slice(report["dp_rank"] * ROWS, (report["dp_rank"] + 1) * ROWS)
+        x = features[tokens].astype(np.float64)
+        hidden = np.tanh(x @ projection.astype(np.float64))
+        (loss,), grad, _ = numpy_cross_entropy(hidden @ head.T.astype(np.float64), label[tokens], None)
+        np.testing.assert_allclose(step["loss"], loss, rtol=1e-5)
+        rows = slice(report["mp_rank"] * width, (report["mp_rank"] + 1) * width)
+        d_projection = x.T @ ((grad @ head.astype(np.float64)) * (1 - hidden ** 2))
+        np.testing.assert_allclose(arrays[f"train/{grad_mode}/head"], head[rows] - 0.1 * (grad.T @ hidden)[rows],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(arrays[f"train/{grad_mode}/projection"], projection - 0.1 * d_projection,
+                                   rtol=1e-5, atol=1e-6)
