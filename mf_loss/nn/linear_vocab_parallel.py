@@ -96,10 +96,12 @@ class GradByRecompute(LinearShard):
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
         weight32 = _float32(head_weight)
+        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
+        hidden32 = _float32(hidden)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_float32(hidden[start:stop]), previous)
+            chunk = _after(hidden32[start:stop], previous)
             previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
             parts.append(previous)
         columns = 5 if self.label_smoothing > 0 else 4
@@ -116,10 +118,12 @@ class GradByRecompute(LinearShard):
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
         weight32 = _float32(head_weight)
+        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
+        hidden32 = _float32(hidden)
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_float32(hidden[start:stop]), weight_grad)
+            chunk = _after(hidden32[start:stop], weight_grad)
             logits = _logits_of(chunk, weight32)
             hidden_part, weight_part = self.chunk_grads(
                 logits, chunk, weight32, target[start:stop], spec, row_max[start:stop], log_sum_exp[start:stop],
@@ -143,11 +147,13 @@ class GradInForward(LinearShard):
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
         weight32 = _float32(head_weight)
+        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
+        hidden32 = _float32(hidden)
         pieces = []   # the per-token tuple of each chunk
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(_float32(hidden[start:stop]), weight_grad)
+            chunk = _after(hidden32[start:stop], weight_grad)
             logits = _logits_of(chunk, weight32)
             local = self.local_row_stats(logits, target[start:stop], self.weight, spec)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)

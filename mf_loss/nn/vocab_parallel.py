@@ -125,8 +125,11 @@ class VocabParallelCrossEntropy(VocabShard):
         super().__init__(layout, **shard_options)
         self.chunk_size = chunk_size
 
-    def bounds(self, rows: int, local_vocab: int):
-        if self.backend == "fused":
+    def bounds(self, logits):
+        rows, local_vocab = logits.shape
+        # the fused kernels need no chunks; half-precision logits are not chunked either, as MindSpore's CPU
+        # slicing has no half-precision kernel in GRAPH mode
+        if self.backend == "fused" or logits.dtype != ms.float32:
             return [(0, rows)]
         chunk = self.chunk_size
         if chunk is None:
@@ -138,7 +141,7 @@ class VocabParallelCrossEntropy(VocabShard):
         local_vocab = logits.shape[-1]
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
-        bounds = self.bounds(logits.shape[0], local_vocab)
+        bounds = self.bounds(logits)
         if len(bounds) == 1:
             local = self.local_row_stats(logits, target, self.weight, spec)
         else:
@@ -156,7 +159,7 @@ class VocabParallelCrossEntropy(VocabShard):
         spec = self.spec(vocab_start)
         upstream = _select(active, dout[TOKEN_LOSS], _zeros_like(dout[TOKEN_LOSS]))
         a, b, q = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
-        bounds = self.bounds(logits.shape[0], local_vocab)
+        bounds = self.bounds(logits)
         if len(bounds) == 1:
             grad = self.logits_grad(logits, target, self.weight, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
