@@ -1,7 +1,9 @@
-"""One msrun rank of the distributed test battery; results go to OUT/rank<r>.npz and OUT/rank<r>.json.
+"""One msrun rank of tests/test_distributed.py; results go to OUT/rank<r>.npz and OUT/rank<r>.json.
 
-Runs every case in PYNATIVE and GRAPH on this rank's shard, the NaN check with a NaN planted in one rank's
-slice, and a compiled training step whose IR is dumped so the test can count its collectives.
+The wiring only (the math of every mp is tests/test_simulated_mp.py's): the core cases on this rank's shard
+through the real exchange in PYNATIVE and GRAPH with both backends, and the in-place fused backward on a
+few of them; the NaN check with a NaN planted in one rank's slice; a logits width that disagrees between
+ranks; and a compiled training step whose IR is dumped so the test can count its collectives.
 """
 import argparse
 import glob
@@ -9,6 +11,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 
@@ -16,27 +19,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mindspore as ms  # noqa: E402
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
-from mindspore.communication import get_rank, init  # noqa: E402
 
-from cases import CORE_CASES, Case, evaluate, full_inputs, grid_cases, loss_options, shard, to_tensors  # noqa: E402
+from cases import CORE_CASES, Case, evaluate, full_inputs, loss_options, shard, to_tensors  # noqa: E402
 from mf_loss import CrossEntropyLoss, NonFiniteLossError, ParallelConfig  # noqa: E402
 
 NAN_ROW, NAN_COLUMN = 2, 20  # a row of the last dp rank, a column owned by the last mp rank
 BACKEND_OPTIONS = {"composed": dict(backend="composed"), "fused": dict(backend="fused"),
                    "fused_inplace": dict(backend="fused", inplace_backward=True)}
+INPLACE_CASES = [c for c in CORE_CASES if c.name in
+                 ("ignore_and_int_mask", "bfloat16", "weight_smoothing_sum", "none_float_mask",
+                  "probs_smoothing_weight", "zloss_softcap")]
+# (mode, backend) -> cases; results are keyed "<mode>/<backend>/<case>/out<i>" and ".../grad".
+SUITES = {("pynative", "composed"): CORE_CASES, ("pynative", "fused"): CORE_CASES,
+          ("pynative", "fused_inplace"): INPLACE_CASES,
+          ("graph", "composed"): CORE_CASES, ("graph", "fused"): CORE_CASES}
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+HEAD_HIDDEN, HEAD_ROWS_PER_RANK, HEAD_TOKENS = 8, 6, 10
 
 
-def run_cases(cases, mode, config, dp_rank, mp_rank, results, backend):
-    ms.set_context(mode=mode)
-    tag = "graph" if mode == ms.GRAPH_MODE else "pynative"
+def run_suite(mode, backend, cases, config, dp_rank, mp_rank, results):
+    started = time.perf_counter()
+    ms.set_context(mode=MODES[mode])
     for case in cases:
         arrays = shard(case, full_inputs(case, dp=config.data_parallel), dp_rank, mp_rank, config.model_parallel)
         options = loss_options(case, dict(parallel_config=config, **BACKEND_OPTIONS[backend]))
         outputs, grad = evaluate(CrossEntropyLoss(**options), *to_tensors(case, arrays),
                                  options.get("reduction", "mean"))
         for i, out in enumerate(outputs):
-            results[f"{tag}/{backend}/{case.name}/out{i}"] = out
-        results[f"{tag}/{backend}/{case.name}/grad"] = grad
+            results[f"{mode}/{backend}/{case.name}/out{i}"] = out
+        results[f"{mode}/{backend}/{case.name}/grad"] = grad
+    print(f"{mode}/{backend}: {len(cases)} cases in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def nan_check(mode, config, dp_rank, mp_rank):
@@ -74,13 +86,23 @@ def width_check(mode, config, mp_rank):
     return None, float(value.asnumpy())
 
 
+def head_inputs(dp: int, mp: int):
+    """The training step's data over the whole job, in NumPy: features (dp*T, H), labels, the full output
+    weight (mp*rows, H), mp rank r holding rows [r*rows, (r+1)*rows) (the same on every dp rank)."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((dp * HEAD_TOKENS, HEAD_HIDDEN)).astype(np.float32)
+    label = rng.integers(0, HEAD_ROWS_PER_RANK * mp, dp * HEAD_TOKENS).astype(np.int32)
+    weight = np.concatenate([np.random.default_rng(100 + r).standard_normal((HEAD_ROWS_PER_RANK, HEAD_HIDDEN))
+                             for r in range(mp)]).astype(np.float32)
+    return features, label, weight
+
+
 class VocabParallelHead(nn.Cell):
     """A model whose output layer holds this rank's rows of the output weight, trained with the loss."""
 
-    def __init__(self, hidden, local_vocab, config):
+    def __init__(self, local_weight, config):
         super().__init__()
-        rng = np.random.default_rng(get_rank())
-        self.weight = Parameter(Tensor(rng.standard_normal((local_vocab, hidden)).astype(np.float32)), name="w")
+        self.weight = Parameter(Tensor(local_weight), name="w")
         self.matmul = ops.MatMul(transpose_b=True)
         self.loss = CrossEntropyLoss(parallel_config=config)
 
@@ -88,10 +110,13 @@ class VocabParallelHead(nn.Cell):
         return self.loss(self.matmul(features, self.weight), label, mask)
 
 
-def dump_training_step(config, ir_dir):
-    """Compile value_and_grad of a whole training step in GRAPH mode with IR dumps on; return the dir."""
+def dump_training_step(config, dp_rank, mp_rank, ir_dir):
+    """Compile value_and_grad of a whole SGD step in GRAPH mode with IR dumps on; return the loss and this
+    rank's weight after the step."""
     ms.set_context(mode=ms.GRAPH_MODE)
-    net = VocabParallelHead(8, 6, config)
+    features, label, weight = head_inputs(config.data_parallel, config.model_parallel)
+    tokens = slice(dp_rank * HEAD_TOKENS, (dp_rank + 1) * HEAD_TOKENS)
+    net = VocabParallelHead(weight[mp_rank * HEAD_ROWS_PER_RANK:(mp_rank + 1) * HEAD_ROWS_PER_RANK], config)
     optimizer = nn.SGD(net.trainable_params(), learning_rate=0.1)
     grad_fn = ms.value_and_grad(net, None, optimizer.parameters)
 
@@ -101,13 +126,10 @@ def dump_training_step(config, ir_dir):
         optimizer(grads)
         return loss
 
-    rng = np.random.default_rng(0)
-    features = Tensor(rng.standard_normal((10, 8)).astype(np.float32))
-    label = Tensor(rng.integers(0, 6 * config.model_parallel, 10).astype(np.int32))
     ms.set_context(save_graphs=1, save_graphs_path=ir_dir)
-    loss = train_step(features, label, Tensor(np.ones(10, np.float32)))
+    loss = train_step(Tensor(features[tokens]), Tensor(label[tokens]), Tensor(np.ones(HEAD_TOKENS, np.float32)))
     ms.set_context(save_graphs=0)
-    return float(loss.asnumpy())
+    return float(loss.asnumpy()), net.weight.asnumpy()
 
 
 def final_graph_collectives(ir_dir):
@@ -128,19 +150,15 @@ def main():
     parser.add_argument("--dp", type=int, required=True)
     parser.add_argument("--mp", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--grid", action="store_true", help="also run the option grid (PYNATIVE)")
-    parser.add_argument("--backends", default="composed", help=f"comma separated, of {', '.join(BACKEND_OPTIONS)}")
     args = parser.parse_args()
+    from mindspore.communication import get_rank, init
     init()
     rank = get_rank()
     config = ParallelConfig(data_parallel=args.dp, model_parallel=args.mp)
     dp_rank, mp_rank = rank // args.mp, rank % args.mp
     results = {}
-    for backend in args.backends.split(","):
-        run_cases(CORE_CASES, ms.PYNATIVE_MODE, config, dp_rank, mp_rank, results, backend)
-        if args.grid and backend != "fused_inplace":  # the in-place backward: the core cases are enough
-            run_cases(grid_cases(), ms.PYNATIVE_MODE, config, dp_rank, mp_rank, results, backend)
-    run_cases(CORE_CASES, ms.GRAPH_MODE, config, dp_rank, mp_rank, results, args.backends.split(",")[0])
+    for (mode, backend), cases in SUITES.items():
+        run_suite(mode, backend, cases, config, dp_rank, mp_rank, results)
     report = {
         "rank": rank, "dp_rank": dp_rank, "mp_rank": mp_rank,
         "nan_pynative": nan_check(ms.PYNATIVE_MODE, config, dp_rank, mp_rank),
@@ -149,7 +167,7 @@ def main():
         "width_graph": width_check(ms.GRAPH_MODE, config, mp_rank),
     }
     ir_dir = os.path.join(args.out, f"ir_rank{rank}")
-    report["train_step_loss"] = dump_training_step(config, ir_dir)
+    report["train_step_loss"], results["train_step/weight"] = dump_training_step(config, dp_rank, mp_rank, ir_dir)
     report["final_ir"], report["collectives"] = final_graph_collectives(ir_dir)
     np.savez(os.path.join(args.out, f"rank{rank}.npz"), **results)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
