@@ -62,6 +62,13 @@ class LinearShard(VocabShard):
     def bounds(self, rows: int, local_vocab: int):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
+    def operands(self, hidden, head_weight):
+        """(rows, V/mp, this slice's ShardSpec, hidden and head_weight in float32). One float32 copy of the
+        (N, H) input up front: small, and GRAPH mode on CPU slices no half-precision tensor."""
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
+        return rows, local_vocab, self.spec(vocab_start), _float32(hidden), _float32(head_weight)
+
     def chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients):
         """(d hidden chunk, d weight share) of one chunk from its logits, which are consumed."""
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
@@ -92,12 +99,7 @@ class GradByRecompute(LinearShard):
     -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
-        weight32 = _float32(head_weight)
-        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
-        hidden32 = _float32(hidden)
+        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
@@ -111,15 +113,10 @@ class GradByRecompute(LinearShard):
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
-        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
+        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
-        weight32 = _float32(head_weight)
-        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
-        hidden32 = _float32(hidden)
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
@@ -143,12 +140,7 @@ class GradInForward(LinearShard):
     `vocab_parallel`, hidden_grad, weight_grad): the gradient of `objective` is made in the forward."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
-        weight32 = _float32(head_weight)
-        # one float32 copy of the (N, H) input up front: small, and GRAPH mode on CPU slices no half types
-        hidden32 = _float32(hidden)
+        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
         pieces = []   # the per-token tuple of each chunk
         hidden_parts = []
         weight_grad = None
