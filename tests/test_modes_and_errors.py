@@ -244,3 +244,20 @@ def test_semi_auto_mode_rejects_weights_and_inplace_clearly(semi_auto_context):
         CrossEntropyLoss(weight=np.ones(4, np.float32))
     with pytest.raises(ValueError, match="inplace_backward=True is not supported in semi_auto/auto parallel mode"):
         CrossEntropyLoss(inplace_backward=True)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+@pytest.mark.parametrize("backend", ["fused", "composed"])
+def test_batch_without_rows(mode, backend):
+    """N = 0 (MindSpore's CPU reductions refuse empty inputs): the loss of an empty batch, zero-size gradient."""
+    ms.set_context(mode=mode)
+    logits, label = Tensor(np.zeros((0, 8), np.float32)), Tensor(np.zeros(0, np.int32))
+    for options, expected in [(dict(), 0.0), (dict(empty_mean="nan"), np.nan), (dict(reduction="sum"), 0.0)]:
+        value, grad = ms.value_and_grad(CrossEntropyLoss(backend=backend, **options))(logits, label)
+        np.testing.assert_array_equal(value.asnumpy(), expected, err_msg=str(options))
+        assert grad.shape == (0, 8)
+    none = CrossEntropyLoss(backend=backend, reduction="none")(Tensor(np.zeros((0, 3, 8), np.float32)),
+                                                                Tensor(np.zeros((0, 3), np.int32)))
+    assert none.shape == (0, 3)
+    numerator, denominator = CrossEntropyLoss(backend=backend, calculate_per_token_loss=True)(logits, label)
+    assert float(numerator) == 0.0 and float(denominator) == 0.0

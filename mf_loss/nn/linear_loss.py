@@ -105,10 +105,14 @@ class LinearCrossEntropyLoss(LossCell):
         F.check_linear_call(hidden.shape, hidden.dtype, head_weight.shape, head_weight.dtype, label.shape,
                             label.dtype, None if input_mask is None else input_mask.shape)
         leading_shape = hidden.shape[:-1]
+        num_classes, _ = self.core.vocab(head_weight.shape[0])  # also checks weight's length against V
         if len(hidden.shape) != 2:
+            if hidden.dtype != ms.float32:
+                hidden = _cast(hidden, ms.float32)  # MindSpore's CPU Reshape has no half kernel in GRAPH mode
             hidden = hidden.reshape(-1, hidden.shape[-1])
         rows = hidden.shape[0]
-        num_classes = head_weight.shape[0] * self.layout.mp_size
+        if rows == 0:
+            return self.empty_result(leading_shape)
         mask, counted = F.count_tokens(input_mask, rows)
         target = _cast(label.reshape(-1), ms.int32)
         counted = ops.logical_and(counted, target != self.ignore_index)

@@ -69,6 +69,18 @@ class LossCell(nn.Cell):
             loss, z_loss = loss[0], z_loss[0]
         return loss, _stop(denominator), z_loss
 
+    def empty_result(self, leading_shape):
+        """No rows at all: nothing to compute (MindSpore's CPU reductions refuse empty inputs), the loss of
+        an empty batch and zero gradients (the inputs do not reach the result)."""
+        zero = ops.zeros((), ms.float32)
+        if self.reduction == "none" and not self.per_token:
+            empty = ops.zeros(leading_shape, ms.float32)
+            return empty, zero, empty
+        if self.reduction == "mean" and not self.per_token:
+            empty_value = ops.fill(ms.float32, (), float("nan") if self.empty_mean_nan else 0.0)
+            return empty_value, zero, empty_value
+        return zero, zero, zero
+
     def formatted(self, out):
         loss, denominator, z_loss = out
         result = (loss, denominator) if self.per_token else loss
@@ -100,7 +112,7 @@ class LossCell(nn.Cell):
             validate(*args)
         result = call(*args)
         if eager:
-            if isinstance(label, Tensor) and label.dtype in F.INT_DTYPES:
+            if isinstance(label, Tensor) and label.dtype in F.INT_DTYPES and label.size > 0:
                 self.diagnostics.check_labels(label, self.ignore_index, local_vocab)
             self.diagnostics.check_rank_widths()
             if self.check_for_nan:
@@ -181,6 +193,8 @@ class CrossEntropyLoss(LossCell):
         if len(logits.shape) != 2:
             # Only when needed: in PYNATIVE a reshape's backward copies the gradient (2x the logits at peak).
             logits = logits.reshape(-1, logits.shape[-1])
+        if logits.shape[0] == 0:
+            return self.empty_result(leading_shape)
         mask, counted = F.count_tokens(input_mask, logits.shape[0])
         if probability_targets:
             if self.probability_core is None:
