@@ -23,9 +23,9 @@ backward all-reduce (Megatron's copy-to-tensor-parallel region), not an extra on
 already sums it ask for this rank's share only.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ops
 
-from ..ops import chunking
+from ..ops import chunking, shard_math
 from ..parallel.comm import ModelParallelSum
 from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
                              VocabShard)
@@ -106,8 +106,8 @@ class GradByRecompute(LinearShard):
             chunk = _after(hidden32[start:stop], previous)
             previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
             parts.append(previous)
-        columns = 5 if self.label_smoothing > 0 else 4
-        local = ops.concat(parts, 0) if parts else ops.zeros((0, columns), ms.float32)
+        local = (ops.concat(parts, 0) if parts else
+                 ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         rows_out = self.finish(local, gathered, rank_widths, active, local_vocab)
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out

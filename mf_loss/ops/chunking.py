@@ -2,7 +2,6 @@
 
 Pure Python on shapes: GRAPH mode unrolls the chunk loop at compile time from these static bounds.
 """
-import math
 
 # What one chunk may hold of float32 (rows, V/mp) buffers when the caller does not say: the logits and the
 # gradient of a chunk with the fused kernels, a few more temporaries with the composed ops. Small against
@@ -43,7 +42,3 @@ def chunk_bounds(rows: int, chunk_rows: int) -> list:
             stop = rows
         bounds.append((start, stop))
     return bounds
-
-
-def num_chunks(rows: int, chunk_rows: int) -> int:
-    return math.ceil(rows / chunk_rows) if rows else 0

@@ -107,10 +107,6 @@ def load() -> FusedKernels:
     return _kernels
 
 
-def is_loaded() -> bool:
-    return _kernels is not None
-
-
 # ---- the two per-shard steps (signatures of shard_math) ----
 # Plain functions, as in shard_math: MindSpore parses them into GRAPH-mode graphs (custom bprops included)
 # and runs them eagerly in PYNATIVE.
