@@ -17,7 +17,8 @@ if importlib.util.find_spec("mindformers") is None:
                 allow_module_level=True)
 
 import mf_loss  # noqa: E402
-from mf_loss.integrations.mindformers_train import checkpoint_dir, load_full_weights, read_curve  # noqa: E402
+from mf_loss.train.checkpoints import checkpoint_dir, load_full_weights  # noqa: E402
+from mf_loss.train.curve import read_curve  # noqa: E402
 
 pytestmark = [pytest.mark.mindformers, pytest.mark.distributed]
 

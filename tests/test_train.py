@@ -110,6 +110,18 @@ def test_batches_hold_next_tokens_padding_and_unequal_dp_shares():
 
 
 @pytest.mark.unit
+def test_the_mindformers_style_example_config_loads_as_it_is_and_trains():
+    """configs/mindformers_tiny_lm.yaml (our loader reading a MindFormers-style file) without overrides: its
+    vocabulary fits the byte-level BPE, its layout and loss block are what `mf-loss train` runs."""
+    from mf_loss.train.checks import check_trainable
+    config = load_config(CONFIGS / "mindformers_tiny_lm.yaml")
+    check_trainable(config)
+    assert config["model"]["model_config"]["vocab_size"] == 8192
+    assert (config.parallel["data_parallel"], config.parallel["model_parallel"]) == (2, 2)
+    assert config["loss"]["type"] == "CrossEntropyLoss" and config["loss"]["calculate_per_token_loss"] is True
+
+
+@pytest.mark.unit
 def test_learning_rates_follow_warm_up_then_cosine():
     from mf_loss.train.trainer import learning_rates
     config = load_config(CONFIGS / "single.yaml")
@@ -206,7 +218,7 @@ def test_a_training_step_applies_mindspores_optimizer_to_the_token_mean_gradient
     from mf_loss.parallel.comm import rank_layout
     from mf_loss.parallel.config import ParallelConfig
     from mf_loss.train.model import LlamaLM
-    from mf_loss.train.trainer import TrainStep, build_optimizer, build_training_loss, learning_rates
+    from mf_loss.train.trainer import build_optimizer, build_training_loss, learning_rates, train_step
     lr, decay, (beta1, beta2), eps = 1e-2, 0.1, (0.9, 0.95), 1e-5
     config = load_config(CONFIGS / "single.yaml", [
         UNFUSED, "optimizer.type=AdamW", f"optimizer.weight_decay={decay}", "optimizer.max_grad_norm=null",
@@ -215,7 +227,7 @@ def test_a_training_step_applies_mindspores_optimizer_to_the_token_mean_gradient
         "model.model_config.num_layers=1", "model.model_config.seq_length=8", "parallel_config.micro_batch_num=1"])
     model = LlamaLM(config["model"]["model_config"], rank_layout(ParallelConfig(1, 1)), seed=2)
     loss = build_training_loss(config)
-    step = TrainStep(model, loss, build_optimizer(config, list(model.params), learning_rates(config)), 1, None)
+    step = train_step(model, loss, build_optimizer(config, list(model.params), learning_rates(config)), 1, None)
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, 300, size=(1, 2, 8)).astype(np.int32)
     labels = rng.integers(0, 300, size=(1, 2, 8)).astype(np.int32)
@@ -231,6 +243,66 @@ def test_a_training_step_applies_mindspores_optimizer_to_the_token_mean_gradient
         m, v = (1 - beta1) * g, (1 - beta2) * g * g      # no bias correction, decoupled decay
         expected = p0 - lr * (m / (np.sqrt(v) + eps) + wd * p0)
         np.testing.assert_allclose(param.asnumpy(), expected, rtol=2e-5, atol=1e-7, err_msg=name)
+
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("split", [(), ("b",), ("a", "b"), ("c",)])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_the_shared_train_step_applies_the_clipped_token_mean_of_its_micro_batches(split, max_grad_norm):
+    """step.TrainStep (both trainers' step) on a toy forward against float64 torch: gradients of the summed
+    numerator over 3 micro-batches, divided once by all their counted tokens, clipped to the global norm, then
+    SGD (lr 1: the update is the applied gradient). The reported norm counts every weight once, whichever are
+    marked split (one process: no model-parallel group to sum over)."""
+    import mindspore as ms
+    import torch
+    from mindspore import Parameter, Tensor, nn
+
+    from mf_loss.train.step import TrainStep
+
+    rng = np.random.default_rng(7)
+    init = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal((5, 3)), "c": rng.standard_normal(5)}
+
+    class Toy(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (Parameter(Tensor(init[n].astype(np.float32)), name=n) for n in "abc")
+
+        def construct(self, x, mask):
+            z = ms.ops.matmul(ms.ops.tanh(ms.ops.matmul(x, self.a.T)), self.b.T) + self.c
+            return ((z * z).sum(-1) * 0.5 * mask).sum(), mask.sum()
+
+    toy = Toy()
+    weights = [toy.a, toy.b, toy.c]
+    x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    mask = (rng.random((3, 6)) < 0.7).astype(np.float32)
+    step = TrainStep(toy, weights, nn.SGD(weights, learning_rate=1.0), 3, split=split, max_grad_norm=max_grad_norm)
+    numerator, denominator, norm = step(Tensor(x), Tensor(mask))
+
+    ref = {n: torch.tensor(v, requires_grad=True) for n, v in init.items()}
+    xt, mt = torch.tensor(x, dtype=torch.float64), torch.tensor(mask, dtype=torch.float64)
+    z = torch.tanh(xt @ ref["a"].T) @ ref["b"].T + ref["c"]
+    expected_numerator = ((z * z).sum(-1) * 0.5 * mt).sum()
+    expected_numerator.backward()
+    grads = {n: t.grad.numpy() / mask.sum() for n, t in ref.items()}
+    expected_norm = np.sqrt(sum((g * g).sum() for g in grads.values()))
+    clip = min(1.0, max_grad_norm / (expected_norm + 1e-6)) if max_grad_norm else 1.0
+    assert float(denominator.asnumpy()) == mask.sum()
+    np.testing.assert_allclose(float(numerator.asnumpy()), float(expected_numerator.detach()), rtol=1e-5)
+    np.testing.assert_allclose(float(norm.asnumpy()), expected_norm, rtol=1e-5)
+    for name, param in zip("abc", weights):
+        np.testing.assert_allclose(param.asnumpy(), init[name] - clip * grads[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+@pytest.mark.unit
+def test_the_shared_train_step_names_an_unknown_split_weight():
+    from mindspore import Parameter, Tensor, nn
+
+    from mf_loss.train.step import TrainStep
+    weight = Parameter(Tensor(np.ones((2, 2), np.float32)), name="w")
+    with pytest.raises(ValueError, match=r"split names \['head'\] are not among the weights \(w\)"):
+        TrainStep(nn.Dense(2, 2), [weight], nn.SGD([weight]), 1, split=("head",))
 
 
 # ------------------------------------------------------------------------------------- outputs and progress
@@ -290,12 +362,12 @@ def train_cli(config, output_dir, *extra, fail_at=None, timeout=420, measure_los
 
 
 def read_csv(run_dir):
-    from mf_loss.train.trainer import read_curve
+    from mf_loss.train.curve import read_curve
     return read_curve(Path(run_dir) / "loss.csv")
 
 
 def weights(run_dir):
-    from mf_loss.train.trainer import load_full_weights
+    from mf_loss.train.checkpoints import load_full_weights
     return load_full_weights(Path(run_dir) / "checkpoints")
 
 

@@ -7,13 +7,14 @@
 The model, the optimizer and the learning-rate schedule are built by MindFormers from the YAML (`build_network`,
 `build_optim`, `build_lr`); the loss by name from the `loss` block. Each rank runs stand-alone (no MindSpore
 auto-parallel): model-parallel ranks hold their rows of the output layer, data-parallel ranks their rows of the
-batch. One step on each rank:
+batch. One step on each rank (`mf_loss.train.step.TrainStep`, the main job's step):
   for each micro-batch: (sum of token losses, counted tokens) = model(input_ids, labels); the gradients of the
       sum accumulate;
   one SUM all-reduce over the data-parallel group of [all gradients, loss sum, token count];
   the gradients are divided once by the global token count (the exact global token mean, whatever each rank
   counted), clipped to runner_wrapper.max_grad_norm when set, and the optimizer steps.
-So a dp x mp run follows the single-process run on the same global batches.
+So a dp x mp run follows the single-process run on the same global batches (to float32 rounding, which a
+long run at a high learning rate can amplify: README, "Long runs").
 
 Data: the project's corpus (`mf_loss.train.tokenizer.read_corpus`) as UTF-8 bytes, one token per byte (ids
 1..255, 0 is padding: vocab_size 256); deterministic global batches per (seed, step), some rows padded and some
@@ -22,11 +23,8 @@ Outputs in <output_dir>/<trainer.model_name>/: loss.csv, loss.png, summary.json/
 rank, latest.json), logs/ (msrun, one per rank, MindFormers' own under logs/mindformers).
 """
 import argparse
-import csv
 import json
-import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -38,14 +36,14 @@ import numpy as np
 import yaml
 
 from ..config_loader import ConfigError, apply_overrides
-from ..train.run import TrainError
-from ..train.trainer import checkpoint_dir, load_rank_checkpoint, read_curve, read_latest, save_rank_checkpoint
+from ..train.checkpoints import checkpoint_dir, load_rank_checkpoint, read_latest, resume_source, save_step
+from ..train.curve import CurveWriter, resumed_curve
+from ..train.run import TrainError, fresh_run_dir
 from . import MINDFORMERS_MODEL_TYPES
 
 WORKER = Path(__file__).resolve().parent / "mindformers_worker.py"
 PAD_ID = 0
 BYTE_VOCAB = 256
-CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s")
 LOG_ENV = "LOCAL_DEFAULT_PATH"
 
 
@@ -307,73 +305,15 @@ def build_training(config: RunConfig):
 
 
 def make_step_cell(network, optimizer, config: RunConfig, layout):
-    """The training step of one rank (see the module's doc)."""
-    import mindspore as ms
-    from mindspore import Tensor, nn, ops
-
-    class LlamaTrainStep(nn.Cell):
-        def __init__(self):
-            super().__init__(auto_prefix=False)
-            self.network = network
-            self.optimizer = optimizer
-            self.weights = optimizer.parameters
-            self.micro_batch_num = config.micro_batch_num
-            self.grad_fn = ms.value_and_grad(self.forward, None, self.weights, has_aux=True)
-            self.shapes = tuple(tuple(p.shape) for p in self.weights)
-            sizes = [int(np.prod(s)) for s in self.shapes]
-            self.offsets = tuple(int(o) for o in np.cumsum([0] + sizes))
-            split = set(network.head_parameter_names())
-            # 1 where a gradient entry belongs to a parameter split over the model-parallel ranks
-            self.split_mask = Tensor(np.concatenate([np.full(n, float(p.name in split), np.float32)
-                                                     for p, n in zip(self.weights, sizes)]))
-            self.dp_reduce = ops.AllReduce(ops.ReduceOp.SUM, _dp_group(config, layout)) \
-                if config.data_parallel > 1 else None
-            self.mp_reduce = ops.AllReduce(ops.ReduceOp.SUM, layout.group) \
-                if config.model_parallel > 1 and split else None
-            self.max_grad_norm = config.max_grad_norm
-
-        def forward(self, input_ids, labels):
-            numerator, denominator = self.network(input_ids, labels)
-            return numerator, denominator
-
-        def construct(self, input_ids, labels):
-            (numerator, denominator), grads = self.grad_fn(input_ids[0], labels[0])
-            for i in range(1, self.micro_batch_num):
-                (num_i, den_i), grads_i = self.grad_fn(input_ids[i], labels[i])
-                numerator = numerator + num_i
-                denominator = denominator + den_i
-                grads = tuple(a + b for a, b in zip(grads, grads_i))
-            # one collective per step: every gradient and both loss sums in one buffer
-            flat = ops.concat([g.reshape(-1) for g in grads] + [ops.stack([numerator, denominator]).reshape(-1)])
-            if self.dp_reduce is not None:
-                flat = self.dp_reduce(flat)
-            end = self.offsets[-1]
-            numerator, denominator = flat[end], flat[end + 1]
-            scale = 1.0 / ops.maximum(denominator, 1.0)
-            grad_flat = flat[:end]
-            squares = grad_flat * grad_flat
-            split_squares = (squares * self.split_mask).sum().reshape(1)
-            if self.mp_reduce is not None:
-                split_squares = self.mp_reduce(split_squares)
-            norm = ops.sqrt(split_squares[0] + (squares * (1.0 - self.split_mask)).sum()) * scale
-            if self.max_grad_norm is not None:
-                scale = scale * ops.minimum(1.0, self.max_grad_norm / (norm + 1e-6))
-            grads = tuple(grad_flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) * scale
-                          for i in range(len(self.shapes)))
-            self.optimizer(grads)
-            return numerator, denominator, norm
-
-    return LlamaTrainStep()
-
-
-def _dp_group(config: RunConfig, layout) -> str:
-    """The group of ranks holding the same vocabulary slice (same mp rank)."""
-    from mindspore.communication import GlobalComm, create_group
-    if config.model_parallel == 1:
-        return GlobalComm.WORLD_COMM_GROUP
-    name = f"mf_llama_dp{config.data_parallel}_mp{layout.mp_rank}"
-    create_group(name, [d * config.model_parallel + layout.mp_rank for d in range(config.data_parallel)])
-    return name
+    """The training step of one rank (see the module's doc): `mf_loss.train.step.TrainStep` over the network's
+    (sum of token losses, counted tokens), the optimizer's parameters, the output layer split over the
+    model-parallel ranks."""
+    from ..parallel.config import ParallelConfig
+    from ..train.step import TrainStep, data_parallel_group
+    parallel = ParallelConfig(config.data_parallel, config.model_parallel)
+    return TrainStep(network, optimizer.parameters, optimizer, config.micro_batch_num,
+                     data_parallel_group(parallel, layout.mp_rank), layout.group if config.model_parallel > 1 else None,
+                     split=network.head_parameter_names(), max_grad_norm=config.max_grad_norm)
 
 
 def training_state(network, optimizer) -> list:
@@ -384,83 +324,9 @@ def training_state(network, optimizer) -> list:
     return list(state.values())
 
 
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        from mindspore import Tensor, ops
-        ops.AllReduce()(Tensor(np.ones(1, np.float32))).asnumpy()
-
-
-def resume_source(config: RunConfig, run_dir: Path):
-    """(checkpoint directory of one step, its latest.json) to resume from: `load_checkpoint` (a run directory,
-    its checkpoints/, or one step_* directory) when set, else the run's own latest."""
-    source = Path(config.load_checkpoint) if config.load_checkpoint else checkpoint_dir(run_dir)
-    if (source / "checkpoints").is_dir():
-        source = source / "checkpoints"
-    if source.name.startswith("step_") and (source / "step.json").exists():
-        latest = json.loads((source / "step.json").read_text())
-        step_dir = source
-    else:
-        latest = read_latest(source)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source} (no latest.json); train "
-                                    "without --resume first, or set load_checkpoint to a run directory")
-        step_dir = source / latest["dir"]
-    if (latest["data_parallel"], latest["model_parallel"]) != (config.data_parallel, config.model_parallel):
-        raise ConfigError(f"{config.source}: --resume: the checkpoint in {step_dir} was written by data_parallel="
-                          f"{latest['data_parallel']} x model_parallel={latest['model_parallel']}, but the config "
-                          f"asks for {config.data_parallel} x {config.model_parallel}; resume with that layout")
-    return step_dir, latest
-
-
-def _save(state, ckpt_dir: Path, step: int, rank: int, config: RunConfig, head_names) -> None:
-    name = f"step_{step:06d}"
-    save_rank_checkpoint(state, ckpt_dir / name, rank)
-    _barrier(config.world_size)  # every rank's file is complete before latest.json points at them
-    if rank == 0:
-        info = {"step": step, "dir": name, "data_parallel": config.data_parallel,
-                "model_parallel": config.model_parallel, "world_size": config.world_size,
-                "split_parameters": list(head_names)}
-        _write_atomic(ckpt_dir / name / "step.json", json.dumps(info, indent=1))
-        _write_atomic(ckpt_dir / "latest.json", json.dumps(info, indent=1))
-        steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in steps[:-config.keep_checkpoint_max]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_full_weights(step_dir: Path) -> dict:
-    """The model's weights at full shapes from one checkpoint step: replicated parameters from rank 0, the
-    split ones (the output layer) concatenated over the model-parallel ranks of data-parallel rank 0."""
-    import mindspore as ms
-    info = json.loads((Path(step_dir) / "step.json").read_text())
-    shards = [ms.load_checkpoint(str(Path(step_dir) / f"rank_{r}.ckpt")) for r in range(info["model_parallel"])]
-    weights = {name: value.asnumpy() for name, value in shards[0].items()
-               if not name.startswith(("adam_", "global_step", "learning_rate"))}
-    for name in info["split_parameters"]:
-        weights[name] = np.concatenate([s[name].asnumpy() for s in shards], axis=0)
-    return weights
-
-
-def _write_curve(path: Path, rows: list):
-    """loss.csv with `rows`, left open for appending (flushed per row: a crash keeps every finished step)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in CSV_FIELDS} for row in rows)
-    os.replace(tmp, path)
-    f = open(path, "a", newline="")
-    return f, csv.DictWriter(f, fieldnames=CSV_FIELDS)
-
-
 def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     """Train on this rank (msrun has started it and initialised communication when there are more ranks);
-    returns the loss curve (rows of CSV_FIELDS)."""
+    returns the loss curve (rows of loss.csv)."""
     import mindspore as ms
     from mindspore import Tensor
 
@@ -468,17 +334,11 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     from ..parallel.config import ParallelConfig
     from ..train.plot import loss_chart
     from ..train.progress import EventLog
+    from ..train.step import StepRunner, barrier, set_rank_context
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    ms.set_context(mode=ms.GRAPH_MODE if config.graph_mode else ms.PYNATIVE_MODE, device_target="CPU")
-    if not config.graph_mode:
-        # PYNATIVE runs kernels on a worker thread while this one busy-waits at every sync, taking a core from
-        # the other ranks; run them on this thread instead
-        ms.runtime.launch_blocking()
-    if config.world_size > 1:
-        threads = max(1, len(os.sched_getaffinity(0)) // config.world_size)  # ranks share the cores
-        ms.set_context(runtime_num_threads=threads, inter_op_parallel_num=threads)
+    set_rank_context(config.graph_mode, config.world_size)
     layout = rank_layout(ParallelConfig(config.data_parallel, config.model_parallel))
     is_main = layout.rank == 0
     ids = corpus_ids(config.corpus)
@@ -491,19 +351,16 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     curve_path = run_dir / "loss.csv"
     start_step, resumed_from = 0, None
     if resume:
-        step_dir, latest = resume_source(config, run_dir)
+        step_dir, latest = resume_source(config.load_checkpoint, run_dir, config.data_parallel,
+                                         config.model_parallel, config.source)
         load_rank_checkpoint(state, step_dir / f"rank_{layout.rank}.ckpt")
         start_step, resumed_from = latest["step"], str(step_dir)
-    curve = [row for row in read_curve(curve_path) if row["step"] <= start_step] if resume else []
-    if resume and len(curve) < start_step and config.load_checkpoint:
-        # resuming another run's checkpoint: its curve up to there
-        curve = [row for row in read_curve(Path(resumed_from).parent.parent / "loss.csv")
-                 if row["step"] <= start_step]
+    curve = resumed_curve(curve_path, start_step, resumed_from) if resume else []
 
-    events = curve_file = writer = None
+    events = curve_writer = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        curve_file, writer = _write_curve(curve_path, curve)
+        curve_writer = CurveWriter(curve_path, curve)
         events = EventLog(run_dir / "progress.jsonl")
         events.message(
             f"training {config.run_name}: MindFormers {type(network).__name__} on {config.data_parallel} x "
@@ -514,40 +371,28 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
             + (f"; resumed at step {start_step} from {resumed_from}" if resume else ""))
 
     loop_start = time.perf_counter()
-    compile_time, steady_tokens, steady_time = None, 0, 0.0
+    runner = StepRunner(step_cell, network.loss, layout.describe())
     for step in range(start_step, config.train_steps):
         batch = rank_micro_batches(global_batch(ids, config, step), config, layout.dp_rank)
-        tick = time.perf_counter()
-        numerator, denominator, grad_norm = step_cell(Tensor(batch.input_ids), Tensor(batch.labels))
-        numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
-        seconds = time.perf_counter() - tick
-        if network.loss.check_for_nan:
-            network.loss.check_finite()
-        value = numerator / max(denominator, 1.0)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value} on {layout.describe()} at step {step + 1}")
-        if compile_time is None:
-            compile_time = seconds
-        else:
-            steady_tokens, steady_time = steady_tokens + denominator, steady_time + seconds
-        done = step + 1
-        row = {"step": done, "loss": value, "counted_tokens": int(denominator),
-               "learning_rate": float(lr_schedule(Tensor(step, ms.int32)).asnumpy()),
-               "grad_norm": float(grad_norm.asnumpy()), "step_time_s": seconds, "tokens_per_s": denominator / seconds}
+        row = runner(step, batch.input_ids, batch.labels)
+        row["learning_rate"] = float(lr_schedule(Tensor(step, ms.int32)).asnumpy())
+        done = row["step"]
         curve.append(row)
         if is_main:
-            writer.writerow({k: (f"{row[k]:.9g}" if isinstance(row[k], float) else row[k]) for k in CSV_FIELDS})
-            curve_file.flush()
-            events.step(done, config.train_steps, value, row["tokens_per_s"])
+            curve_writer.append(row)
+            events.step(done, config.train_steps, row["loss"], row["tokens_per_s"])
         interval = config.save_checkpoint_steps
         if done == config.train_steps or (interval and done % interval == 0):
-            _save(state, ckpt_dir, done, layout.rank, config, head_names)
+            save_step(state, ckpt_dir, done, layout.rank, config.world_size, dict(
+                data_parallel=config.data_parallel, model_parallel=config.model_parallel,
+                model_parameters=[p.name for p in network.trainable_params()], split_parameters=list(head_names)),
+                keep=config.keep_checkpoint_max, writes_index=is_main)
 
     if is_main:
-        curve_file.close()
+        curve_writer.close()
         summary = _summarize(config, run_dir, curve, dict(
             model=type(network).__name__, loss=network.loss_type, resumed_from=resumed_from, start_step=start_step,
-            compile_step_s=compile_time, steady_tokens_per_s=steady_tokens / steady_time if steady_time else None,
+            compile_step_s=runner.compile_time, steady_tokens_per_s=runner.steady_tokens_per_s,
             train_time_s=time.perf_counter() - loop_start, total_time_s=time.perf_counter() - started))
         if curve:
             loss_chart(run_dir / "loss.png", [r["step"] for r in curve], [r["loss"] for r in curve],
@@ -555,7 +400,7 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
                        label=network.loss_type)
         events.message("\n" + (run_dir / "summary.txt").read_text().rstrip())
         events.close()
-    _barrier(config.world_size)  # the main rank's outputs are written before any rank starts to exit
+    barrier(config.world_size)  # the main rank's outputs are written before any rank starts to exit
     return curve
 
 
@@ -593,15 +438,6 @@ def run_dir_for(config: RunConfig, output_dir: Optional[str] = None) -> Path:
     return (Path(output_dir or config.output_dir) / config.run_name).resolve()
 
 
-def _fresh_run_dir(run_dir: Path) -> None:
-    if run_dir.exists():
-        for name in ("loss.csv", "loss.png", "progress.jsonl", "summary.json", "summary.txt"):
-            (run_dir / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "logs"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -618,9 +454,10 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
     run_dir = run_dir_for(config, output_dir)
     resume = resume or config.resume_training
     if resume:
-        resume_source(config, run_dir)  # fails here, before any rank starts, when there is nothing to resume
+        # fails here, before any rank starts, when there is nothing to resume
+        resume_source(config.load_checkpoint, run_dir, config.data_parallel, config.model_parallel, config.source)
     else:
-        _fresh_run_dir(run_dir)
+        fresh_run_dir(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     os.environ[LOG_ENV] = str(run_dir / "logs" / "mindformers")  # MindFormers' own logs, here and in the ranks
     from . import mindformers  # noqa: F401  (without MindFormers: an ImportError saying what to run, before msrun)

@@ -11,7 +11,8 @@ import numpy as np
 
 def compare_runs(run_a, run_b) -> dict:
     """Max |difference| of the loss curves (step by step) and of every final weight (full shapes)."""
-    from .trainer import checkpoint_dir, load_full_weights, read_curve
+    from .checkpoints import checkpoint_dir, load_full_weights
+    from .curve import read_curve
     curve_a, curve_b = read_curve(Path(run_a) / "loss.csv"), read_curve(Path(run_b) / "loss.csv")
     if [r["step"] for r in curve_a] != [r["step"] for r in curve_b]:
         raise ValueError(f"the runs cover different steps: {len(curve_a)} in {run_a}, {len(curve_b)} in {run_b}")

@@ -134,7 +134,7 @@ def run_dir_for(config: Config, output_dir: Optional[str] = None) -> Path:
     return (Path(output_dir or config["output_dir"]) / config["run_name"]).resolve()
 
 
-def _fresh_run_dir(run_dir: Path) -> None:
+def fresh_run_dir(run_dir: Path) -> None:
     """A new (not resumed) run starts from an empty run directory."""
     if run_dir.exists():
         for name in ("loss.csv", "loss.png", "throughput.png", "memory.json", "progress.jsonl", "summary.json",
@@ -146,7 +146,7 @@ def _fresh_run_dir(run_dir: Path) -> None:
 
 
 def _checkpoint_note(run_dir: Path, args_text: str) -> str:
-    from .trainer import checkpoint_dir, read_latest
+    from .checkpoints import checkpoint_dir, read_latest
     latest = read_latest(checkpoint_dir(run_dir))
     if latest is None:
         return "No checkpoint was written before the failure."
@@ -171,10 +171,12 @@ def train_command(config_path: str, overrides=(), *, resume: bool = False, outpu
     run_dir = run_dir_for(config, output_dir)
     resume = resume or config["resume_training"]
     if resume:
-        from .trainer import resume_source
-        resume_source(config, run_dir)  # fails here, before any rank starts, when there is nothing to resume
+        from .checkpoints import resume_source
+        # fails here, before any rank starts, when there is nothing to resume
+        resume_source(config["load_checkpoint"], run_dir, config.parallel["data_parallel"],
+                      config.parallel["model_parallel"], config.source)
     elif node_rank == 0:
-        _fresh_run_dir(run_dir)  # other nodes leave the directory alone: it may be node 0's (a shared disk)
+        fresh_run_dir(run_dir)  # other nodes leave the directory alone: it may be node 0's (a shared disk)
     args_text = f"--config {config_path}" + "".join(f" --set {o}" for o in overrides)
     if output_dir:
         args_text += f" --output-dir {output_dir}"

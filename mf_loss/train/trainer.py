@@ -1,24 +1,17 @@
-"""The training loop of one rank: step, optimizer, exact global token mean, checkpoints, outputs.
+"""The training loop of one rank of `mf-loss train`: model, loss, MindSpore's optimizer and schedule, the step
+(`step.TrainStep`: micro-batches, one data-parallel all-reduce, the exact global token mean, clipping),
+checkpoints, outputs.
 
-One step on data-parallel rank d, model-parallel rank r:
-  for each micro-batch: the model's final hidden state goes to the loss, either as this rank's logits slice
-      (unfused head: hidden @ head_slice.T, then CrossEntropyLoss) or as it is, with this rank's head rows
-      (fused head: LinearCrossEntropyLoss, which never makes the logits); the loss returns the per-token
-      (numerator, denominator); gradients of the numerator (the sum of token losses) accumulate;
-  one SUM all-reduce over the data-parallel group of [all gradients, numerator, denominator];
-  every gradient is divided once by the global denominator (counted tokens of all micro-batches and all
-  data-parallel ranks): the exact global token mean, whatever each rank counted (Megatron's per-token loss);
-  MindSpore's optimizer steps with the rate of MindSpore's schedule. The loss curve is numerator /
-  denominator of the whole global batch.
-The trunk's gradient was already summed over the model-parallel group by CopyToModelParallel's backward,
-so replicated parameters stay identical on every rank.
+Each micro-batch's final hidden state goes to the loss, either as this rank's logits slice (unfused head:
+hidden @ head_slice.T, then CrossEntropyLoss) or as it is, with this rank's head rows (fused head:
+LinearCrossEntropyLoss, which never makes the logits); the loss returns the per-token (numerator, denominator).
+The loss curve is numerator / denominator of the whole global batch. The trunk's gradient was already summed
+over the model-parallel group by CopyToModelParallel's backward, so replicated parameters stay identical on
+every rank.
 """
-import csv
 import json
-import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +23,23 @@ import psutil
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..config_loader import Config, ConfigError, build_loss
-from ..parallel.comm import RankLayout, rank_layout
+from ..config_loader import Config, build_loss
+from ..parallel.comm import rank_layout
 from ..parallel.config import ParallelConfig
 from . import plot
+from .checkpoints import (checkpoint_dir, load_rank_checkpoint, resume_source, save_step,
+                          write_atomic)
 from .checks import check_trainable, fused_head
+from .curve import CurveWriter, resumed_curve
 from .data import BatchSpec, global_batch, rank_micro_batches
 from .model import HEAD, LlamaLM
 from .progress import EventLog, ProgressView
+from .step import StepRunner, TrainStep, barrier, data_parallel_group, set_rank_context
 from .tokenizer import TokenizerSettings, prepare_corpus
 
 # For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
 # that rank's input mask at that step instead (caught by check_for_nan_in_loss_and_grad).
 FAIL_ENV = "MF_LOSS_FAIL_AT"
-CSV_FIELDS = ("step", "loss", "counted_tokens", "learning_rate", "grad_norm", "step_time_s", "tokens_per_s")
 # Optimizer parameters that hold settings, not state: rebuilt from the config, never restored.
 _OPTIMIZER_SETTINGS = ("learning_rate", "momentum")
 
@@ -104,76 +100,29 @@ def optimizer_state(optimizer: nn.Optimizer, model_names) -> list:
 
 # -------------------------------------------------------------------------------------------- train step
 
-class TrainStep(nn.Cell):
-    """construct(tokens, labels, mask (M, b, S)) -> (global numerator, global denominator, gradient norm).
+class LossForward(nn.Cell):
+    """construct(tokens, labels, mask) of one micro-batch -> the loss's per-token (numerator, denominator), with
+    the fused head (final hidden state and this rank's head rows to LinearCrossEntropyLoss) or the unfused one
+    (this rank's logits slice to CrossEntropyLoss)."""
 
-    With `max_grad_norm`, the gradients (already divided by the global token count) are scaled down to
-    that global norm when above it; the norm sums the replicated parameters once and the output layer's
-    slices over the model-parallel group.
-    """
-
-    def __init__(self, model: LlamaLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str],
-                 mp_group: Optional[str] = None, max_grad_norm: Optional[float] = None, fused_head: bool = False):
+    def __init__(self, model: LlamaLM, loss, fused_head: bool):
         super().__init__(auto_prefix=False)
-        self.model = model
-        self.loss = loss
-        self.optimizer = optimizer
-        self.fused_head = fused_head
-        self.weights = model.params
-        self.micro_batch_num = micro_batch_num
-        self.grad_fn = ms.value_and_grad(self.forward, None, self.weights, has_aux=True)
-        self.shapes = tuple(tuple(p.shape) for p in self.weights)
-        sizes = [int(np.prod(s)) for s in self.shapes]
-        self.offsets = tuple(int(o) for o in np.cumsum([0] + sizes))
-        self.dp_reduce = ops.AllReduce(ops.ReduceOp.SUM, dp_group) if dp_group else None
-        self.mp_reduce = ops.AllReduce(ops.ReduceOp.SUM, mp_group) if mp_group else None
-        self.max_grad_norm = max_grad_norm
-        self.head_start, self.head_end = self.offsets[model.i_head], self.offsets[model.i_head + 1]
-
-    def forward(self, tokens, labels, mask):
-        if self.fused_head:
-            numerator, denominator = self.loss(self.model.hidden(tokens), self.model.head_weight(),
-                                               labels.reshape(-1), mask.reshape(-1))
-        else:
-            numerator, denominator = self.loss(self.model(tokens), labels.reshape(-1), mask.reshape(-1))
-        return numerator, denominator
+        self.model, self.loss, self.fused_head = model, loss, fused_head
 
     def construct(self, tokens, labels, mask):
-        # The loss accumulates its non-finite token counts over the micro-batches until check_finite().
-        (numerator, denominator), grads = self.grad_fn(tokens[0], labels[0], mask[0])
-        for i in range(1, self.micro_batch_num):
-            (num_i, den_i), grads_i = self.grad_fn(tokens[i], labels[i], mask[i])
-            numerator = numerator + num_i
-            denominator = denominator + den_i
-            grads = tuple(a + b for a, b in zip(grads, grads_i))
-        # One collective per step: every gradient and both loss sums in one buffer.
-        flat = ops.concat([g.reshape(-1) for g in grads] + [ops.stack([numerator, denominator])])
-        if self.dp_reduce is not None:
-            flat = self.dp_reduce(flat)
-        end = self.offsets[-1]
-        numerator, denominator = flat[end], flat[end + 1]
-        scale = 1.0 / ops.maximum(denominator, 1.0)
-        norm = self._norm(flat) * scale
-        if self.max_grad_norm is not None:
-            scale = scale * ops.minimum(1.0, self.max_grad_norm / (norm + 1e-6))
-        grads = tuple(flat[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i]) * scale
-                      for i in range(len(self.shapes)))
-        self.optimizer(grads)
-        return numerator, denominator, norm
+        if self.fused_head:
+            return self.loss(self.model.hidden(tokens), self.model.head_weight(), labels.reshape(-1),
+                             mask.reshape(-1))
+        return self.loss(self.model(tokens), labels.reshape(-1), mask.reshape(-1))
 
-    def _norm(self, flat):
-        """Global L2 norm of the summed gradients in `flat` (the output layer's share over mp ranks)."""
-        head = flat[self.head_start:self.head_end]
-        squares = (head * head).sum().reshape(1)
-        if self.mp_reduce is not None:
-            squares = self.mp_reduce(squares)
-        if self.head_start > 0:
-            trunk = flat[:self.head_start]
-            squares = squares + (trunk * trunk).sum()
-        if self.head_end < self.offsets[-1]:
-            rest = flat[self.head_end:self.offsets[-1]]
-            squares = squares + (rest * rest).sum()
-        return ops.sqrt(squares[0])
+
+def train_step(model: LlamaLM, loss, optimizer, micro_batch_num: int, dp_group: Optional[str],
+               mp_group: Optional[str] = None, max_grad_norm: Optional[float] = None,
+               fused_head: bool = False) -> TrainStep:
+    """The step cell of this model: construct(tokens, labels, mask (M, b, S)) -> (global numerator, global
+    denominator, gradient norm); the output layer is the parameter split over the model-parallel ranks."""
+    return TrainStep(LossForward(model, loss, fused_head), model.params, optimizer, micro_batch_num, dp_group,
+                     mp_group, split=(HEAD,), max_grad_norm=max_grad_norm)
 
 
 class HeadAndLoss(nn.Cell):
@@ -213,114 +162,7 @@ def time_head_and_loss(loss, fused_head: bool, model: LlamaLM, batch, repeats: i
     return float(np.median(seconds[1:]))
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def read_latest(ckpt_dir: Path) -> Optional[dict]:
-    path = Path(ckpt_dir) / "latest.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def resume_source(config: Config, run_dir: Path):
-    """(checkpoints directory, its latest.json) to resume from: `load_checkpoint` (a run directory or its
-    checkpoints/) when set, else the run's own. Raises when there is none or its layout differs."""
-    source = Path(config["load_checkpoint"]) if config["load_checkpoint"] else checkpoint_dir(run_dir)
-    if (source / "checkpoints").is_dir():
-        source = source / "checkpoints"
-    latest = read_latest(source)
-    if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source} (no latest.json); train "
-                                "without --resume first, or set load_checkpoint to a run directory")
-    p = config.parallel
-    if (latest["data_parallel"], latest["model_parallel"]) != (p["data_parallel"], p["model_parallel"]):
-        raise ConfigError(f"{config.source}: --resume: the checkpoint in {source} was written by data_parallel="
-                          f"{latest['data_parallel']} x model_parallel={latest['model_parallel']}, but the config "
-                          f"asks for {p['data_parallel']} x {p['model_parallel']}; resume with the layout that "
-                          "wrote it")
-    return source, latest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_rank_checkpoint(params, directory: Path, rank: int) -> Path:
-    """This rank's state -> directory/rank_<r>.ckpt, written to a temporary name and renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"rank_{rank}.ckpt"
-    tmp = directory / f".rank_{rank}.partial.ckpt"
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in params], str(tmp))
-    os.replace(tmp, final)
-    return final
-
-
-def load_rank_checkpoint(params, path: Path) -> None:
-    loaded = ms.load_checkpoint(str(path))
-    for p in params:
-        if p.name not in loaded:
-            raise ValueError(f"checkpoint {path} has no parameter {p.name!r}")
-        value = loaded[p.name]
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"checkpoint {path}: {p.name} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
-        p.set_data(Tensor(value.asnumpy()))
-
-
-def load_full_weights(ckpt_dir: Path, step_dir: Optional[str] = None) -> dict:
-    """The model's weights at full shapes from a run's checkpoint (latest unless `step_dir`): trunk from
-    rank 0, output layer concatenated over the model-parallel ranks of data-parallel rank 0."""
-    ckpt_dir = Path(ckpt_dir)
-    latest = read_latest(ckpt_dir)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (latest.json missing)")
-    directory = ckpt_dir / (step_dir or latest["dir"])
-    shards = [ms.load_checkpoint(str(directory / f"rank_{r}.ckpt")) for r in range(latest["model_parallel"])]
-    weights = {name: shards[0][name].asnumpy() for name in latest["model_parameters"] if name != HEAD}
-    weights[HEAD] = np.concatenate([s[HEAD].asnumpy() for s in shards], axis=0)
-    return weights
-
-
 # -------------------------------------------------------------------------------------------- outputs
-
-def read_curve(path: Path) -> list:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("step", "counted_tokens") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
-
-
-def _csv_row(row: dict) -> dict:
-    return {k: (f"{row[k]:.9g}" if isinstance(row[k], float) else row[k]) for k in CSV_FIELDS}
-
-
-class CurveWriter:
-    """Writes loss.csv (the rows kept from before a resume), then one row per step, flushed: a crash keeps
-    every completed step."""
-
-    def __init__(self, path: Path, rows: list):
-        tmp = path.with_name(f".{path.name}.partial")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(_csv_row(row) for row in rows)
-        os.replace(tmp, path)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
-
-    def append(self, row: dict) -> None:
-        self.writer.writerow(_csv_row(row))
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
 
 class MemoryProbe:
     """Resident memory of every rank: this rank's now (psutil) and its peak, gathered on all ranks by one SUM
@@ -356,36 +198,6 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-def _set_context(config: Config) -> None:
-    mode = config["context"]["mode"]
-    graph = mode in (0, "GRAPH_MODE")
-    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE, device_target="CPU")
-    if config.world_size > 1:
-        # Ranks share the machine's cores: one kernel thread each unless there are cores to spare
-        # (measured on 2 cores, 4 ranks: fewer context switches, steadier steps).
-        threads = max(1, len(psutil.Process().cpu_affinity()) // config.world_size)
-        ms.set_context(runtime_num_threads=threads, inter_op_parallel_num=threads)
-
-
-def _dp_group(layout: RankLayout, parallel: ParallelConfig) -> Optional[str]:
-    """The group of ranks holding the same vocabulary slice (same mp rank), created once, or None."""
-    dp, mp = parallel.data_parallel, parallel.model_parallel
-    if dp == 1:
-        return None
-    if mp == 1:
-        from mindspore.communication import GlobalComm
-        return GlobalComm.WORLD_COMM_GROUP
-    from mindspore.communication import create_group
-    name = f"mf_train_dp{dp}_mp{layout.mp_rank}"
-    create_group(name, [d * mp + layout.mp_rank for d in range(dp)])
-    return name
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        ops.AllReduce()(Tensor(np.ones(1, np.float32))).asnumpy()
-
-
 def _injected_failure():
     """(rank, step, kind) from FAIL_ENV, or None."""
     spec = os.environ.get(FAIL_ENV)
@@ -413,7 +225,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
     The main rank (rank 0, on node 0) writes the curve, charts and summary; the first rank of every node
     writes that node's latest.json beside its ranks' checkpoints, so that each node can resume."""
     check_trainable(config)
-    _set_context(config)
+    set_rank_context(config["context"]["mode"] in (0, "GRAPH_MODE"), config.world_size)
     started = time.perf_counter()
     run_dir = Path(run_dir)
     parallel = ParallelConfig(config.parallel["data_parallel"], config.parallel["model_parallel"])
@@ -433,8 +245,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
     loss = build_training_loss(config)
     rates = learning_rates(config)
     optimizer = build_optimizer(config, list(model.params), rates)
-    step_cell = TrainStep(model, loss, optimizer, micro, _dp_group(layout, parallel),
-                          layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"], fused)
+    step_cell = train_step(model, loss, optimizer, micro, data_parallel_group(parallel, layout.mp_rank),
+                           layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"], fused)
     state = list(model.params) + optimizer_state(optimizer, model.names)
     memory = MemoryProbe(rank, parallel.world_size)
 
@@ -442,10 +254,10 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
     curve_path, memory_path = run_dir / "loss.csv", run_dir / "memory.json"
     start_step, resumed_from = 0, None
     if resume:
-        source_dir, latest = resume_source(config, run_dir)
-        load_rank_checkpoint(state, source_dir / latest["dir"] / f"rank_{rank}.ckpt")
-        start_step, resumed_from = latest["step"], str(source_dir / latest["dir"])
-    curve = [row for row in read_curve(curve_path) if row["step"] <= start_step] if resume else []
+        step_dir, latest = resume_source(config["load_checkpoint"], run_dir, dp, mp, config.source)
+        load_rank_checkpoint(state, step_dir / f"rank_{rank}.ckpt")
+        start_step, resumed_from = latest["step"], str(step_dir)
+    curve = resumed_curve(curve_path, start_step, step_dir) if resume else []
     memory_log = json.loads(memory_path.read_text()) if resume and memory_path.exists() else {"step": [], "mib": []}
     keep = sum(1 for s in memory_log["step"] if s <= start_step)
     memory_log = {"step": memory_log["step"][:keep], "mib": memory_log["mib"][:keep]}
@@ -470,7 +282,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
             + (f"; resumed at step {start_step} from {resumed_from}" if resume else "")))
 
     failure = _injected_failure()
-    compile_time, steady_tokens, steady_time = None, 0.0, 0.0
+    runner = StepRunner(step_cell, loss, layout.describe())
     loop_start = time.perf_counter()
     batch = None
     for step in range(start_step, total_steps):
@@ -480,35 +292,24 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
                 raise InjectedFailure(f"injected failure on rank {rank} at step {step + 1} "
                                       f"({FAIL_ENV}={os.environ[FAIL_ENV]})")
             batch.mask[0, 0, 0] = np.nan
-        tick = time.perf_counter()
-        numerator, denominator, grad_norm = step_cell(Tensor(batch.tokens), Tensor(batch.labels), Tensor(batch.mask))
-        numerator, denominator = float(numerator.asnumpy()), float(denominator.asnumpy())
-        seconds = time.perf_counter() - tick
-        if loss.check_for_nan:
-            loss.check_finite()
-        value = numerator / max(denominator, 1.0)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value} on {layout.describe()} at step {step + 1}")
-        if compile_time is None:
-            compile_time = seconds
-        else:
-            steady_tokens += denominator
-            steady_time += seconds
-        done = step + 1
-        curve.append({"step": done, "loss": value, "counted_tokens": int(denominator), "learning_rate": rates[step],
-                      "grad_norm": float(grad_norm.asnumpy()), "step_time_s": seconds,
-                      "tokens_per_s": denominator / seconds})
+        row = runner(step, batch.tokens, batch.labels, batch.mask)
+        row["learning_rate"] = rates[step]
+        curve.append(row)
+        done = row["step"]
         if done == start_step + 1 or done % rc["log_interval"] == 0 or done == total_steps:
             memory_log["step"].append(done)
             memory_log["mib"].append(memory.resident_mib())
         if is_main:
             curve_writer.append(curve[-1])
-            publish(events.step(done, total_steps, value, denominator / seconds))
+            publish(events.step(done, total_steps, row["loss"], row["tokens_per_s"]))
         interval = rc["save_checkpoint_steps"]
         if done == total_steps or (interval and done % interval == 0):
-            _save(state, model.names, ckpt_dir, done, rank, parallel, rc["keep_checkpoint_max"], node_main, fused)
+            save_step(state, ckpt_dir, done, rank, parallel.world_size, dict(
+                data_parallel=dp, model_parallel=mp, written_with_head="fused" if fused else "unfused",
+                model_parameters=list(model.names), split_parameters=[HEAD] if mp > 1 else []),
+                keep=rc["keep_checkpoint_max"], writes_index=node_main)
             if is_main:
-                _write_atomic(memory_path, json.dumps(memory_log))
+                write_atomic(memory_path, json.dumps(memory_log))
 
     train_time = time.perf_counter() - loop_start
     peak = memory.peak_mib()
@@ -522,7 +323,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
         result.summary = _summarize(config, run_dir, curve, memory_log, dict(
             layout=f"{dp} x {mp}", world_size=dp * mp, nnodes=nnodes, head="fused" if fused else "unfused",
             loss_type=config["loss"]["type"], resumed_from=resumed_from, start_step=start_step,
-            compile_step_s=compile_time, steady_tokens_per_s=steady_tokens / steady_time if steady_time else None,
+            compile_step_s=runner.compile_time, steady_tokens_per_s=runner.steady_tokens_per_s,
             median_step_s=step_s, head_and_loss_s_per_micro_batch=head_loss_s,
             loss_share_of_step=(head_loss_s * micro / step_s) if head_loss_s and step_s else None,
             peak_rss_mib_per_rank=peak, train_time_s=train_time, total_time_s=time.perf_counter() - started,
@@ -532,23 +333,8 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
         events.close()
         if view is not None:
             view.close()
-    _barrier(parallel.world_size)  # the main rank's outputs are written before any rank starts to exit
+    barrier(parallel.world_size)  # the main rank's outputs are written before any rank starts to exit
     return result
-
-
-def _save(state, model_names, ckpt_dir, step, rank, parallel, keep, node_main, fused):
-    name = f"step_{step:06d}"
-    save_rank_checkpoint(state, ckpt_dir / name, rank)
-    _barrier(parallel.world_size)  # every rank's file is complete before latest.json points at them
-    if node_main:
-        _write_atomic(ckpt_dir / "latest.json", json.dumps({
-            "step": step, "dir": name, "data_parallel": parallel.data_parallel,
-            "model_parallel": parallel.model_parallel, "world_size": parallel.world_size,
-            "written_with_head": "fused" if fused else "unfused", "model_parameters": list(model_names)}, indent=1))
-        steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in steps[:-keep] if keep else []:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
 
 
 def _summarize(config, run_dir, curve, memory_log, extra) -> dict:
