@@ -36,7 +36,8 @@ import numpy as np
 import yaml
 
 from ..config_loader import ConfigError, apply_overrides
-from ..train.checkpoints import checkpoint_dir, load_rank_checkpoint, read_latest, resume_source, save_step
+from ..train.checkpoints import (checkpoint_dir, load_rank_checkpoint, read_latest, resume_source, save_step,
+                                 training_state)
 from ..train.curve import CurveWriter, resumed_curve
 from ..train.run import TrainError, fresh_run_dir
 from . import MINDFORMERS_MODEL_TYPES
@@ -316,14 +317,6 @@ def make_step_cell(network, optimizer, config: RunConfig, layout):
                      split=network.head_parameter_names(), max_grad_norm=config.max_grad_norm)
 
 
-def training_state(network, optimizer) -> list:
-    """Every parameter a checkpoint holds: the model's, then the optimizer's (moments, step), each once."""
-    state = {p.name: p for p in network.trainable_params()}
-    for _, p in optimizer.parameters_and_names():
-        state.setdefault(p.name, p)
-    return list(state.values())
-
-
 def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     """Train on this rank (msrun has started it and initialised communication when there are more ranks);
     returns the loss curve (rows of loss.csv)."""
@@ -344,7 +337,7 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     ids = corpus_ids(config.corpus)
     network, optimizer, lr_schedule = build_training(config)
     step_cell = make_step_cell(network, optimizer, config, layout)
-    state = training_state(network, optimizer)
+    state = training_state(network.trainable_params(), optimizer)
     head_names = network.head_parameter_names()
 
     ckpt_dir = checkpoint_dir(run_dir)

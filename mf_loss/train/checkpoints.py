@@ -20,6 +20,8 @@ from ..config_loader import ConfigError
 from .step import barrier
 
 STEP_INFO = "step.json"
+# Optimizer parameters that hold settings, not state: rebuilt from the config, never restored.
+_OPTIMIZER_SETTINGS = ("learning_rate", "momentum")
 
 
 def checkpoint_dir(run_dir) -> Path:
@@ -31,6 +33,16 @@ def read_latest(ckpt_dir) -> Optional[dict]:
     if not path.exists():
         return None
     return json.loads(path.read_text())
+
+
+def training_state(model_params, optimizer) -> list:
+    """Every parameter a rank's checkpoint holds: the model's, then the optimizer's own state (moments, step
+    count), each once."""
+    state = {p.name: p for p in model_params}
+    for _, param in optimizer.parameters_and_names():
+        if not param.name.startswith(_OPTIMIZER_SETTINGS):
+            state.setdefault(param.name, param)
+    return list(state.values())
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -27,7 +27,7 @@ from ..config_loader import Config, build_loss
 from ..parallel.comm import rank_layout
 from ..parallel.config import ParallelConfig
 from . import plot
-from .checkpoints import (checkpoint_dir, load_rank_checkpoint, resume_source, save_step,
+from .checkpoints import (checkpoint_dir, load_rank_checkpoint, resume_source, save_step, training_state,
                           write_atomic)
 from .checks import check_trainable, fused_head
 from .curve import CurveWriter, resumed_curve
@@ -40,8 +40,6 @@ from .tokenizer import TokenizerSettings, prepare_corpus
 # For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
 # that rank's input mask at that step instead (caught by check_for_nan_in_loss_and_grad).
 FAIL_ENV = "MF_LOSS_FAIL_AT"
-# Optimizer parameters that hold settings, not state: rebuilt from the config, never restored.
-_OPTIMIZER_SETTINGS = ("learning_rate", "momentum")
 
 
 class InjectedFailure(RuntimeError):
@@ -86,16 +84,6 @@ def build_optimizer(config: Config, params, rates: list) -> nn.Optimizer:
         beta1, beta2 = opt["betas"]
         return nn.Adam(groups, learning_rate=rates, beta1=beta1, beta2=beta2, eps=opt["eps"])
     return nn.SGD(groups, learning_rate=rates, momentum=opt["momentum"])
-
-
-def optimizer_state(optimizer: nn.Optimizer, model_names) -> list:
-    """The optimizer's own state (moments, step count), for checkpoints."""
-    seen, state = set(model_names), []
-    for _, param in optimizer.parameters_and_names():
-        if param.name not in seen and not param.name.startswith(_OPTIMIZER_SETTINGS):
-            seen.add(param.name)
-            state.append(param)
-    return state
 
 
 # -------------------------------------------------------------------------------------------- train step
@@ -247,7 +235,7 @@ def train(config: Config, run_dir, *, resume: bool = False, echo: bool = True, n
     optimizer = build_optimizer(config, list(model.params), rates)
     step_cell = train_step(model, loss, optimizer, micro, data_parallel_group(parallel, layout.mp_rank),
                            layout.group if mp > 1 else None, config["optimizer"]["max_grad_norm"], fused)
-    state = list(model.params) + optimizer_state(optimizer, model.names)
+    state = training_state(model.params, optimizer)
     memory = MemoryProbe(rank, parallel.world_size)
 
     ckpt_dir = checkpoint_dir(run_dir)
