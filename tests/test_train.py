@@ -305,6 +305,50 @@ def test_the_shared_train_step_names_an_unknown_split_weight():
         TrainStep(nn.Dense(2, 2), [weight], nn.SGD([weight]), 1, split=("head",))
 
 
+
+@pytest.mark.unit
+def test_checkpoints_of_a_step_resume_and_load_at_full_shapes(tmp_path):
+    """train/checkpoints (both trainers'): two model-parallel ranks' files of one step, step.json and latest.json;
+    the full weights join the split parameter's rows; resuming names a wrong layout; old indexes are named."""
+    import mindspore as ms
+
+    from mf_loss.config_loader import ConfigError
+    from mf_loss.train.checkpoints import load_full_weights, resume_source, save_step
+
+    rng = np.random.default_rng(3)
+    full = {"trunk": rng.standard_normal((3, 2)).astype(np.float32),
+            "head": rng.standard_normal((4, 2)).astype(np.float32)}
+    ckpt = tmp_path / "run" / "checkpoints"
+    info = dict(data_parallel=1, model_parallel=2, model_parameters=["trunk", "head"], split_parameters=["head"])
+    for step in (2, 4, 6):
+        for rank in range(2):
+            state = [ms.Parameter(ms.Tensor(full["trunk"] + step), name="trunk"),
+                     ms.Parameter(ms.Tensor(full["head"][2 * rank:2 * rank + 2] + step), name="head"),
+                     ms.Parameter(ms.Tensor(np.zeros(1, np.float32)), name="adam_m.trunk")]
+            save_step(state, ckpt, step, rank, 1, info, keep=2, writes_index=rank == 0)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_000004", "step_000006"]  # keep=2
+    weights = load_full_weights(ckpt)
+    assert sorted(weights) == ["head", "trunk"]
+    np.testing.assert_array_equal(weights["head"], full["head"] + 6)
+    np.testing.assert_array_equal(weights["trunk"], full["trunk"] + 6)
+    np.testing.assert_array_equal(load_full_weights(ckpt / "step_000004")["head"], full["head"] + 4)
+
+    step_dir, latest = resume_source(None, tmp_path / "run", 1, 2, "cfg.yaml")
+    assert (step_dir, latest["step"]) == (ckpt / "step_000006", 6)
+    step_dir, latest = resume_source(str(ckpt / "step_000004"), tmp_path / "other", 1, 2, "cfg.yaml")
+    assert (step_dir, latest["step"]) == (ckpt / "step_000004", 4)
+    with pytest.raises(ConfigError, match=r"cfg.yaml: --resume: .* data_parallel=1 x model_parallel=2, but the "
+                                          r"config asks for 2 x 2"):
+        resume_source(None, tmp_path / "run", 2, 2, "cfg.yaml")
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        resume_source(None, tmp_path / "nothing", 1, 2, "cfg.yaml")
+    old = json.loads((ckpt / "latest.json").read_text())
+    del old["split_parameters"]
+    (ckpt / "latest.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="has no split_parameters"):
+        load_full_weights(ckpt)
+
+
 # ------------------------------------------------------------------------------------- outputs and progress
 
 @pytest.mark.unit

@@ -127,6 +127,11 @@ def load_full_weights(path) -> dict:
         if info is None:
             raise FileNotFoundError(f"no checkpoint in {path} (neither latest.json nor {STEP_INFO})")
         directory = path / info["dir"]
+    missing = [key for key in ("model_parameters", "split_parameters", "model_parallel") if key not in info]
+    if missing:
+        raise ValueError(f"checkpoint {directory}: its step.json/latest.json has no {', '.join(missing)} (written "
+                         "before both trainers shared mf_loss.train.checkpoints); train the run again to read its "
+                         "weights at full shapes")
     shards = [ms.load_checkpoint(str(directory / f"rank_{r}.ckpt")) for r in range(info["model_parallel"])]
     split = set(info["split_parameters"])
     return {name: (np.concatenate([s[name].asnumpy() for s in shards], axis=0) if name in split
