@@ -1,7 +1,8 @@
 """The suite's loss cases, its one input factory, and the float64 expectation every test compares with.
 
 A case is constructor options plus a recipe for the inputs. `random_inputs` draws logits, class ids (some
-ignored) or probability targets, and a mask, of any leading shape and vocabulary; `full_inputs` builds a
+ignored) or probability targets, and a mask, of any leading shape and vocabulary (`linear_inputs` the fused
+head's hidden states and head weight instead of logits, with the same labels and masks); `full_inputs` builds a
 case's whole batch over the whole vocabulary from a seed; `shard` cuts out one rank's rows (its dp slice)
 and columns (its mp slice), so a distributed rank, a simulated rank and the single-device reference see the
 very same numbers. `expected` is the float64 NumPy reference (reference.py) of a case on the inputs as the
@@ -48,11 +49,33 @@ class Case:
     ignored: int = 2               # rows with label == ignore_index (per dp rank)
 
 
+def random_labels(rng, rows, vocab, *, ignored=2, ignore_index=-100):
+    """Class ids (rows,) int32 in [0, vocab), `ignored` of them (at random rows) set to ignore_index."""
+    label = rng.integers(0, vocab, rows).astype(np.int32)
+    if rows:
+        label[rng.choice(rows, size=min(ignored, rows), replace=False)] = ignore_index
+    return label
+
+
+def random_mask(rng, leading_shape, kind):
+    """None (kind 'none') or a mask of `leading_shape` and `kind`: int, bool, float (weights in [0.5, 2) on
+    kept rows) or zero; about a quarter of the rows masked out."""
+    if kind == "none":
+        return None
+    rows = int(np.prod(leading_shape))
+    weights = (rng.random(rows) > 0.25).astype(np.float32)
+    if kind == "float":
+        weights = weights * rng.uniform(0.5, 2.0, rows).astype(np.float32)
+    elif kind == "zero":
+        weights = np.zeros(rows, np.float32)
+    weights = weights.reshape(leading_shape)
+    return {"bool": weights.astype(bool), "int": weights.astype(np.int32)}.get(kind, weights)
+
+
 def random_inputs(rng, leading_shape, vocab, *, scale=3.0, target="index", mask="int", ignored=2,
                   ignore_index=-100):
     """NumPy logits (*leading_shape, vocab) float32, label (class ids (*leading_shape,) with `ignored` rows
-    set to ignore_index, or float32 probabilities of the logits' shape) and mask (None or `mask`'s kind:
-    int, bool, float (weights in [0.5, 2) on kept rows) or zero; about a quarter of the rows masked out)."""
+    set to ignore_index, or float32 probabilities of the logits' shape) and mask (`random_mask`)."""
     leading_shape = tuple(leading_shape)
     rows = int(np.prod(leading_shape))
     logits = (rng.standard_normal((rows, vocab)) * scale).astype(np.float32)
@@ -60,19 +83,25 @@ def random_inputs(rng, leading_shape, vocab, *, scale=3.0, target="index", mask=
         raw = rng.random((rows, vocab)) ** 3
         label = (raw / raw.sum(-1, keepdims=True)).astype(np.float32).reshape(leading_shape + (vocab,))
     else:
-        label = rng.integers(0, vocab, rows).astype(np.int32)
-        label[rng.choice(rows, size=min(ignored, rows), replace=False)] = ignore_index
-        label = label.reshape(leading_shape)
-    weights = None
-    if mask != "none":
-        weights = (rng.random(rows) > 0.25).astype(np.float32)
-        if mask == "float":
-            weights = weights * rng.uniform(0.5, 2.0, rows).astype(np.float32)
-        elif mask == "zero":
-            weights = np.zeros(rows, np.float32)
-        weights = weights.reshape(leading_shape)
-        weights = {"bool": weights.astype(bool), "int": weights.astype(np.int32)}.get(mask, weights)
-    return logits.reshape(leading_shape + (vocab,)), label, weights
+        label = random_labels(rng, rows, vocab, ignored=ignored, ignore_index=ignore_index).reshape(leading_shape)
+    return logits.reshape(leading_shape + (vocab,)), label, random_mask(rng, leading_shape, mask)
+
+
+def linear_inputs(rng, leading_shape, hidden, vocab, *, scale=1.0, mask="int", ignored=2, ignore_index=-100):
+    """The fused head's inputs: NumPy hidden (*leading_shape, hidden) and head weight (vocab, hidden) float32
+    whose logits h @ W.T are about scale * N(0, 1), labels (`random_labels`) and a mask (`random_mask`)."""
+    leading_shape = tuple(leading_shape)
+    rows = int(np.prod(leading_shape))
+    h = (rng.standard_normal((rows, hidden)) * np.sqrt(scale)).astype(np.float32)
+    w = (rng.standard_normal((vocab, hidden)) * np.sqrt(scale / hidden)).astype(np.float32)
+    label = random_labels(rng, rows, vocab, ignored=ignored, ignore_index=ignore_index)
+    return (h.reshape(leading_shape + (hidden,)), w, label.reshape(leading_shape),
+            random_mask(rng, leading_shape, mask))
+
+
+def class_weights(vocab, seed=7):
+    """Per-class weights in [0.2, 2), the same for a vocabulary size wherever they are drawn."""
+    return np.random.default_rng(seed).uniform(0.2, 2.0, vocab).astype(np.float32)
 
 
 def full_inputs(case: Case, dp: int = 1, seed: int = 0):
@@ -200,6 +229,6 @@ def loss_options(case: Case, extra=None):
     """Constructor keyword arguments: the case's options with 'random' weights made concrete."""
     options = dict(case.options)
     if options.get("weight") == "random":
-        options["weight"] = np.random.default_rng(7).uniform(0.2, 2.0, VOCAB).astype(np.float32)
+        options["weight"] = class_weights(VOCAB)
     options.update(extra or {})
     return options

@@ -1,3 +1,5 @@
+"""Shared fixtures: each test in its own scratch directory in PYNATIVE mode, GRAPH mode on request, and the
+session's msrun jobs (`msrun_ranks`)."""
 import os
 import sys
 
@@ -6,6 +8,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import mindspore as ms  # noqa: E402
+
+import msrun_jobs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +25,10 @@ def _scratch_dir_and_mode(tmp_path, monkeypatch):
 def graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
     yield
+
+
+@pytest.fixture(scope="session")
+def msrun_ranks(request, tmp_path_factory):
+    """`msrun_ranks(layout, part)`: (dp, mp, [(arrays, report)] per rank) of one part of the session's msrun job
+    of `layout`, launched once for every part the selected tests read (tests/msrun_jobs.py)."""
+    return msrun_jobs.Jobs(tmp_path_factory, msrun_jobs.parts_of(request.session.items)).rank_results

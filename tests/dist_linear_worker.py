@@ -1,5 +1,6 @@
-"""One msrun rank of tests/test_linear_distributed.py (LinearCrossEntropyLoss under vocabulary parallelism);
-results go to OUT/rank<r>.npz and OUT/rank<r>.json.
+"""The "linear" part of the suite's msrun job (tests/msrun_jobs.py), for tests/test_linear_distributed.py:
+what one rank of LinearCrossEntropyLoss under vocabulary parallelism checks, returned by `run_rank` as arrays
+and a report.
 
 Every rank holds its rows of one full head weight W (V, H) (mp rank r: classes [r V/mp, (r+1) V/mp)) and
 the hidden states of its dp group (the same on its mp ranks), all drawn from fixed seeds (`job_inputs`), so
@@ -8,22 +9,17 @@ over the designs (backend x grad_mode x complete_hidden_grad), the NaN check wit
 rank's hidden row or head-weight row, and a compiled ms.jit(value_and_grad) + SGD step per grad mode whose
 IR is dumped so that the test can count its collectives.
 """
-import argparse
-import json
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
 
-import mindspore as ms  # noqa: E402
-from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
-
-from dist_worker import final_graph_collectives  # noqa: E402
-from mf_loss import LinearCrossEntropyLoss, NonFiniteLossError, ParallelConfig  # noqa: E402
-from test_linear_cross_entropy import MS_DTYPES, class_weights, make_inputs, rounded, run_loss, upstream  # noqa: E402
+from cases import class_weights, linear_inputs, rounded, upstream_weights
+from mf_loss import LinearCrossEntropyLoss, NonFiniteLossError
+from msrun_jobs import executed_graph_collectives
+from test_linear_cross_entropy import run_loss
 
 VOCAB, HIDDEN, ROWS = 24, 8, 10   # ROWS per dp rank; V divisible by mp = 2
 CHUNK = 4                         # 10 rows: chunks of 4, 4, 2
@@ -52,7 +48,7 @@ def job_inputs(case_name: str, dp: int):
     options, mask, leading, dtype = CASES[case_name]
     rng = np.random.default_rng(sorted(CASES).index(case_name))
     full_leading = (dp * leading[0],) + tuple(leading[1:])
-    h, w, y, m = make_inputs(rng, full_leading, HIDDEN, VOCAB, scale=3.0, mask=mask, ignored=2 * dp,
+    h, w, y, m = linear_inputs(rng, full_leading, HIDDEN, VOCAB, scale=3.0, mask=mask, ignored=2 * dp,
                              ignore_index=options.get("ignore_index", -100))
     if options.get("weight") == "random":
         options = dict(options, weight=class_weights(VOCAB))
@@ -84,7 +80,7 @@ def run_cases(mode, case_names, config, dp_rank, mp_rank, results):
             loss_fn = LinearCrossEntropyLoss(parallel_config=config, backend=backend, grad_mode=grad_mode,
                                              complete_hidden_grad=complete, chunk_size=CHUNK, **options)
             outputs, d_hidden, d_weight = run_loss(loss_fn, h, w, y, m, dtype=dtype,
-                                                   dout=upstream(leading) if none else None)
+                                                   dout=upstream_weights(leading) if none else None)
             key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
             for i, out in enumerate(outputs):
                 results[f"{key}/out{i}"] = out
@@ -163,38 +159,21 @@ def training_step(config, dp_rank, mp_rank, grad_mode, ir_dir):
     ms.set_context(save_graphs=1, save_graphs_path=ir_dir)
     loss = train_step(Tensor(features[tokens]), Tensor(label[tokens]))
     ms.set_context(save_graphs=0)
-    final_ir, counts = final_graph_collectives(ir_dir)
+    final_ir, counts = executed_graph_collectives(ir_dir)
     return dict(loss=float(loss.asnumpy()), final_ir=final_ir, collectives=counts,
                 declared=loss_fn.collectives_per_call(ROWS, width)), net.projection.asnumpy(), net.head.asnumpy()
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dp", type=int, required=True)
-    parser.add_argument("--mp", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    from mindspore.communication import get_rank, init
-    init()
-    rank = get_rank()
-    config = ParallelConfig(data_parallel=args.dp, model_parallel=args.mp)
-    dp_rank, mp_rank = rank // args.mp, rank % args.mp
-    results = {}
+def run_rank(config, dp_rank, mp_rank, ir_dir):
+    """Everything this rank checks: (arrays, report) for tests/test_linear_distributed.py."""
+    results, report = {}, {}
     run_cases("pynative", list(CASES), config, dp_rank, mp_rank, results)
     run_cases("graph", GRAPH_CASES, config, dp_rank, mp_rank, results)
-    report = {"rank": rank, "dp_rank": dp_rank, "mp_rank": mp_rank}
     for mode in MODES:
         for where in ("hidden", "head_weight"):
             report[f"nan/{mode}/{where}"] = nan_check(mode, where, config, dp_rank, mp_rank)
     for grad_mode in ("forward", "recompute"):
         step, results[f"train/{grad_mode}/projection"], results[f"train/{grad_mode}/head"] = training_step(
-            config, dp_rank, mp_rank, grad_mode, os.path.join(args.out, f"ir_rank{rank}_{grad_mode}"))
+            config, dp_rank, mp_rank, grad_mode, f"{ir_dir}_{grad_mode}")
         report[f"train/{grad_mode}"] = step
-    np.savez(os.path.join(args.out, f"rank{rank}.npz"), **results)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"rank {rank}: done, {len(results)} arrays", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return results, report

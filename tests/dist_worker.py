@@ -1,27 +1,21 @@
-"""One msrun rank of tests/test_distributed.py; results go to OUT/rank<r>.npz and OUT/rank<r>.json.
+"""The "loss" part of the suite's msrun job (tests/msrun_jobs.py), for tests/test_distributed.py: what one
+rank of CrossEntropyLoss checks, returned by `run_rank` as arrays and a report.
 
 The wiring only (the math of every mp is tests/test_simulated_mp.py's): the core cases on this rank's shard
 through the real exchange in PYNATIVE and GRAPH with both backends, and the in-place fused backward on a
 few of them; the NaN check with a NaN planted in one rank's slice; a logits width that disagrees between
 ranks; and a compiled training step whose IR is dumped so the test can count its collectives.
 """
-import argparse
-import glob
-import json
-import os
-import re
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
 
-import mindspore as ms  # noqa: E402
-from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
-
-from cases import CORE_CASES, Case, evaluate, full_inputs, loss_options, shard, to_tensors  # noqa: E402
-from mf_loss import CrossEntropyLoss, NonFiniteLossError, ParallelConfig  # noqa: E402
+from cases import CORE_CASES, Case, evaluate, full_inputs, loss_options, shard, to_tensors
+from mf_loss import CrossEntropyLoss, NonFiniteLossError
+from msrun_jobs import executed_graph_collectives
 
 NAN_ROW, NAN_COLUMN = 2, 20  # a row of the last dp rank, a column owned by the last mp rank
 BACKEND_OPTIONS = {"composed": dict(backend="composed"), "fused": dict(backend="fused"),
@@ -132,48 +126,18 @@ def dump_training_step(config, dp_rank, mp_rank, ir_dir):
     return float(loss.asnumpy()), net.weight.asnumpy()
 
 
-def final_graph_collectives(ir_dir):
-    """(file, collective count) of the last IR the compiler wrote: the executed graph, backprop included."""
-    numbered = {}
-    for path in glob.glob(os.path.join(ir_dir, "**", "*.ir"), recursive=True):
-        match = re.search(r"_(\d{4})\.ir$", path)
-        if match:
-            numbered[int(match.group(1))] = path
-    last = numbered[max(numbered)]
-    text = open(last).read()
-    counts = {name: text.count(f"{name}(") for name in ("AllReduce", "AllGather", "Broadcast", "ReduceScatter")}
-    return os.path.basename(last), counts
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dp", type=int, required=True)
-    parser.add_argument("--mp", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    from mindspore.communication import get_rank, init
-    init()
-    rank = get_rank()
-    config = ParallelConfig(data_parallel=args.dp, model_parallel=args.mp)
-    dp_rank, mp_rank = rank // args.mp, rank % args.mp
+def run_rank(config, dp_rank, mp_rank, ir_dir):
+    """Everything this rank checks: (arrays, report) for tests/test_distributed.py."""
     results = {}
     for (mode, backend), cases in SUITES.items():
         run_suite(mode, backend, cases, config, dp_rank, mp_rank, results)
     report = {
-        "rank": rank, "dp_rank": dp_rank, "mp_rank": mp_rank,
         "nan_pynative": nan_check(ms.PYNATIVE_MODE, config, dp_rank, mp_rank),
         "nan_graph": nan_check(ms.GRAPH_MODE, config, dp_rank, mp_rank),
         "width_pynative": width_check(ms.PYNATIVE_MODE, config, mp_rank),
         "width_graph": width_check(ms.GRAPH_MODE, config, mp_rank),
     }
-    ir_dir = os.path.join(args.out, f"ir_rank{rank}")
-    report["train_step_loss"], results["train_step/weight"] = dump_training_step(config, dp_rank, mp_rank, ir_dir)
-    report["final_ir"], report["collectives"] = final_graph_collectives(ir_dir)
-    np.savez(os.path.join(args.out, f"rank{rank}.npz"), **results)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"rank {rank}: done, {len(results)} arrays", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    report["train_step_loss"], results["train_step/weight"] = dump_training_step(config, dp_rank, mp_rank,
+                                                                                  str(ir_dir))
+    report["final_ir"], report["collectives"] = executed_graph_collectives(ir_dir)
+    return results, report

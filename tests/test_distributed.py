@@ -3,42 +3,19 @@ naming its rank, the width check and the collective count. Every rank's values a
 with the float64 NumPy loss on the full vocabulary (tests/reference.py), never with our own mp=1 result. The
 math of every mp and the option grid are tests/test_simulated_mp.py's (one process, no msrun).
 
-One launch per layout per session (tests/dist_worker.py runs everything and writes its results); a failed
-launch is reported by every test with the failing rank's log tail.
+One msrun launch per layout per session runs tests/dist_worker.py's part with the other distributed parts
+(tests/msrun_jobs.py); a failed launch is reported by every test with the failing rank's log tail.
 """
-import json
-import os
-
 import numpy as np
 import pytest
 
 from cases import assert_matches, expected, full_inputs, loss_options, shard
 from dist_worker import HEAD_ROWS_PER_RANK, HEAD_TOKENS, SUITES, head_inputs
-from mf_loss.launch import launch
+from msrun_jobs import LAYOUTS
 from reference import numpy_cross_entropy
 
 pytestmark = pytest.mark.distributed
-LAYOUTS = {"mp2": (1, 2), "dp2_mp2": (2, 2)}
-LAUNCH_TIMEOUT_S = 600
-_jobs = {}
-
-
-def run_job(name, tmp_path_factory):
-    """Launch the worker for one layout once per session; returns (dp, mp, [(arrays, report)] per rank)."""
-    if name not in _jobs:
-        dp, mp = LAYOUTS[name]
-        out = tmp_path_factory.mktemp(name)
-        result = launch(os.path.join(os.path.dirname(__file__), "dist_worker.py"),
-                        ["--dp", dp, "--mp", mp, "--out", out], workers=dp * mp, log_dir=out / "logs",
-                        timeout=LAUNCH_TIMEOUT_S)
-        ranks = None
-        if result.ok:
-            ranks = [(np.load(out / f"rank{r}.npz"), json.loads((out / f"rank{r}.json").read_text()))
-                     for r in range(dp * mp)]
-        _jobs[name] = (dp, mp, ranks, result.message)  # a failed job is reported by every test, launched once
-    dp, mp, ranks, message = _jobs[name]
-    assert ranks is not None, message
-    return dp, mp, ranks
+MSRUN_PART = "loss"  # tests/dist_worker.py's results in the session's msrun job of each layout
 
 
 def rank_slice(arrays, width, mp_rank):
@@ -47,8 +24,8 @@ def rank_slice(arrays, width, mp_rank):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("suite", SUITES, ids="/".join)
-def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, suite, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, suite, msrun_ranks):
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     mode, backend = suite
     for arrays, report in ranks:
         dp_rank, mp_rank = report["dp_rank"], report["mp_rank"]
@@ -66,8 +43,8 @@ def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, suite, tmp_path_
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_nan_check_fires_on_the_ranks_that_see_it(layout, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+def test_nan_check_fires_on_the_ranks_that_see_it(layout, msrun_ranks):
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     for _, report in ranks:
         sees_nan = report["dp_rank"] == dp - 1  # the NaN is planted in the last dp rank's rows
         owns_nan = sees_nan and report["mp_rank"] == mp - 1  # ... in a column of the last mp rank
@@ -82,8 +59,8 @@ def test_nan_check_fires_on_the_ranks_that_see_it(layout, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_logits_width_disagreeing_between_ranks_is_an_error_on_every_rank(layout, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+def test_logits_width_disagreeing_between_ranks_is_an_error_on_every_rank(layout, msrun_ranks):
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     for _, report in ranks:
         mine = 6 + (report["mp_rank"] == mp - 1)
         other, theirs = (mp - 1, 7) if report["mp_rank"] != mp - 1 else (0, 6)
@@ -95,13 +72,14 @@ def test_logits_width_disagreeing_between_ranks_is_an_error_on_every_rank(layout
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_training_step_has_one_collective_and_numpy_values(layout, tmp_path_factory):
+def test_training_step_has_one_collective_and_numpy_values(layout, msrun_ranks):
     """A compiled value_and_grad + SGD step through a vocab-parallel head: exactly one AllReduce in the
     executed graph (backprop included), and the loss and updated weight rows of NumPy on the full head."""
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     features, label, weight = head_inputs(dp, mp)
     for arrays, report in ranks:
-        assert report["collectives"] == {"AllReduce": 1, "AllGather": 0, "Broadcast": 0, "ReduceScatter": 0}, report
+        assert report["collectives"] == {"AllReduce": 1, "AllGather": 0, "Broadcast": 0, "ReduceScatter": 0,
+                                         "AlltoAll": 0}, report
         tokens = slice(report["dp_rank"] * HEAD_TOKENS, (report["dp_rank"] + 1) * HEAD_TOKENS)
         logits = features[tokens].astype(np.float64) @ weight.T.astype(np.float64)
         (loss,), dlogits, _ = numpy_cross_entropy(logits, label[tokens], None)

@@ -31,6 +31,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 import mf_loss
 from mf_loss import CrossEntropyLoss, LinearCrossEntropyLoss, NonFiniteLossError
+from cases import MS_DTYPES, REFERENCE_KEYS, class_weights, linear_inputs, rounded, upstream_weights
 from reference import numpy_cross_entropy
 
 pytestmark = pytest.mark.unit
@@ -38,48 +39,14 @@ pytestmark = pytest.mark.unit
 U = 2.0 ** -24
 K = 4.0
 HALF_GRAD_RTOL = {"float16": 2.0 ** -9, "bfloat16": 2.0 ** -6}  # two ulps of the dtype, of the scale
-MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 VOCAB, HIDDEN, ROWS = 12, 8, 10
-REFERENCE_KEYS = ("weight", "ignore_index", "label_smoothing", "z_loss_weight", "logit_softcap", "reduction",
-                  "empty_mean")
 
 
-# ---- inputs ----
+# ---- inputs: tests/cases.py's factory at this file's sizes ----
 
-def make_inputs(rng, leading=(ROWS,), hidden=HIDDEN, vocab=VOCAB, *, scale=1.0, mask="int", ignored=2,
-                ignore_index=-100):
-    """NumPy hidden (*leading, H), head weight (V, H) (logits ~ scale * N(0, 1)), labels (some ignored) and
-    a mask of `mask`'s kind (none | int | bool | float | zero; about a quarter masked out)."""
-    rows = int(np.prod(leading))
-    h = (rng.standard_normal((rows, hidden)) * np.sqrt(scale)).astype(np.float32)
-    w = (rng.standard_normal((vocab, hidden)) * np.sqrt(scale / hidden)).astype(np.float32)
-    y = rng.integers(0, vocab, rows).astype(np.int32)
-    if rows:
-        y[rng.choice(rows, size=min(ignored, rows), replace=False)] = ignore_index
-    m = None
-    if mask != "none":
-        m = (rng.random(rows) > 0.25).astype(np.float32)
-        if mask == "float":
-            m = m * rng.uniform(0.5, 2.0, rows).astype(np.float32)
-        elif mask == "zero":
-            m = np.zeros(rows, np.float32)
-        m = {"bool": m.astype(bool), "int": m.astype(np.int32)}.get(mask, m)
-        m = m.reshape(leading)
-    return h.reshape(tuple(leading) + (hidden,)), w, y.reshape(leading), m
-
-
-def class_weights(vocab, seed=7):
-    return np.random.default_rng(seed).uniform(0.2, 2.0, vocab).astype(np.float32)
-
-
-def rounded(array, dtype):
-    """`array` as a loss of that dtype sees it (rounded to the dtype), in float32."""
-    return Tensor(array).astype(MS_DTYPES[dtype]).astype(ms.float32).asnumpy()
-
-
-def upstream(shape, seed=1):
-    """Per-token upstream gradient for reduction='none', different for each row."""
-    return np.random.default_rng(seed).uniform(0.5, 1.5, shape).astype(np.float32)
+def make_inputs(rng, leading=(ROWS,), hidden=HIDDEN, vocab=VOCAB, **kwargs):
+    """cases.linear_inputs, by default of this file's (ROWS,), HIDDEN and VOCAB."""
+    return linear_inputs(rng, leading, hidden, vocab, **kwargs)
 
 
 # ---- the float64 reference and the tolerance ----
@@ -212,7 +179,7 @@ def check_case(options, *, leading=(ROWS,), mask="int", scale=1.0, dtype="float3
     if dtype != "float32":
         h, w = rounded(h, dtype), rounded(w, dtype)
     none = options.get("reduction") == "none" and not options.get("calculate_per_token_loss")
-    dout = upstream(leading) if none else None
+    dout = upstream_weights(leading) if none else None
     result = run_loss(LinearCrossEntropyLoss(**options), h, w, y, m, dtype=dtype, dout=dout, how=how)
     assert_matches_reference(result, reference(h, w, y, m, options, dout), f"{what} {options} mask={mask}", dtype)
     return h, w, y, m, options, result
@@ -381,7 +348,7 @@ def test_against_torch_cross_entropy_float_mask_and_none():
     for reduction in ("none", "mean"):
         options = dict(weight="random", reduction=reduction, label_smoothing=0.1, chunk_size=4)
         h, w, y, m, built, (outputs, d_hidden, d_weight) = check_case(options, mask="float", scale=3.0)
-        dout = upstream((ROWS,)) if reduction == "none" else None
+        dout = upstream_weights((ROWS,)) if reduction == "none" else None
         hidden = torch.tensor(h, dtype=torch.float64, requires_grad=True)
         head = torch.tensor(w, dtype=torch.float64, requires_grad=True)
         tokens = TF.cross_entropy(hidden @ head.T, torch.tensor(y.astype(np.int64)),

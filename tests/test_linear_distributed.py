@@ -1,5 +1,5 @@
-"""LinearCrossEntropyLoss under msrun: mp=2 on 2 ranks and dp=2 x mp=2 on 4 ranks, one launch per layout
-(tests/dist_linear_worker.py runs everything on each rank and writes its results).
+"""LinearCrossEntropyLoss under msrun: mp=2 on 2 ranks and dp=2 x mp=2 on 4 ranks (tests/dist_linear_worker.py's
+part of the session's one msrun launch per layout, tests/msrun_jobs.py).
 
 Every rank's loss and gradients are compared with float64 NumPy on the FULL vocabulary (the reference and
 tolerances of tests/test_linear_cross_entropy.py): dW is the rank's rows of the full dW, dH the full G @ W
@@ -7,41 +7,19 @@ with complete_hidden_grad=True and this rank's share G[:, slice] @ W[slice] with
 names the rank that sees the NaN, and a compiled value_and_grad + SGD step has exactly the collectives that
 `collectives_per_call` declares, with NumPy's loss and updated parameters.
 """
-import json
-import os
-
 import numpy as np
 import pytest
 
+from cases import upstream_weights
 from dist_linear_worker import (CASES, DESIGNS, GRAPH_CASES, NAN_HIDDEN_ROW, ROWS, VOCAB, job_inputs, nan_arrays,
-                                train_inputs, upstream)
+                                train_inputs)
 from mf_loss import ParallelConfig
-from mf_loss.launch import launch
+from msrun_jobs import LAYOUTS
 from reference import numpy_cross_entropy
 from test_linear_cross_entropy import assert_matches_reference, reference
 
 pytestmark = pytest.mark.distributed
-LAYOUTS = {"mp2": (1, 2), "dp2_mp2": (2, 2)}
-LAUNCH_TIMEOUT_S = 900
-_jobs = {}
-
-
-def run_job(name, tmp_path_factory):
-    """Launch the worker for one layout once per session; returns (dp, mp, [(arrays, report)] per rank)."""
-    if name not in _jobs:
-        dp, mp = LAYOUTS[name]
-        out = tmp_path_factory.mktemp(f"linear_{name}")
-        result = launch(os.path.join(os.path.dirname(__file__), "dist_linear_worker.py"),
-                        ["--dp", dp, "--mp", mp, "--out", out], workers=dp * mp, log_dir=out / "logs",
-                        timeout=LAUNCH_TIMEOUT_S)
-        ranks = None
-        if result.ok:
-            ranks = [(np.load(out / f"rank{r}.npz"), json.loads((out / f"rank{r}.json").read_text()))
-                     for r in range(dp * mp)]
-        _jobs[name] = (dp, mp, ranks, result.message)  # a failed job is reported by every test, launched once
-    dp, mp, ranks, message = _jobs[name]
-    assert ranks is not None, message
-    return dp, mp, ranks
+MSRUN_PART = "linear"  # tests/dist_linear_worker.py's results in the session's msrun job of each layout
 
 
 def dp_rows(array, dp, dp_rank):
@@ -53,8 +31,8 @@ def dp_rows(array, dp, dp_rank):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, msrun_ranks):
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     width = VOCAB // mp
     compared = 0
     for arrays, report in ranks:
@@ -67,7 +45,7 @@ def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, tmp_path_f
                     continue
                 h, w, y, m, options = job_inputs(name, dp)
                 h, y, m = dp_rows(h, dp, dp_rank), dp_rows(y, dp, dp_rank), dp_rows(m, dp, dp_rank)
-                ref = reference(h, w, y, m, options, upstream(leading) if none else None,
+                ref = reference(h, w, y, m, options, upstream_weights(leading) if none else None,
                                 rows_of_rank=slice(mp_rank * width, (mp_rank + 1) * width), hidden_share=not complete)
                 key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
                 outputs = []
@@ -80,8 +58,8 @@ def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, tmp_path_f
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_nan_check_names_the_rank(layout, tmp_path_factory):
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+def test_nan_check_names_the_rank(layout, msrun_ranks):
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     config = ParallelConfig(data_parallel=dp, model_parallel=mp)
     for _, report in ranks:
         rank, dp_rank, mp_rank = report["rank"], report["dp_rank"], report["mp_rank"]
@@ -104,18 +82,18 @@ def test_nan_check_names_the_rank(layout, tmp_path_factory):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
-def test_training_step_collectives_and_numpy_update(layout, grad_mode, tmp_path_factory):
+def test_training_step_collectives_and_numpy_update(layout, grad_mode, msrun_ranks):
     """A compiled value_and_grad + SGD step of tanh(x @ A) -> fused head: the AllReduces in the executed graph
     (backprop included) are collectives_per_call's forward + backward and nothing else; the loss and the
     parameters after the step are NumPy's on the full head."""
-    dp, mp, ranks = run_job(layout, tmp_path_factory)
+    dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     features, label, projection, head = train_inputs(dp)
     width = VOCAB // mp
     for arrays, report in ranks:
         step = report[f"train/{grad_mode}"]
         declared = step["declared"]
         assert step["collectives"] == {"AllReduce": declared["forward"] + declared["backward"], "AllGather": 0,
-                                       "Broadcast": 0, "ReduceScatter": 0}, (report["rank"], step)
+                                       "Broadcast": 0, "ReduceScatter": 0, "AlltoAll": 0}, (report["rank"], step)
         assert declared["forward"] == (3 if grad_mode == "forward" else 1) and declared["backward"] == 1, step
         tokens = slice(report["dp_rank"] * ROWS, (report["dp_rank"] + 1) * ROWS)
         x = features[tokens].astype(np.float64)
