@@ -207,16 +207,9 @@ GRID_IDS = ["default", "weight", "sum", "none", "per_token", "seq_split", "smoot
             "zloss", "zloss_none", "softcap", "ignore3", "everything_per_token"]
 
 
-COMPOSED_SOFTCAP = pytest.mark.xfail(
-    strict=True, reason="MindSpore's CPU Tanh is off by up to 1e-4 for |x/cap| in [3, 9] (test_simulated_mp's "
-    "test_softcap_beyond_the_cap[composed]); the composed softcap gradient misses the float32 bound there")
-
-
 @pytest.mark.parametrize("backend", ["fused", pytest.param("composed", id="composed")])
 @pytest.mark.parametrize("options", [pytest.param(o, id=i, marks=()) for o, i in zip(GRID, GRID_IDS)])
-def test_option_grid_pynative(options, backend, request):
-    if backend == "composed" and options.get("logit_softcap") == 2.0:
-        request.applymarker(COMPOSED_SOFTCAP)
+def test_option_grid_pynative(options, backend):
     grad_modes = ["recompute"] if options.get("reduction") == "none" else ["forward", "recompute"]
     for grad_mode in grad_modes:
         check_case(dict(options, backend=backend, grad_mode=grad_mode, chunk_size=4), scale=3.0,

@@ -29,7 +29,8 @@ IMPLS = {
     "fused_inplace": Implementation("mf_loss fused, in-place backward (PYNATIVE)", "logits", "mindspore", False, 1.3),
     "fused_inplace_graph": Implementation("mf_loss fused, in-place backward (GRAPH)", "logits", "mindspore",
                                           memory_factor=1.3),
-    "composed": Implementation("mf_loss composed (GRAPH)", "logits", "mindspore", memory_factor=21.0),
+    "composed": Implementation("mf_loss composed (GRAPH)", "logits", "mindspore", memory_factor=3.0),
+    "composed_pynative": Implementation("mf_loss composed (PYNATIVE)", "logits", "mindspore", False, 3.0),
     "mint": Implementation("mint.nn.functional.cross_entropy (GRAPH)", "logits", "mindspore", memory_factor=3.3),
     "ops": Implementation("ops.cross_entropy (GRAPH)", "logits", "mindspore", memory_factor=20.0),
     "mindformers": Implementation("MindFormers-style one-hot (GRAPH)", "logits", "mindspore", memory_factor=22.0),
@@ -103,7 +104,7 @@ def _mf_loss_cell(name):
     import mf_loss
     from .ms_cells import MaskedLoss
 
-    backend = "composed" if name == "composed" else "fused"
+    backend = "composed" if name.startswith("composed") else "fused"
     inplace = name.startswith("fused_inplace")
     loss = mf_loss.CrossEntropyLoss(backend=backend, inplace_backward=inplace)
     core = getattr(loss, "class_index_core", None)
@@ -119,7 +120,7 @@ def _logits_loss_cell(name, config):
     from .ms_cells import FrameworkLoss, MindFormersStyle
 
     upcast = config["dtype"] == "bfloat16"
-    if name in ("fused", "fused_pynative", "fused_inplace", "fused_inplace_graph", "composed"):
+    if name in ("fused", "fused_pynative", "fused_inplace", "fused_inplace_graph", "composed", "composed_pynative"):
         return _mf_loss_cell(name)
     if name == "mint":
         return FrameworkLoss(mint.nn.functional.cross_entropy, upcast)

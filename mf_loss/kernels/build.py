@@ -18,8 +18,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cross_entropy.cc"
 LIBRARY_NAME = "libmf_cross_entropy.so"
-ABI_VERSION = 2
-ENTRY_POINTS = ("mf_row_stats4", "mf_row_stats5", "mf_logits_grad", "mf_logits_grad_inplace", "mf_accumulate_inplace")
+ABI_VERSION = 4
+ENTRY_POINTS = ("mf_row_stats4", "mf_row_stats5", "mf_logits_grad", "mf_logits_grad_inplace", "mf_accumulate_inplace",
+               "mf_scale_inplace")
 # -ffp-contract=off: no fused multiply-adds, so results do not depend on the instruction set;
 # -fno-trapping-math: lets gcc vectorise the branch-free selects (FP exception flags are never read).
 # Never -ffast-math: inf and NaN must behave as IEEE says.

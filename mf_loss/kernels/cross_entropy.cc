@@ -762,29 +762,56 @@ extern "C" int mf_row_stats5(int nparam, void **params, int *ndims, int64_t **sh
   return mf_row_stats(nparam, params, ndims, shapes, dtypes, stream, extra);
 }
 
-// total += part, in place over `total` (float32, any shape, the same number of elements): the fused head
-// accumulates its weight gradient over row chunks with it, so that no third (V/mp, H) buffer (the sum)
-// exists next to the running total and the chunk's share. The last parameter is a (1,) int64 token that
-// receives the address written (PYNATIVE checks it; it orders the write before the total's next use).
+// total[offset : offset + size(part)] += part, in place over `total` (float32, flat view; offset in elements):
+// the fused head accumulates its weight gradient over row chunks and vocabulary tiles with it, so that no
+// second (V/mp, H) buffer (a sum) exists next to the running total, and a chunk's share is one tile of it.
+// The last parameter is a (1,) int64 token that receives the address written (PYNATIVE checks it; it
+// orders the write before the total's next use).
 extern "C" int mf_accumulate_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                      void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 3 || parse_dtype(dtypes[0]) != DType::kF32 || parse_dtype(dtypes[1]) != DType::kF32 ||
-      std::strcmp(dtypes[2], "int64") != 0 || numel(ndims[2], shapes[2]) != 1)
-    return fail("mf_accumulate_inplace: expects float32 total, float32 part, (1,) int64 token");
-  const int64_t n = numel(ndims[0], shapes[0]);
-  if (numel(ndims[1], shapes[1]) != n) return fail("mf_accumulate_inplace: total and part differ in size");
-  float *total = static_cast<float *>(params[0]);
+  if (nparam != 4 || parse_dtype(dtypes[0]) != DType::kF32 || parse_dtype(dtypes[1]) != DType::kF32 ||
+      std::strcmp(dtypes[2], "int64") != 0 || numel(ndims[2], shapes[2]) != 1 ||
+      std::strcmp(dtypes[3], "int64") != 0 || numel(ndims[3], shapes[3]) != 1)
+    return fail("mf_accumulate_inplace: expects float32 total, float32 part, (1,) int64 offset, (1,) int64 token");
+  const int64_t total_size = numel(ndims[0], shapes[0]);
+  const int64_t n = numel(ndims[1], shapes[1]);
+  const int64_t offset = static_cast<const int64_t *>(params[2])[0];
+  if (offset < 0 || offset > total_size - n)
+    return fail("mf_accumulate_inplace: the part does not fit in total at this offset");
+  float *total = static_cast<float *>(params[0]) + offset;
   const float *part = static_cast<const float *>(params[1]);
   constexpr int64_t kSpan = 1 << 14;  // elements per work item
   parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
     const int64_t stop = std::min(n, e * kSpan);
     for (int64_t i = b * kSpan; i < stop; ++i) total[i] += part[i];
   });
+  static_cast<int64_t *>(params[3])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  return 0;
+}
+
+// total *= factor[0], in place over `total` (float32): the fused head's weight gradient, made in the forward
+// for an upstream gradient of 1, is scaled by the real one in the backward without a second (V/mp, H)
+// buffer. The token output is total's address, as above.
+extern "C" int mf_scale_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || parse_dtype(dtypes[0]) != DType::kF32 || parse_dtype(dtypes[1]) != DType::kF32 ||
+      numel(ndims[1], shapes[1]) != 1 || std::strcmp(dtypes[2], "int64") != 0 || numel(ndims[2], shapes[2]) != 1)
+    return fail("mf_scale_inplace: expects float32 total, (1,) float32 factor, (1,) int64 token");
+  const int64_t n = numel(ndims[0], shapes[0]);
+  float *total = static_cast<float *>(params[0]);
+  const float factor = static_cast<const float *>(params[1])[0];
+  constexpr int64_t kSpan = 1 << 14;  // elements per work item
+  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
+    const int64_t stop = std::min(n, e * kSpan);
+    for (int64_t i = b * kSpan; i < stop; ++i) total[i] *= factor;
+  });
   static_cast<int64_t *>(params[2])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
   return 0;
 }
 
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 2; }
+extern "C" int mf_kernel_abi_version() { return 4; }

@@ -2,8 +2,9 @@
 
 Rows go through in chunks (`ops.chunking`): a chunk's logits are made by a matmul, reduced to row statistics
 by the backend's per-shard step, and dropped. In GRAPH mode the chunk loop is unrolled and each chunk is
-ordered after the previous one (a Depend on the chunk's input), so that one chunk's buffers are alive at a
-time instead of whatever the scheduler would overlap.
+sliced after the previous one is done (`vocab_parallel.rows_after`), so that one chunk's buffers are alive
+at a time instead of whatever the scheduler would overlap. The weight gradient is one running (V/mp, H)
+sum, added to in place by the fused backend, a vocabulary tile of a chunk's share at a time.
 
 The loss cell hands the core a per-row `row_scale`: the loss it returns is `objective = sum_n row_scale_n *
 token_loss_n` (mean: mask / denominator; sum and the per-token numerator: mask), known before any logit.
@@ -28,7 +29,7 @@ from mindspore import ops
 from ..ops import chunking, shard_math
 from ..parallel.comm import ModelParallelSum
 from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
-                             VocabShard)
+                             VocabShard, rows_after)
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -69,10 +70,33 @@ class LinearShard(VocabShard):
         _, vocab_start = self.vocab(local_vocab)
         return rows, local_vocab, self.spec(vocab_start), _float32(hidden), _float32(head_weight)
 
-    def chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients):
-        """(d hidden chunk, d weight share) of one chunk from its logits, which are consumed."""
+    def weight_tiles(self, local_vocab: int, hidden_size: int, chunk_rows: int):
+        """Row ranges of the weight gradient that one chunk adds at a time (`chunking.weight_tile_rows`):
+        the fused backend adds into its running sum in place, tile by tile, so that a chunk's (V/mp, H)
+        share never exists whole (at 2048 x 128256 x 256 that share was 0.125x the logits, most of the
+        head's peak); the composed one adds whole shares (it has no in-place sum)."""
+        if self.backend != "fused":
+            return [(0, local_vocab)]
+        return chunking.chunk_bounds(local_vocab, chunking.weight_tile_rows(local_vocab, hidden_size, chunk_rows))
+
+    def chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients,
+                    weight_grad):
+        """(d hidden chunk, running weight gradient with this chunk's share added) from the chunk's logits,
+        which are consumed; `weight_grad` is None for the first chunk."""
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
-        return _hidden_grad_of(grad, weight32), _weight_grad_of(grad, hidden_chunk)
+        hidden_part = _hidden_grad_of(grad, weight32)
+        if weight_grad is None:
+            # the first chunk's share becomes the running sum: a fresh matmul output (a ZerosLike to add into
+            # would be folded into a constant by GRAPH mode and keep its sum from one call to the next)
+            return hidden_part, _weight_grad_of(grad, hidden_chunk)
+        tiles = self.weight_tiles(weight32.shape[0], weight32.shape[1], hidden_chunk.shape[0])
+        if len(tiles) == 1:
+            return hidden_part, self.accumulate(weight_grad, _weight_grad_of(grad, hidden_chunk))
+        for start, stop in tiles:
+            # each tile's columns are sliced after the previous tile is added: one tile share at a time
+            tile = _depend(grad, weight_grad)[:, start:stop]
+            weight_grad = self.accumulate(weight_grad, _weight_grad_of(tile, hidden_chunk), start)
+        return hidden_part, weight_grad
 
     def finish_hidden_grad(self, hidden_grad, hidden):
         if self.complete_hidden_grad:
@@ -89,9 +113,6 @@ def _float32(tensor):
     return _in_dtype(tensor, ms.float32)
 
 
-def _after(tensor, previous):
-    """`tensor`, ordered after `previous` has been computed (GRAPH mode would otherwise overlap chunks)."""
-    return tensor if previous is None else _depend(tensor, previous)
 
 
 class GradByRecompute(LinearShard):
@@ -103,7 +124,7 @@ class GradByRecompute(LinearShard):
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(hidden32[start:stop], previous)
+            chunk = rows_after(hidden32, start, stop, previous)
             previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
             parts.append(previous)
         local = (ops.concat(parts, 0) if parts else
@@ -120,13 +141,12 @@ class GradByRecompute(LinearShard):
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(hidden32[start:stop], weight_grad)
+            chunk = rows_after(hidden32, start, stop, weight_grad)
             logits = _logits_of(chunk, weight32)
-            hidden_part, weight_part = self.chunk_grads(
+            hidden_part, weight_grad = self.chunk_grads(
                 logits, chunk, weight32, target[start:stop], spec, row_max[start:stop], log_sum_exp[start:stop],
-                (a[start:stop], b[start:stop], q[start:stop]))
+                (a[start:stop], b[start:stop], q[start:stop]), weight_grad)
             hidden_parts.append(hidden_part)
-            weight_grad = weight_part if weight_grad is None else self.accumulate(weight_grad, weight_part)
         if not hidden_parts:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
                     _zeros_like(active))
@@ -145,18 +165,18 @@ class GradInForward(LinearShard):
         hidden_parts = []
         weight_grad = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = _after(hidden32[start:stop], weight_grad)
+            chunk = rows_after(hidden32, start, stop, weight_grad)
             logits = _logits_of(chunk, weight32)
             local = self.local_row_stats(logits, target[start:stop], self.weight, spec)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
                                              row_scale[start:stop], local_vocab)
-            hidden_part, weight_part = self.chunk_grads(logits, chunk, weight32, target[start:stop], spec,
-                                                        piece[ROW_MAX], piece[LOG_SUM_EXP], coefficients)
+            hidden_part, weight_grad = self.chunk_grads(logits, chunk, weight32, target[start:stop], spec,
+                                                        piece[ROW_MAX], piece[LOG_SUM_EXP], coefficients,
+                                                        weight_grad)
             pieces.append(piece)
             hidden_parts.append(hidden_part)
-            weight_grad = weight_part if weight_grad is None else self.accumulate(weight_grad, weight_part)
         if not pieces:  # no rows: nothing to exchange, every output empty or zero
             empty = ops.zeros((0,), ms.float32)
             widths = ops.fill(ms.float32, (self.mp_size,), float(local_vocab))
@@ -171,7 +191,9 @@ class GradInForward(LinearShard):
                 pieces[0][RANK_WIDTHS], ops.concat(hidden_parts, 0), weight_grad)
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
-        scale = dout[0]
-        hidden_grad = self.finish_hidden_grad(out[HIDDEN_GRAD] * scale, hidden)
-        return (hidden_grad, _in_dtype(out[WEIGHT_GRAD] * scale, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
-                _zeros_like(active))
+        # the gradients were made for an upstream gradient of 1; scaled over their own buffers (the weight
+        # gradient is (V/mp, H): a scaled copy next to it was 0.125x the logits at 2048 x 128256 x 256)
+        upstream = dout[0]
+        hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
+        weight_grad = _in_dtype(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
+        return hidden_grad, weight_grad, _zeros_like(target), _zeros_like(row_scale), _zeros_like(active)

@@ -21,6 +21,16 @@ _select = ops.Select()
 _zeros_like = ops.ZerosLike()
 _cast = ops.Cast()
 _isfinite = ops.IsFinite()
+_depend = ops.Depend()
+
+
+def rows_after(tensor, start: int, stop: int, previous):
+    """`tensor[start:stop]`, sliced only once `previous` (the last chunk's result) exists. The Depend goes on
+    the slice's input: on its output it would order the use of the slice but let GRAPH mode make every
+    chunk's slice up front (measured: all chunks' temporaries alive at once)."""
+    if previous is not None:
+        tensor = _depend(tensor, previous)
+    return tensor[start:stop]
 
 
 # A core's per-token result is a plain tuple with these positions, each (N,) float32 unless said:
@@ -54,6 +64,7 @@ class VocabShard(nn.Cell):
         self.logits_grad = kernels.logits_grad
         self.scratch_logits_grad = kernels.scratch_logits_grad
         self.accumulate = kernels.accumulate
+        self.scale = kernels.scale
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None
@@ -146,9 +157,11 @@ class VocabParallelCrossEntropy(VocabShard):
             local = self.local_row_stats(logits, target, self.weight, spec)
         else:
             parts = []
+            previous = None
             for start, stop in bounds:
-                rows_of = logits[start:stop] if not parts else ops.depend(logits[start:stop], parts[-1])
-                parts.append(self.local_row_stats(rows_of, target[start:stop], self.weight, spec))
+                previous = self.local_row_stats(rows_after(logits, start, stop, previous), target[start:stop],
+                                                self.weight, spec)
+                parts.append(previous)
             local = ops.concat(parts, 0)
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         return self.finish(local, gathered, rank_widths, active, local_vocab)
@@ -163,11 +176,15 @@ class VocabParallelCrossEntropy(VocabShard):
         if len(bounds) == 1:
             grad = self.logits_grad(logits, target, self.weight, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
+            # each chunk's gradient is written into its rows of one buffer (a concatenation would hold
+            # the chunks and the result together: 2x the logits)
             parts = []
+            previous = None
             for start, stop in bounds:
-                rows_of = logits[start:stop] if not parts else ops.depend(logits[start:stop], parts[-1])
-                parts.append(self.logits_grad(rows_of, target[start:stop], self.weight, spec,
-                                              out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
-                                              (a[start:stop], b[start:stop], q[start:stop])))
+                previous = self.logits_grad(rows_after(logits, start, stop, previous), target[start:stop],
+                                                    self.weight, spec, out[ROW_MAX][start:stop],
+                                                    out[LOG_SUM_EXP][start:stop],
+                                                    (a[start:stop], b[start:stop], q[start:stop]))
+                parts.append(previous)
             grad = ops.concat(parts, 0)
         return grad, _zeros_like(target), _zeros_like(active)

@@ -37,22 +37,32 @@ class Backend:
     """The two per-shard steps of one implementation (signatures of `shard_math`).
 
     `scratch_logits_grad` is the gradient of logits that nobody reads afterwards (the fused head's chunk
-    logits), and `accumulate(total, part)` is `total + part` for a running total nobody else reads: both
-    written over their first input where the backend can (fused), new tensors otherwise."""
+    logits), and `accumulate(total, part, row_offset=0)` adds `part` to the rows of a running total nobody else
+    reads from `row_offset` on, and `scale(total, factor)` multiplies such a total by a scalar tensor: all
+    written over their first input where the backend can (fused, whose accumulate also takes a part of fewer
+    rows), new tensors otherwise (composed: whole tensors only)."""
 
     name: str
     local_row_stats: Callable
     logits_grad: Callable
     scratch_logits_grad: Callable
     accumulate: Callable
+    scale: Callable
     inplace: bool = False
 
 
-def _add(total, part):
+def _add(total, part, row_offset: int = 0):
+    if row_offset != 0 or part.shape != total.shape:
+        raise ValueError("the composed backend accumulates whole tensors only (row_offset=0, equal shapes)")
     return total + part
 
 
-COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad, _add)
+def _multiply(total, factor):
+    return total * factor
+
+
+COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad, _add,
+                   _multiply)
 
 
 def device_target() -> str:
@@ -70,7 +80,7 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, fused.accumulate, inplace=bool(inplace))
+                   fused.logits_grad_inplace, fused.accumulate, fused.scale, inplace=bool(inplace))
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

@@ -12,8 +12,9 @@ Threads: all CPUs of the process's affinity mask, or `$MF_LOSS_NUM_THREADS`. Ins
 Accuracy: the kernel's exp and tanh are within 1-2 ulp of the exact functions (probabilities below
 FLT_MIN, exp(x) for x < -87.3, are flushed to 0, as MindSpore's Exp does) and its sums are taken in
 double; MindSpore's CPU `Exp` is within about 3e-6 (relative, near 0; growing about 1e-6 per unit of |x|)
-and its `Tanh` within 1e-4 for |x| in [3, 9], so the composed path, not this one, sets the size of the
-differences between the two (tests/test_fused_kernels.py measures both against float64).
+(the composed softcap makes tanh from `Expm1`: MindSpore's CPU `Tanh` is off by 1e-4 for |x| in [3, 9]), so
+the composed path, not this one, sets the size of the differences between the two
+(tests/test_fused_kernels.py measures both against float64).
 
 bfloat16 and float16 logits are passed to the kernels as they are (ops.Custom aot accepts them on CPU),
 converted in registers, and the gradient is rounded back to nearest-even exactly as MindSpore's Cast does.
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover - other MindSpore layouts
         return False
 
 __all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "load", "local_row_stats", "logits_grad",
-           "logits_grad_inplace"]
+           "logits_grad_inplace", "scale"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -75,7 +76,8 @@ class FusedKernels:
     row_stats_5: ops.Custom       # (N, 5) statistics (label smoothing)
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
-    accumulate: ops.Custom        # total += part over total; returns the same kind of token
+    accumulate: ops.Custom        # total[offset:] += part over total; returns the same kind of token
+    scale: ops.Custom             # total *= factor over total; returns the same kind of token
 
 
 _lock = threading.Lock()
@@ -98,7 +100,8 @@ def load() -> FusedKernels:
                                         row_stats_5=custom("mf_row_stats5", _stats_shape_5, _float32),
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
-                                        accumulate=custom("mf_accumulate_inplace", _token_shape, _int64))
+                                        accumulate=custom("mf_accumulate_inplace", _token_shape, _int64),
+                                        scale=custom("mf_scale_inplace", _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -157,12 +160,25 @@ def _written_in_place(target, token) -> bool:
     return int(token.asnumpy()[0]) == target.data_ptr()
 
 
-def accumulate(total, part):
-    """`total + part`, written over `total` (float32, contiguous, not read by anything else afterwards)."""
-    token = _kernels.accumulate(total, part)
+def accumulate(total, part, row_offset: int = 0):
+    """`total` with `part` added to its rows from `row_offset` on, written over `total` (float32, contiguous,
+    not read by anything else afterwards)."""
+    offset = ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
+    token = _kernels.accumulate(total, part, offset)
     if _written_in_place(total, token):
         return _depend(total, token)
-    return total + part  # pragma: no cover - a fresh matmul output is never handed over as a copy
+    # pragma: no cover - a fresh matmul output or ZerosLike is never handed over as a copy
+    stop = row_offset + part.shape[0]
+    return ops.concat((total[:row_offset], total[row_offset:stop] + part, total[stop:]), 0)
+
+
+def scale(total, factor):
+    """`total * factor` (factor a float32 scalar tensor), written over `total` (float32, contiguous, not read
+    by anything else afterwards)."""
+    token = _kernels.scale(total, factor.reshape(1))
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    return total * factor  # pragma: no cover - as in accumulate
 
 
 def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):

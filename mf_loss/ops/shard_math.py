@@ -38,8 +38,9 @@ _zeros_like = ops.ZerosLike()
 _ones_like = ops.OnesLike()
 _exp = ops.Exp()
 _log = ops.Log()
-_tanh = ops.Tanh()
+_expm1 = ops.Expm1()
 _cast = ops.Cast()
+_depend = ops.Depend()
 _isfinite = ops.IsFinite()
 _stack = ops.Stack(-1)
 _gather_d = ops.GatherD()
@@ -69,12 +70,36 @@ def num_stat_columns(label_smoothing: float) -> int:
     return 5 if label_smoothing > 0 else 4
 
 
+def per_row(column, like):
+    """The (N,) `column` as `like`'s (N, Vl) shape. Broadcasting is spelled out because MindSpore 2.10's CPU
+    kernels for an implicitly broadcast binary op ((N, Vl) - (N, 1)) keep a workspace of about 4x their
+    output for the rest of a GRAPH-mode run (measured: 5x the logits for one subtraction, and per chunk, so
+    chunking did not help); an explicit BroadcastTo is an ordinary output, freed after its last use. It is
+    made after `like` (a Depend): depending on `like`'s static shape only, GRAPH mode would otherwise make
+    every chunk's broadcast before the first chunk starts."""
+    return ops.broadcast_to(_depend(column, like).reshape(-1, 1), like.shape)
+
+
+def per_class(weight, like):
+    """The (Vl,) class weights as `like`'s (N, Vl) shape (see `per_row`)."""
+    return ops.broadcast_to(_depend(weight, like).reshape(1, -1), like.shape)
+
+
+def tanh(u):
+    """tanh in float32 to within 1.5e-7 (absolute) from expm1: MindSpore 2.10's CPU `Tanh` is off by up to
+    1e-4 for |u| in [3, 9] (measured against float64), which the softcap's gradient factor 1 - tanh^2
+    (about 1e-7 to 1e-2 there) cannot absorb."""
+    m = _expm1(-2.0 * ops.abs(u))
+    magnitude = -m / (2.0 + m)
+    return _select(u < 0, -magnitude, magnitude)
+
+
 def softcapped(logits, softcap):
     """The logits in float32, through `softcap * tanh(x / softcap)` when a cap is set."""
     x = _cast(logits, ms.float32)
     if softcap is None:
         return x
-    return softcap * _tanh(x / softcap)
+    return softcap * tanh(x / softcap)
 
 
 def owned_target(label, vocab_start: int, local_vocab: int):
@@ -95,7 +120,7 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
     # A slice that is all -inf is legal (the row's mass lives on another rank): re-base it at 0 so that
     # its shares stay 0 instead of NaN. +inf and NaN stay as they are and surface as non-finite.
     row_max = _select(row_max == float("-inf"), _zeros_like(row_max), row_max)
-    shifted = x - row_max.reshape(-1, 1)
+    shifted = x - per_row(row_max, x)
     columns = [row_max, _exp(shifted).sum(axis=-1)]
     if not is_probability_target(target):
         owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
@@ -106,10 +131,10 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
     else:
         weighted_target = _cast(target, ms.float32)
         if weight is not None:
-            weighted_target = weighted_target * weight
+            weighted_target = weighted_target * per_class(weight, x)
         columns += [(weighted_target * shifted).sum(axis=-1), weighted_target.sum(axis=-1)]
     if spec.label_smoothing > 0:
-        columns.append((shifted if weight is None else shifted * weight).sum(axis=-1))
+        columns.append((shifted if weight is None else shifted * per_class(weight, x)).sum(axis=-1))
     return _stack(columns)
 
 
@@ -166,21 +191,22 @@ def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, c
     a, b, q = coefficients
     softcap = spec.logit_softcap
     x = softcapped(logits, softcap)
-    probs = _exp((x - row_max.reshape(-1, 1)) - log_sum_exp.reshape(-1, 1))
-    grad = probs * a.reshape(-1, 1)
+    probs = _exp((x - per_row(row_max, x)) - per_row(log_sum_exp, x))
+    grad = probs * per_row(a, x)
     if spec.label_smoothing > 0:
-        grad = grad - (b.reshape(-1, 1) if weight is None else b.reshape(-1, 1) * weight)
+        smoothing_term = per_row(b, x)
+        grad = grad - (smoothing_term if weight is None else smoothing_term * per_class(weight, x))
     if not is_probability_target(target):
         owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
         at_target = q if weight is None else q * ops.gather(weight, index, 0)
         at_target = _select(owned, -at_target, _zeros_like(at_target))
         grad = _scatter_add(grad, index.reshape(-1, 1), at_target.reshape(-1, 1))
     else:
-        target_term = q.reshape(-1, 1) * _cast(target, ms.float32)
-        grad = grad - (target_term if weight is None else target_term * weight)
+        target_term = per_row(q, x) * _cast(target, ms.float32)
+        grad = grad - (target_term if weight is None else target_term * per_class(weight, x))
     if softcap is not None:
         grad = grad * (1.0 - (x / softcap) * (x / softcap))
-    live = ops.logical_or(ops.logical_or(a != 0, b != 0), q != 0).reshape(-1, 1)
-    grad = _select(ops.broadcast_to(live, grad.shape), grad, _zeros_like(grad))
+    live = ops.logical_or(ops.logical_or(a != 0, b != 0), q != 0)
+    grad = _select(per_row(live, grad), grad, _zeros_like(grad))
     return _cast(grad, logits.dtype)
 
