@@ -6,4 +6,4 @@ python="$(bash "$root/scripts/env.sh")"
 cd "$root"
 # msrun starts workers with the first `python` on PATH: the venv's.
 export PATH="$(dirname "$python"):$PATH"
-exec "$python" -m pytest -q "$@"
+exec "$python" -m pytest -q --durations=25 "$@"

@@ -9,7 +9,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from mindspore.common.api import _pynative_executor
+
 from .. import functional as F
+from ..ops.backends import run_in_jit
 from ..options import class_weight_array
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
@@ -24,6 +27,14 @@ _cast = ops.Cast()
 _stop = ops.stop_gradient
 
 GRAD_MODES = ("auto", "forward", "recompute")
+
+
+def _eager_without_grad() -> bool:
+    """True for a PYNATIVE call that nothing differentiates (an evaluation loop); False in GRAPH mode, where
+    the compiler drops whatever the outputs do not need."""
+    if run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
+        return False
+    return not _pynative_executor.requires_grad()
 
 
 def _validate_linear_call(hidden, head_weight, label, input_mask=None):
@@ -43,7 +54,8 @@ class LinearCrossEntropyLoss(LossCell):
             whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
         grad_mode: "forward" makes the gradient in the forward (3 matmuls; one exchange per chunk when
             mp > 1), "recompute" makes the chunk logits again in the backward (4 matmuls; one exchange),
-            "auto" is "forward" except for reduction="none", which needs "recompute".
+            "auto" is "forward" except for reduction="none", which needs "recompute". A PYNATIVE call that
+            nothing differentiates makes only the statistics, whatever the mode.
     Inputs:
         hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
         head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
@@ -83,11 +95,15 @@ class LinearCrossEntropyLoss(LossCell):
         weights = class_weight_array(weight)
         # every rank looks up the weight of any class for the denominator, which needs no logits
         self.class_weight = None if weights is None else Tensor(weights)
-        core = GradInForward if self.grad_mode == "forward" else GradByRecompute
-        self.core = core(self.layout, weight=weights, label_smoothing=self.options.label_smoothing,
+        core_args = dict(weight=weights, label_smoothing=self.options.label_smoothing,
                          z_loss_weight=self.options.z_loss_weight, logit_softcap=self.options.logit_softcap,
                          backend=self.options.backend, chunk_size=chunk_size,
                          complete_hidden_grad=bool(complete_hidden_grad))
+        self.core = (GradInForward if self.grad_mode == "forward" else GradByRecompute)(self.layout, **core_args)
+        # a PYNATIVE call that nothing differentiates makes the statistics only (its backward, were there one,
+        # would recompute): the forward-mode core would make a gradient nobody reads
+        self.statistics_core = (GradByRecompute(self.layout, **core_args) if self.grad_mode == "forward"
+                                else self.core)
 
     @property
     def backend(self):
@@ -133,12 +149,14 @@ class LinearCrossEntropyLoss(LossCell):
         # a counted label outside [0, V) makes the loss NaN, never a silently wrong number
         row_scale = F.out_of_range_nan(_select(counted, row_scale, _zeros_like(row_scale)),
                                        ops.logical_and(counted, outside))
-        out = self.core(hidden, head_weight, target, row_scale, counted)
+        gradient_in_forward = self.grad_mode == "forward" and not _eager_without_grad()
+        core = self.core if gradient_in_forward else self.statistics_core
+        out = core(hidden, head_weight, target, row_scale, counted)
         rows_out = out[1:7]
         loss = F.out_of_range_nan(rows_out[TOKEN_LOSS], ops.logical_and(counted, outside))
         token_loss = _select(counted, loss * mask, _zeros_like(loss))
         loss, denominator, z_loss = self.finish(token_loss, denominator, rows_out, counted, mask, leading_shape)
-        if self.grad_mode == "forward":
+        if gradient_in_forward:
             # the core's objective carries the gradient: the same value, reduced as asked
             objective = out[OBJECTIVE]
             if self.reduction == "mean" and not self.per_token:

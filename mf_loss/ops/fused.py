@@ -28,13 +28,8 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..kernels.build import FusedKernelUnavailable, build
+from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
-
-try:  # True while MindSpore compiles a graph (GRAPH mode, ms.jit), False when running eagerly
-    from mindspore.graph.api import _run_in_jit
-except ImportError:  # pragma: no cover - other MindSpore layouts
-    def _run_in_jit():
-        return False
 
 __all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "load", "local_row_stats", "logits_grad",
            "logits_grad_inplace", "scale"]
@@ -155,7 +150,7 @@ def _written_in_place(target, token) -> bool:
     """Whether the kernel wrote `target`'s own buffer. Always in GRAPH mode / ms.jit, where `target` is then
     ordered after the kernel by the caller's Depend; in PYNATIVE MindSpore hands a view (a reshape, a slice)
     to a kernel as a private copy, so the kernel reports the address it wrote."""
-    if _run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
+    if run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
         return True
     return int(token.asnumpy()[0]) == target.data_ptr()
 
