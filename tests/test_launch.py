@@ -74,10 +74,10 @@ def test_a_job_past_its_timeout_is_stopped_whole(tmp_path, monkeypatch):
     """msrun runs its workers in sessions of their own: stopping msrun's process group alone would leave them."""
     monkeypatch.setenv("MF_LOSS_TEST_NODE", "0")
     processes = JobProcesses()
-    result = launch(WORKER, ["nodes_forever", tmp_path], workers=2, log_dir=tmp_path / "logs", timeout=60,
+    result = launch(WORKER, ["nodes_forever", tmp_path], workers=2, log_dir=tmp_path / "logs", timeout=40,
                     quiet=True)
     assert result.returncode == 124, result.message
-    assert result.message.startswith(f"msrun job {WORKER} timed out after 60 s and was killed"), result.message
+    assert result.message.startswith(f"msrun job {WORKER} timed out after 40 s and was killed"), result.message
     assert "--- rank 0 (" in result.message and "--- rank 1 (" in result.message
     assert processes.left_running() == []
     assert processes.started(str(WORKER)) >= 2  # the workers did run (msrun's scheduler runs it too)
