@@ -65,8 +65,8 @@ def test_shipped_configs_load_and_are_trainable(name, world):
 
 
 def test_mindformers_style_config_reads_its_blocks():
-    # its vocab_size (80, a character model's) is below what a byte-level BPE needs: overridden here
-    config = load_config(CONFIGS / "mindformers_tiny_lm.yaml", ["model.model_config.vocab_size=8192"])
+    config = load_config(CONFIGS / "mindformers_tiny_lm.yaml")
+    assert config["model"]["model_config"]["vocab_size"] == 8192
     p = config.parallel
     assert (p["data_parallel"], p["model_parallel"], p["pipeline_stage"], p["micro_batch_num"]) == (2, 2, 1, 2)
     assert p["vocab_emb_dp"] is False and p["use_seq_parallel"] is False
