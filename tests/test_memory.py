@@ -5,8 +5,8 @@ beyond the gradients of hidden and head_weight), in multiples of the size the fl
 What is asserted is structure, not a machine's speed: the composed CrossEntropyLoss goes through its rows in
 chunks (it held ~19x the logits in GRAPH mode before MindSpore's broadcast workspaces and slice ordering were
 dealt with, 12x in PYNATIVE), and the fused lm head never holds the logits, nor a whole (V, H) share of its
-weight gradient per chunk where that share is larger than the chunk's logits. The bounds leave room for the allocator's rounding;
-the measured values are in the comments and in docs/bench/.
+weight gradient per chunk where that share is larger than the chunk's logits. The bounds leave room for the
+allocator's rounding; the measured values are in the comments and in docs/bench/.
 """
 import json
 import subprocess

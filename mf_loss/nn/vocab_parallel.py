@@ -176,15 +176,14 @@ class VocabParallelCrossEntropy(VocabShard):
         if len(bounds) == 1:
             grad = self.logits_grad(logits, target, self.weight, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
-            # each chunk's gradient is written into its rows of one buffer (a concatenation would hold
-            # the chunks and the result together: 2x the logits)
+            # the chunks' gradients and their concatenation make the peak (2x the logits): writing each chunk
+            # into a preallocated buffer (slice assignment) measured 2.2x the logits and 4x slower in GRAPH mode
             parts = []
             previous = None
             for start, stop in bounds:
                 previous = self.logits_grad(rows_after(logits, start, stop, previous), target[start:stop],
-                                                    self.weight, spec, out[ROW_MAX][start:stop],
-                                                    out[LOG_SUM_EXP][start:stop],
-                                                    (a[start:stop], b[start:stop], q[start:stop]))
+                                            self.weight, spec, out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
+                                            (a[start:stop], b[start:stop], q[start:stop]))
                 parts.append(previous)
             grad = ops.concat(parts, 0)
         return grad, _zeros_like(target), _zeros_like(active)
