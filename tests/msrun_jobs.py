@@ -44,8 +44,7 @@ class Jobs:
 
     def rank_results(self, layout: str, part: str):
         """(dp, mp, [(arrays, report)] for every rank) of `part` in the job of `layout`."""
-        if part not in self.parts:
-            self.parts.append(part)  # a test the selection did not announce: its part joins the next launch
+        assert part in self.parts, f"part {part!r} was not announced: its test module must set MSRUN_PART"
         if layout not in self.launched:
             dp, mp = LAYOUTS[layout]
             out = self.tmp_path_factory.mktemp(f"msrun_{layout}")

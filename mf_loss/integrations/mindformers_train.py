@@ -305,16 +305,15 @@ def build_training(config: RunConfig):
     return network, optimizer, lr_schedule
 
 
-def make_step_cell(network, optimizer, config: RunConfig, layout):
+def make_step_cell(network, optimizer, config: RunConfig, parallel, layout, head_names):
     """The training step of one rank (see the module's doc): `mf_loss.train.step.TrainStep` over the network's
-    (sum of token losses, counted tokens), the optimizer's parameters, the output layer split over the
-    model-parallel ranks."""
-    from ..parallel.config import ParallelConfig
-    from ..train.step import TrainStep, data_parallel_group
-    parallel = ParallelConfig(config.data_parallel, config.model_parallel)
+    (sum of token losses, counted tokens), the optimizer's parameters, the output layer (`head_names`) split
+    over the model-parallel ranks."""
+    from ..parallel.comm import data_parallel_group
+    from ..train.step import TrainStep
     return TrainStep(network, optimizer.parameters, optimizer, config.micro_batch_num,
                      data_parallel_group(parallel, layout.mp_rank), layout.group if config.model_parallel > 1 else None,
-                     split=network.head_parameter_names(), max_grad_norm=config.max_grad_norm)
+                     split=head_names, max_grad_norm=config.max_grad_norm)
 
 
 def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
@@ -332,13 +331,14 @@ def train_rank(config: RunConfig, run_dir, *, resume: bool = False) -> list:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     set_rank_context(config.graph_mode, config.world_size)
-    layout = rank_layout(ParallelConfig(config.data_parallel, config.model_parallel))
+    parallel = ParallelConfig(config.data_parallel, config.model_parallel)
+    layout = rank_layout(parallel)
     is_main = layout.rank == 0
     ids = corpus_ids(config.corpus)
     network, optimizer, lr_schedule = build_training(config)
-    step_cell = make_step_cell(network, optimizer, config, layout)
-    state = training_state(network.trainable_params(), optimizer)
     head_names = network.head_parameter_names()
+    step_cell = make_step_cell(network, optimizer, config, parallel, layout, head_names)
+    state = training_state(network.trainable_params(), optimizer)
 
     ckpt_dir = checkpoint_dir(run_dir)
     curve_path = run_dir / "loss.csv"

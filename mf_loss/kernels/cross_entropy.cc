@@ -402,6 +402,22 @@ void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
   for (auto &th : pool) th.join();
 }
 
+// Runs fn(i) for i in [0, n) on the row threads, in spans of 16k elements (the element-wise in-place ops).
+template <typename F>
+void parallel_elements(int64_t n, F &&fn) {
+  constexpr int64_t kSpan = 1 << 14;
+  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
+    const int64_t stop = std::min(n, e * kSpan);
+    for (int64_t i = b * kSpan; i < stop; ++i) fn(i);
+  });
+}
+
+// The (1,) int64 token of an in-place entry point: the address it wrote (PYNATIVE compares it with the
+// tensor's own; in GRAPH mode it orders the write before the tensor's next use).
+void write_address_token(void *token, const void *written) {
+  static_cast<int64_t *>(token)[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(written));
+}
+
 // ---- the forward: per-row statistics ----
 
 struct StatsArgs {
@@ -707,7 +723,7 @@ int logits_grad(const char *kernel, bool in_place, int nparam, void **params, in
   args.out = in_place ? params[0] : params[out];
   args.stream = stream_output(args.rows, args.vocab, logits_dtype);
   run_rows<GradArgs>(logits_dtype, args, logits_grad_rows<Half>, logits_grad_rows<BF16>, logits_grad_rows<float>);
-  if (in_place) static_cast<int64_t *>(params[out])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  if (in_place) write_address_token(params[out], params[0]);
   return 0;
 }
 
@@ -782,12 +798,8 @@ extern "C" int mf_accumulate_inplace(int nparam, void **params, int *ndims, int6
     return fail("mf_accumulate_inplace: the part does not fit in total at this offset");
   float *total = static_cast<float *>(params[0]) + offset;
   const float *part = static_cast<const float *>(params[1]);
-  constexpr int64_t kSpan = 1 << 14;  // elements per work item
-  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
-    const int64_t stop = std::min(n, e * kSpan);
-    for (int64_t i = b * kSpan; i < stop; ++i) total[i] += part[i];
-  });
-  static_cast<int64_t *>(params[3])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  parallel_elements(n, [&](int64_t i) { total[i] += part[i]; });
+  write_address_token(params[3], params[0]);
   return 0;
 }
 
@@ -804,12 +816,8 @@ extern "C" int mf_scale_inplace(int nparam, void **params, int *ndims, int64_t *
   const int64_t n = numel(ndims[0], shapes[0]);
   float *total = static_cast<float *>(params[0]);
   const float factor = static_cast<const float *>(params[1])[0];
-  constexpr int64_t kSpan = 1 << 14;  // elements per work item
-  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
-    const int64_t stop = std::min(n, e * kSpan);
-    for (int64_t i = b * kSpan; i < stop; ++i) total[i] *= factor;
-  });
-  static_cast<int64_t *>(params[2])[0] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[0]));
+  parallel_elements(n, [&](int64_t i) { total[i] *= factor; });
+  write_address_token(params[2], params[0]);
   return 0;
 }
 

@@ -8,8 +8,7 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, ops
-
-from mindspore.common.api import _pynative_executor
+from mindspore.graph.api import _pynative_executor
 
 from .. import functional as F
 from ..ops.backends import run_in_jit

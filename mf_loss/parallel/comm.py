@@ -63,6 +63,21 @@ def rank_layout(config: ParallelConfig) -> RankLayout:
     return RankLayout(rank=rank, dp_rank=dp_rank, mp_rank=mp_rank, mp_size=mp, group=group)
 
 
+def data_parallel_group(config: ParallelConfig, mp_rank: int):
+    """The group of ranks holding the same vocabulary slice (same model-parallel rank), for a training step's
+    gradient all-reduce; created once per process; None when data_parallel is 1."""
+    dp, mp = config.data_parallel, config.model_parallel
+    if dp == 1:
+        return None
+    if mp == 1:
+        return GlobalComm.WORLD_COMM_GROUP
+    group = f"mf_loss_dp{dp}_mp{mp_rank}"
+    if group not in _created_groups:
+        create_group(group, [d * mp + mp_rank for d in range(dp)])
+        _created_groups.add(group)
+    return group
+
+
 class RowStatsExchange(nn.Cell):
     """Gathers every model-parallel rank's per-row statistics: (N, K) here -> (mp, N, K) everywhere.
 

@@ -92,6 +92,15 @@ def save_step(state, ckpt_dir: Path, step: int, rank: int, world_size: int, info
             shutil.rmtree(old, ignore_errors=True)
 
 
+def step_info(path: Path):
+    """(step.json or latest.json contents, the step's directory) of a step_* directory, or of a checkpoints/
+    directory's latest step; (None, None) when `path` holds neither."""
+    if (path / STEP_INFO).exists():
+        return json.loads((path / STEP_INFO).read_text()), path
+    latest = read_latest(path)
+    return (latest, path / latest["dir"]) if latest is not None else (None, None)
+
+
 def resume_source(load_checkpoint: Optional[str], run_dir, data_parallel: int, model_parallel: int,
                   config_source: str):
     """(directory of the step to resume from, its step.json/latest.json): `load_checkpoint` (a run directory, its
@@ -100,14 +109,10 @@ def resume_source(load_checkpoint: Optional[str], run_dir, data_parallel: int, m
     source = Path(load_checkpoint) if load_checkpoint else checkpoint_dir(run_dir)
     if (source / "checkpoints").is_dir():
         source = source / "checkpoints"
-    if source.name.startswith("step_") and (source / STEP_INFO).exists():
-        latest, step_dir = json.loads((source / STEP_INFO).read_text()), source
-    else:
-        latest = read_latest(source)
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source} (no latest.json); train "
-                                    "without --resume first, or set load_checkpoint to a run directory")
-        step_dir = source / latest["dir"]
+    latest, step_dir = step_info(source)
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {source} (no latest.json); train "
+                                "without --resume first, or set load_checkpoint to a run directory")
     if (latest["data_parallel"], latest["model_parallel"]) != (data_parallel, model_parallel):
         raise ConfigError(f"{config_source}: --resume: the checkpoint in {step_dir} was written by data_parallel="
                           f"{latest['data_parallel']} x model_parallel={latest['model_parallel']}, but the config "
@@ -120,13 +125,9 @@ def load_full_weights(path) -> dict:
     replicated parameters from rank 0, the split ones concatenated over the model-parallel ranks of
     data-parallel rank 0."""
     path = Path(path)
-    if (path / STEP_INFO).exists():
-        info, directory = json.loads((path / STEP_INFO).read_text()), path
-    else:
-        info = read_latest(path)
-        if info is None:
-            raise FileNotFoundError(f"no checkpoint in {path} (neither latest.json nor {STEP_INFO})")
-        directory = path / info["dir"]
+    info, directory = step_info(path)
+    if info is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (neither latest.json nor {STEP_INFO})")
     missing = [key for key in ("model_parameters", "split_parameters", "model_parallel") if key not in info]
     if missing:
         raise ValueError(f"checkpoint {directory}: its step.json/latest.json has no {', '.join(missing)} (written "

@@ -45,6 +45,7 @@ def resumed_curve(path, start_step: int, step_dir) -> list:
     """The rows a run resumed at `start_step` from the checkpoint in `step_dir` keeps: its own loss.csv's up to
     there, or, when it resumes another run's checkpoint, that run's (<run>/checkpoints/step_*/)."""
     rows = [row for row in read_curve(path) if row["step"] <= start_step]
-    if len(rows) < start_step:
-        rows = [row for row in read_curve(Path(step_dir).parent.parent / "loss.csv") if row["step"] <= start_step]
+    source = Path(step_dir).parent.parent / "loss.csv"
+    if len(rows) < start_step and source.resolve() != Path(path).resolve():
+        rows = [row for row in read_curve(source) if row["step"] <= start_step]
     return rows

@@ -23,7 +23,6 @@ import psutil
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..parallel.config import ParallelConfig
 
 
 class TrainStep(nn.Cell):
@@ -108,21 +107,6 @@ def _runs(offsets, is_split) -> tuple:
             group.append((offsets[i], offsets[i + 1]))
         previous = split
     return tuple(runs[0]), tuple(runs[1])
-
-
-def data_parallel_group(parallel: ParallelConfig, mp_rank: int) -> Optional[str]:
-    """The group of ranks holding the same vocabulary slice (same model-parallel rank), created once; None when
-    data_parallel is 1."""
-    dp, mp = parallel.data_parallel, parallel.model_parallel
-    if dp == 1:
-        return None
-    if mp == 1:
-        from mindspore.communication import GlobalComm
-        return GlobalComm.WORLD_COMM_GROUP
-    from mindspore.communication import create_group
-    name = f"mf_train_dp{dp}_mp{mp_rank}"
-    create_group(name, [d * mp + mp_rank for d in range(dp)])
-    return name
 
 
 def barrier(world_size: int) -> None:

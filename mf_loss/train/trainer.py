@@ -34,7 +34,8 @@ from .curve import CurveWriter, resumed_curve
 from .data import BatchSpec, global_batch, rank_micro_batches
 from .model import HEAD, LlamaLM
 from .progress import EventLog, ProgressView
-from .step import StepRunner, TrainStep, barrier, data_parallel_group, set_rank_context
+from ..parallel.comm import data_parallel_group
+from .step import StepRunner, TrainStep, barrier, set_rank_context
 from .tokenizer import TokenizerSettings, prepare_corpus
 
 # For tests: "rank:step" makes that rank raise at the start of that step; "rank:step:nan" puts a NaN in
