@@ -402,14 +402,12 @@ void parallel_rows(int64_t rows, int64_t row_len, F &&fn) {
   for (auto &th : pool) th.join();
 }
 
-// Runs fn(i) for i in [0, n) on the row threads, in spans of 16k elements (the element-wise in-place ops).
+// Runs fn(begin, end) over [0, n) in spans of 16k elements on the row threads (the element-wise in-place ops;
+// each span's loop is over local restrict pointers, so that gcc vectorises it).
 template <typename F>
 void parallel_elements(int64_t n, F &&fn) {
   constexpr int64_t kSpan = 1 << 14;
-  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
-    const int64_t stop = std::min(n, e * kSpan);
-    for (int64_t i = b * kSpan; i < stop; ++i) fn(i);
-  });
+  parallel_rows((n + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) { fn(b * kSpan, std::min(n, e * kSpan)); });
 }
 
 // The (1,) int64 token of an in-place entry point: the address it wrote (PYNATIVE compares it with the
@@ -778,48 +776,224 @@ extern "C" int mf_row_stats5(int nparam, void **params, int *ndims, int64_t **sh
   return mf_row_stats(nparam, params, ndims, shapes, dtypes, stream, extra);
 }
 
-// total[offset : offset + size(part)] += part, in place over `total` (float32, flat view; offset in elements):
-// the fused head accumulates its weight gradient over row chunks and vocabulary tiles with it, so that no
-// second (V/mp, H) buffer (a sum) exists next to the running total, and a chunk's share is one tile of it.
-// The last parameter is a (1,) int64 token that receives the address written (PYNATIVE checks it; it
-// orders the write before the total's next use).
+namespace {
+
+// ---- the fused head's running weight gradient and weight tiles (element-wise, in place) ----
+//
+// The weight gradient is summed over row chunks and vocabulary tiles in place, so that no second (V/mp, H)
+// buffer exists next to the running total. A float32 total is a plain sum. A float16 / bfloat16 total (a
+// half-precision head weight, whose gradient comes back in its dtype) is summed with a compensation term
+// of the same dtype (`comp`): the pair (total, comp) holds the running float32 sum to about 16 (bfloat16)
+// or 22 (float16) significant bits, and `total` alone is always that sum rounded once to nearest, so the
+// gradient is what a float32 sum rounded at the end gives, at half the bytes of a float32 sum.
+// Every in-place entry point's last parameter is a (1,) int64 token that receives the address written
+// (PYNATIVE checks it; in GRAPH mode it orders the write before the buffer's next use).
+
+// The compensated pair's update of element i: `sum` (float32) into (high = sum rounded, low = the rest
+// rounded). Half-precision elements as their raw bits (uint16_t arrays: the loops vectorise; through the
+// one-member structs gcc vectorised them at a third of the speed).
+template <typename T>
+inline void split_into(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, int64_t i, float sum) {
+  const uint16_t high = from_float<T>(sum).bits;
+  total[i] = high;
+  comp[i] = from_float<T>(sum - to_float(T{high})).bits;  // exact in float32: `high` is `sum` rounded
+}
+
+template <typename T>
+void add_span(T *__restrict__ total, const float *__restrict__ part, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) total[i] = from_float<T>(to_float(total[i]) + part[i]);
+}
+
+template <typename T>
+void add_compensated_span(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, const float *__restrict__ part,
+                          int64_t n) {
+  // total + comp is exact in float32 (|comp| <= half an ulp of total, both of 8 or 11 significant bits)
+  for (int64_t i = 0; i < n; ++i)
+    split_into<T>(total, comp, i, (to_float(T{total[i]}) + to_float(T{comp[i]})) + part[i]);
+}
+
+template <typename T>
+void scale_span(T *__restrict__ total, float factor, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) total[i] = from_float<T>(to_float(total[i]) * factor);
+}
+
+template <typename T>
+void scale_compensated_span(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, float factor, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    split_into<T>(total, comp, i, (to_float(T{total[i]}) + to_float(T{comp[i]})) * factor);
+}
+
+template <typename T>
+void accumulate_into(void *total_ptr, int64_t offset, const float *part, int64_t n) {
+  T *total = static_cast<T *>(total_ptr) + offset;
+  parallel_elements(n, [=](int64_t b, int64_t e) { add_span(total + b, part + b, e - b); });
+}
+
+template <typename T>
+void accumulate_compensated(void *total_ptr, void *comp_ptr, int64_t offset, const float *part, int64_t n) {
+  uint16_t *total = static_cast<uint16_t *>(total_ptr) + offset, *comp = static_cast<uint16_t *>(comp_ptr) + offset;
+  parallel_elements(n, [=](int64_t b, int64_t e) { add_compensated_span<T>(total + b, comp + b, part + b, e - b); });
+}
+
+template <typename T>
+void scale_by(void *total_ptr, float factor, int64_t n) {
+  T *total = static_cast<T *>(total_ptr);
+  parallel_elements(n, [=](int64_t b, int64_t e) { scale_span(total + b, factor, e - b); });
+}
+
+template <typename T>
+void scale_compensated(void *total_ptr, void *comp_ptr, float factor, int64_t n) {
+  uint16_t *total = static_cast<uint16_t *>(total_ptr), *comp = static_cast<uint16_t *>(comp_ptr);
+  parallel_elements(n, [=](int64_t b, int64_t e) { scale_compensated_span<T>(total + b, comp + b, factor, e - b); });
+}
+
+inline bool is_float_dtype(DType d) { return d == DType::kF32 || d == DType::kF16 || d == DType::kBF16; }
+
+inline bool is_token(int ndim, const int64_t *shape, const char *dtype) {
+  return std::strcmp(dtype, "int64") == 0 && numel(ndim, shape) == 1;
+}
+
+// params: total, [comp], part (float32), offset (1,) int64 elements, token. The compensated form needs a
+// half-precision total and a comp of its dtype and size.
+int accumulate_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims,
+                     int64_t **shapes, const char **dtypes) {
+  const int c = compensated ? 1 : 0;
+  const DType total_dtype = nparam == 4 + c ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 4 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
+      (compensated && (parse_dtype(dtypes[1]) != total_dtype || numel(ndims[1], shapes[1]) != numel(ndims[0], shapes[0]))) ||
+      parse_dtype(dtypes[1 + c]) != DType::kF32 || !is_token(ndims[2 + c], shapes[2 + c], dtypes[2 + c]) ||
+      !is_token(ndims[3 + c], shapes[3 + c], dtypes[3 + c]))
+    return fail_in(kernel, compensated ? "expects a float16/bfloat16 total, its compensation (same dtype and size), "
+                                         "a float32 part, (1,) int64 offset, (1,) int64 token"
+                                       : "expects a float total, a float32 part, (1,) int64 offset, (1,) int64 token");
+  const int64_t total_size = numel(ndims[0], shapes[0]);
+  const int64_t n = numel(ndims[1 + c], shapes[1 + c]);
+  const int64_t offset = static_cast<const int64_t *>(params[2 + c])[0];
+  if (offset < 0 || offset > total_size - n) return fail_in(kernel, "the part does not fit in total at this offset");
+  void *comp = compensated ? params[1] : nullptr;
+  const float *part = static_cast<const float *>(params[1 + c]);
+  if (total_dtype == DType::kF32) {
+    accumulate_into<float>(params[0], offset, part, n);
+  } else if (total_dtype == DType::kF16) {
+    comp ? accumulate_compensated<Half>(params[0], comp, offset, part, n)
+         : accumulate_into<Half>(params[0], offset, part, n);
+  } else {
+    comp ? accumulate_compensated<BF16>(params[0], comp, offset, part, n)
+         : accumulate_into<BF16>(params[0], offset, part, n);
+  }
+  write_address_token(params[3 + c], params[0]);
+  return 0;
+}
+
+// params: total, [comp], factor (1,) float32, token.
+int scale_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims, int64_t **shapes,
+                const char **dtypes) {
+  const int c = compensated ? 1 : 0;
+  const DType total_dtype = nparam == 3 + c ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 3 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
+      (compensated && (parse_dtype(dtypes[1]) != total_dtype || numel(ndims[1], shapes[1]) != numel(ndims[0], shapes[0]))) ||
+      parse_dtype(dtypes[1 + c]) != DType::kF32 || numel(ndims[1 + c], shapes[1 + c]) != 1 ||
+      !is_token(ndims[2 + c], shapes[2 + c], dtypes[2 + c]))
+    return fail_in(kernel, "expects a float total, [its compensation], (1,) float32 factor, (1,) int64 token");
+  const int64_t n = numel(ndims[0], shapes[0]);
+  const float factor = static_cast<const float *>(params[1 + c])[0];
+  void *comp = compensated ? params[1] : nullptr;
+  if (total_dtype == DType::kF32) {
+    scale_by<float>(params[0], factor, n);
+  } else if (total_dtype == DType::kF16) {
+    comp ? scale_compensated<Half>(params[0], comp, factor, n) : scale_by<Half>(params[0], factor, n);
+  } else {
+    comp ? scale_compensated<BF16>(params[0], comp, factor, n) : scale_by<BF16>(params[0], factor, n);
+  }
+  write_address_token(params[2 + c], params[0]);
+  return 0;
+}
+
+template <typename T>
+void rows_to_float(const void *matrix, const int64_t *row_ids, int64_t rows, int64_t cols, float *out) {
+  const T *src = static_cast<const T *>(matrix);
+  parallel_rows(rows, cols, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) load_block(src + row_ids[r] * cols, out + r * cols, cols);
+  });
+}
+
+}  // namespace
+
 extern "C" int mf_accumulate_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                      void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 4 || parse_dtype(dtypes[0]) != DType::kF32 || parse_dtype(dtypes[1]) != DType::kF32 ||
-      std::strcmp(dtypes[2], "int64") != 0 || numel(ndims[2], shapes[2]) != 1 ||
-      std::strcmp(dtypes[3], "int64") != 0 || numel(ndims[3], shapes[3]) != 1)
-    return fail("mf_accumulate_inplace: expects float32 total, float32 part, (1,) int64 offset, (1,) int64 token");
-  const int64_t total_size = numel(ndims[0], shapes[0]);
-  const int64_t n = numel(ndims[1], shapes[1]);
-  const int64_t offset = static_cast<const int64_t *>(params[2])[0];
-  if (offset < 0 || offset > total_size - n)
-    return fail("mf_accumulate_inplace: the part does not fit in total at this offset");
-  float *total = static_cast<float *>(params[0]) + offset;
-  const float *part = static_cast<const float *>(params[1]);
-  parallel_elements(n, [&](int64_t i) { total[i] += part[i]; });
-  write_address_token(params[3], params[0]);
-  return 0;
+  return accumulate_entry("mf_accumulate_inplace", false, nparam, params, ndims, shapes, dtypes);
 }
 
-// total *= factor[0], in place over `total` (float32): the fused head's weight gradient, made in the forward
-// for an upstream gradient of 1, is scaled by the real one in the backward without a second (V/mp, H)
-// buffer. The token output is total's address, as above.
+extern "C" int mf_accumulate_compensated(int nparam, void **params, int *ndims, int64_t **shapes,
+                                         const char **dtypes, void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return accumulate_entry("mf_accumulate_compensated", true, nparam, params, ndims, shapes, dtypes);
+}
+
+// total *= factor[0] in place (and its compensation): the fused head's weight gradient, made in the forward
+// for an upstream gradient of 1, is scaled by the real one in the backward without a second buffer.
 extern "C" int mf_scale_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 3 || parse_dtype(dtypes[0]) != DType::kF32 || parse_dtype(dtypes[1]) != DType::kF32 ||
-      numel(ndims[1], shapes[1]) != 1 || std::strcmp(dtypes[2], "int64") != 0 || numel(ndims[2], shapes[2]) != 1)
-    return fail("mf_scale_inplace: expects float32 total, (1,) float32 factor, (1,) int64 token");
-  const int64_t n = numel(ndims[0], shapes[0]);
-  float *total = static_cast<float *>(params[0]);
-  const float factor = static_cast<const float *>(params[1])[0];
-  parallel_elements(n, [&](int64_t i) { total[i] *= factor; });
-  write_address_token(params[2], params[0]);
+  return scale_entry("mf_scale_inplace", false, nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int mf_scale_compensated(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return scale_entry("mf_scale_compensated", true, nparam, params, ndims, shapes, dtypes);
+}
+
+// out (R, H) float32 = matrix[row_ids] (matrix (V, H) float32 / float16 / bfloat16, row_ids (R,) int64 in
+// [0, V)): a vocabulary tile of a half-precision head weight in float32, for MindSpore's CPU matmul (which
+// takes no bfloat16) without a float32 copy of the whole weight.
+extern "C" int mf_rows_float32(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  const DType dtype = nparam == 3 ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 3 || !is_float_dtype(dtype) || ndims[0] != 2 || std::strcmp(dtypes[1], "int64") != 0 ||
+      ndims[1] != 1 || parse_dtype(dtypes[2]) != DType::kF32 || ndims[2] != 2 || shapes[2][0] != shapes[1][0] ||
+      shapes[2][1] != shapes[0][1])
+    return fail("mf_rows_float32: expects matrix (V, H) float, row_ids (R,) int64, output (R, H) float32");
+  const int64_t rows = shapes[1][0], cols = shapes[0][1];
+  const int64_t *row_ids = static_cast<const int64_t *>(params[1]);
+  for (int64_t r = 0; r < rows; ++r)
+    if (row_ids[r] < 0 || row_ids[r] >= shapes[0][0]) return fail("mf_rows_float32: a row id is outside [0, V)");
+  float *out = static_cast<float *>(params[2]);
+  if (dtype == DType::kF32) {
+    rows_to_float<float>(params[0], row_ids, rows, cols, out);
+  } else if (dtype == DType::kF16) {
+    rows_to_float<Half>(params[0], row_ids, rows, cols, out);
+  } else {
+    rows_to_float<BF16>(params[0], row_ids, rows, cols, out);
+  }
+  return 0;
+}
+
+// out = zeros with params[0]'s number of elements (params[0] is not read; the output's dtype is the
+// operator's: float32, float16 or bfloat16): a fresh buffer for a running sum that is then written in place.
+// A constant (ops.zeros) would be folded by GRAPH mode into one buffer that keeps its sum from call to call.
+extern "C" int mf_zeros(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  (void)stream;
+  (void)extra;
+  const DType dtype = nparam == 2 ? parse_dtype(dtypes[1]) : DType::kOther;
+  if (nparam != 2 || !is_float_dtype(dtype) || numel(ndims[0], shapes[0]) != numel(ndims[1], shapes[1]))
+    return fail("mf_zeros: the output must be float and as large as the input");
+  const int64_t bytes = numel(ndims[1], shapes[1]) * (dtype == DType::kF32 ? 4 : 2);
+  char *out = static_cast<char *>(params[1]);
+  constexpr int64_t kSpan = 1 << 16;
+  parallel_rows((bytes + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
+    std::memset(out + b * kSpan, 0, std::min(bytes, e * kSpan) - b * kSpan);
+  });
   return 0;
 }
 
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 4; }
+extern "C" int mf_kernel_abi_version() { return 5; }

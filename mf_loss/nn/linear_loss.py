@@ -15,7 +15,7 @@ from ..ops.backends import run_in_jit
 from ..options import class_weight_array
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
-from .linear_vocab_parallel import OBJECTIVE, GradByRecompute, GradInForward
+from .linear_vocab_parallel import OBJECTIVE, WEIGHT_GRAD_SUMS, GradByRecompute, GradInForward
 from .loss import LOSS_ARGS, LossCell
 from .semi_auto import parallel_mode_is_semi_auto
 from .vocab_parallel import TOKEN_LOSS
@@ -55,6 +55,11 @@ class LinearCrossEntropyLoss(LossCell):
             mp > 1), "recompute" makes the chunk logits again in the backward (4 matmuls; one exchange),
             "auto" is "forward" except for reduction="none", which needs "recompute". A PYNATIVE call that
             nothing differentiates makes only the statistics, whatever the mode.
+        weight_grad_sum: how a float16 / bfloat16 head_weight's gradient is summed over the chunks (fused
+            backend; a float32 weight's is a float32 sum): "compensated" (default) in the weight's dtype with
+            a compensation buffer of that dtype (2 bytes per weight element beyond the gradient), which gives
+            the float32 sum rounded once; "plain" in the weight's dtype alone (no extra memory; each chunk's
+            share is rounded as it is added, as Liger's and Cut Cross-Entropy's defaults do).
     Inputs:
         hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
         head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
@@ -69,12 +74,13 @@ class LinearCrossEntropyLoss(LossCell):
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
                  logit_softcap=None, empty_mean="zero", backend="auto", chunk_size=None,
-                 complete_hidden_grad=True, grad_mode="auto", **kwargs):
+                 complete_hidden_grad=True, grad_mode="auto", weight_grad_sum="compensated", **kwargs):
         if parallel_mode_is_semi_auto():
             raise ValueError("LinearCrossEntropyLoss runs in the explicit vocab-parallel mode (parallel_mode="
                              "'stand_alone' under msrun), not in semi_auto/auto parallel mode")
         super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
-                         known_args=LOSS_ARGS + ("chunk_size", "complete_hidden_grad", "grad_mode"), kwargs=kwargs,
+                         known_args=LOSS_ARGS + ("chunk_size", "complete_hidden_grad", "grad_mode", "weight_grad_sum"),
+                         kwargs=kwargs,
                          ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
                          backend=backend)
@@ -84,6 +90,9 @@ class LinearCrossEntropyLoss(LossCell):
             raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
         if not isinstance(complete_hidden_grad, (bool, np.bool_)):
             raise TypeError(f"complete_hidden_grad must be a bool, got {complete_hidden_grad!r}")
+        if weight_grad_sum not in WEIGHT_GRAD_SUMS:
+            raise ValueError(f"weight_grad_sum must be one of {', '.join(map(repr, WEIGHT_GRAD_SUMS))}, got "
+                             f"{weight_grad_sum!r}")
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {', '.join(map(repr, GRAD_MODES))}, got {grad_mode!r}")
         unreduced = self.reduction == "none" and not self.per_token
@@ -97,7 +106,7 @@ class LinearCrossEntropyLoss(LossCell):
         core_args = dict(weight=weights, label_smoothing=self.options.label_smoothing,
                          z_loss_weight=self.options.z_loss_weight, logit_softcap=self.options.logit_softcap,
                          backend=self.options.backend, chunk_size=chunk_size,
-                         complete_hidden_grad=bool(complete_hidden_grad))
+                         complete_hidden_grad=bool(complete_hidden_grad), weight_grad_sum=weight_grad_sum)
         self.core = (GradInForward if self.grad_mode == "forward" else GradByRecompute)(self.layout, **core_args)
         # a PYNATIVE call that nothing differentiates makes the statistics only (its backward, were there one,
         # would recompute): the forward-mode core would make a gradient nobody reads

@@ -39,18 +39,37 @@ _logits_of = ops.MatMul(transpose_b=True)   # (n, H) x (Vl, H)^T
 _hidden_grad_of = ops.MatMul()              # (n, Vl) x (Vl, H)
 _weight_grad_of = ops.MatMul(transpose_a=True)  # (n, Vl)^T x (n, H)
 # positions in a core's output: the objective, the per-token tuple of vocab_parallel, then (GradInForward) the
-# gradients made in the forward
-OBJECTIVE, HIDDEN_GRAD, WEIGHT_GRAD = 0, 7, 8
+# gradients made in the forward and the weight gradient's compensation buffer (empty unless half precision)
+OBJECTIVE, HIDDEN_GRAD, WEIGHT_GRAD, COMPENSATION = 0, 7, 8, 9
+
+
+WEIGHT_GRAD_SUMS = ("compensated", "plain")
 
 
 class LinearShard(VocabShard):
-    """What both gradient strategies share: chunking, the chunk logits, the chunk gradient."""
+    """What both gradient strategies share: chunking, the chunk logits, the chunk gradient.
 
-    def __init__(self, layout, *, chunk_size=None, complete_hidden_grad=True, **shard_options):
+    A half-precision head weight on the fused backend bigger than a chunk of logits in float32
+    (`chunking.half_weight_in_tiles`) is never copied to float32 whole (MindSpore's CPU matmul takes no
+    bfloat16, and at LLM shapes a float32 copy of the weight and of its gradient are several times the
+    bfloat16 logits): a chunk's logits are made one vocabulary tile at a time from that tile of the weight in
+    float32 (`rows_float32`), each tile's statistics by the per-shard step, merged as ranks' are
+    (`shard_math.merge_row_stats`); the weight gradient is summed in the weight's own dtype, tile by tile,
+    with a compensation buffer of that dtype by default (`weight_grad_sum`). A smaller one is copied whole
+    and treated as a float32 weight (faster; its gradient is the float32 sum rounded once)."""
+
+    def __init__(self, layout, *, chunk_size=None, complete_hidden_grad=True, weight_grad_sum="compensated",
+                 **shard_options):
         super().__init__(layout, **shard_options)
         self.chunk_size = chunk_size
         self.complete_hidden_grad = bool(complete_hidden_grad)
+        self.compensated = weight_grad_sum == "compensated"
         self.model_parallel_sum = ModelParallelSum(layout)
+
+    def weight_in_tiles(self, head_weight) -> bool:
+        """Whether the head weight is made float32 a vocabulary tile at a time (see the class docstring)."""
+        return (self.rows_float32 is not None and head_weight.dtype != ms.float32
+                and chunking.half_weight_in_tiles(head_weight.shape[0], head_weight.shape[1]))
 
     def chunk_rows(self, rows: int, local_vocab: int) -> int:
         if self.chunk_size is not None:
@@ -64,14 +83,73 @@ class LinearShard(VocabShard):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
     def operands(self, hidden, head_weight):
-        """(rows, V/mp, this slice's ShardSpec, hidden and head_weight in float32). One float32 copy of the
-        (N, H) input up front: small, and GRAPH mode on CPU slices no half-precision tensor."""
+        """(rows, V/mp, the first class of this rank's slice, hidden in float32, head_weight in float32 or None
+        when it is made float32 tile by tile). One float32 copy of the (N, H) input up front: small, and GRAPH
+        mode on CPU slices no half-precision tensor."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
-        return rows, local_vocab, self.spec(vocab_start), _float32(hidden), _float32(head_weight)
+        weight32 = None if self.weight_in_tiles(head_weight) else _float32(head_weight)
+        return rows, local_vocab, vocab_start, _float32(hidden), weight32
+
+    def tiles(self, head_weight, chunk_rows: int):
+        """The vocabulary tiles [(start, stop), ...] of a chunk's logits: one (the whole slice) unless the
+        weight is made float32 tile by tile."""
+        local_vocab = head_weight.shape[0]
+        if not self.weight_in_tiles(head_weight):
+            return [(0, local_vocab)]
+        return chunking.chunk_bounds(local_vocab,
+                                     chunking.vocab_tile_rows(local_vocab, head_weight.shape[1], chunk_rows))
+
+    def tile_weight32(self, head_weight, weight32, start: int, stop: int, previous):
+        """Rows [start, stop) of the head weight in float32, made once `previous` exists (one tile at a time)."""
+        if weight32 is not None:
+            return weight32
+        if previous is not None:
+            head_weight = _depend(head_weight, previous)
+        return self.rows_float32(head_weight, start, stop)
+
+    def tile_class_weight(self, start: int, stop: int, whole: bool):
+        if self.weight is None or whole:
+            return self.weight
+        return self.weight[start:stop]
+
+    def tile_weight_sums(self, tiles):
+        """(tiles,) float32: each tile's sum of class weights (its width when unweighted)."""
+        sums = []
+        for start, stop in tiles:
+            if self.weight is None:
+                sums.append(ops.fill(ms.float32, (), float(stop - start)))
+            else:
+                sums.append(self.weight[start:stop].sum())
+        return ops.stack(sums)
+
+    def chunk_logits(self, chunk, head_weight, weight32, tiles):
+        """The chunk's float32 logits again (the recomputing backward), a piece per tile, one tile at a time."""
+        pieces = []
+        previous = chunk
+        for start, stop in tiles:
+            previous = _logits_of(chunk, self.tile_weight32(head_weight, weight32, start, stop, previous))
+            pieces.append(previous)
+        return pieces
+
+    def chunk_stats(self, chunk, head_weight, weight32, target, tiles, vocab_start: int):
+        """(the chunk's float32 logits, one (rows, tile) piece per vocabulary tile; its local row statistics)."""
+        pieces = []
+        shares = []
+        previous = chunk  # the first tile's weight is made once the chunk is (else every chunk's at the start)
+        whole = len(tiles) == 1
+        for start, stop in tiles:
+            logits = _logits_of(chunk, self.tile_weight32(head_weight, weight32, start, stop, previous))
+            previous = self.local_row_stats(logits, target, self.tile_class_weight(start, stop, whole),
+                                            self.spec(vocab_start + start))
+            pieces.append(logits)
+            shares.append(previous)
+        if whole:
+            return pieces, shares[0]
+        return pieces, shard_math.merge_row_stats(ops.stack(shares), self.tile_weight_sums(tiles))
 
     def weight_tiles(self, local_vocab: int, hidden_size: int, chunk_rows: int):
-        """Row ranges of the weight gradient that one chunk adds at a time (`chunking.weight_tile_rows`):
+        """Row ranges of a float32 weight's gradient that one chunk adds at a time (`chunking.weight_tile_rows`):
         the fused backend adds into its running sum in place, tile by tile, so that a chunk's (V/mp, H)
         share never exists whole (at 2048 x 128256 x 256 that share was 0.125x the logits, most of the
         head's peak); the composed one adds whole shares (it has no in-place sum)."""
@@ -79,29 +157,80 @@ class LinearShard(VocabShard):
             return [(0, local_vocab)]
         return chunking.chunk_bounds(local_vocab, chunking.weight_tile_rows(local_vocab, hidden_size, chunk_rows))
 
-    def chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients,
-                    weight_grad):
-        """(d hidden chunk, running weight gradient with this chunk's share added) from the chunk's logits,
-        which are consumed; `weight_grad` is None for the first chunk."""
+    def first_weight_grad(self, head_weight):
+        """The running weight-gradient sum before any chunk, a tuple: () for a float32 weight (the first
+        chunk's share becomes the sum); fresh zero buffers in a half-precision weight's dtype, (total,
+        compensation) or (total,)."""
+        if not self.weight_in_tiles(head_weight):
+            return ()
+        total = self.zeros(head_weight)
+        if not self.compensated:
+            return (total,)
+        return total, self.zeros(_depend(head_weight, total))
+
+    def add_share(self, weight_grad, share, row_offset: int):
+        if len(weight_grad) == 2:
+            return self.accumulate_compensated(weight_grad[0], weight_grad[1], share, row_offset)
+        return (self.accumulate(weight_grad[0], share, row_offset),)
+
+    def chunk_grads(self, pieces, chunk, head_weight, weight32, target, tiles, vocab_start: int, row_max,
+                    log_sum_exp, coefficients, weight_grad):
+        """(d hidden chunk, the running weight-gradient sum with this chunk's share added) from the chunk's
+        logits pieces, which are consumed."""
+        if weight32 is not None:
+            return self.whole_chunk_grads(pieces[0], chunk, weight32, target, self.spec(vocab_start), row_max,
+                                          log_sum_exp, coefficients, weight_grad)
+        # one tile at a time, strictly: its gradient (over its logits), its share added, then its float32 weight
+        # made for its hidden part; the next tile's gradient waits for that part (GRAPH mode otherwise runs
+        # the hidden matmuls, needed only at the chunk's end, last, with every tile's weight alive till then)
+        hidden_part = None
+        for index in range(len(tiles)):
+            start, stop = tiles[index]
+            logits = pieces[index] if hidden_part is None else _depend(pieces[index], hidden_part)
+            grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop, False),
+                                            self.spec(vocab_start + start), row_max, log_sum_exp, coefficients)
+            weight_grad = self.add_share(weight_grad, _weight_grad_of(grad, chunk), start)
+            part = _hidden_grad_of(grad, self.tile_weight32(head_weight, None, start, stop, weight_grad[0]))
+            hidden_part = part if hidden_part is None else hidden_part + part
+        return hidden_part, weight_grad
+
+    def whole_chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients,
+                          weight_grad):
+        """chunk_grads for a float32 weight: one piece of logits; the share is added in row tiles of the weight
+        gradient where it is bigger than the chunk's logits (`weight_tiles`)."""
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
         hidden_part = _hidden_grad_of(grad, weight32)
-        if weight_grad is None:
+        if not weight_grad:
             # the first chunk's share becomes the running sum: a fresh matmul output (a ZerosLike to add into
             # would be folded into a constant by GRAPH mode and keep its sum from one call to the next)
-            return hidden_part, _weight_grad_of(grad, hidden_chunk)
+            return hidden_part, (_weight_grad_of(grad, hidden_chunk),)
         tiles = self.weight_tiles(weight32.shape[0], weight32.shape[1], hidden_chunk.shape[0])
         if len(tiles) == 1:
-            return hidden_part, self.accumulate(weight_grad, _weight_grad_of(grad, hidden_chunk))
+            return hidden_part, self.add_share(weight_grad, _weight_grad_of(grad, hidden_chunk), 0)
         for start, stop in tiles:
             # each tile's columns are sliced after the previous tile is added: one tile share at a time
-            tile = _depend(grad, weight_grad)[:, start:stop]
-            weight_grad = self.accumulate(weight_grad, _weight_grad_of(tile, hidden_chunk), start)
+            tile = _depend(grad, weight_grad[0])[:, start:stop]
+            weight_grad = self.add_share(weight_grad, _weight_grad_of(tile, hidden_chunk), start)
         return hidden_part, weight_grad
+
+    def finish_weight_grad(self, weight_grad, head_weight):
+        if self.weight_in_tiles(head_weight):
+            return weight_grad[0]  # summed in its own dtype
+        return _in_dtype(weight_grad[0], head_weight.dtype)
 
     def finish_hidden_grad(self, hidden_grad, hidden):
         if self.complete_hidden_grad:
             hidden_grad = self.model_parallel_sum(hidden_grad)
         return _in_dtype(hidden_grad, hidden.dtype)
+
+
+def spent(weight_grad, hidden_parts):
+    """What the next chunk is sliced after: the previous chunk's share of both gradients. Its hidden part too:
+    that matmul is needed only at the end, and GRAPH mode put it off to a later chunk, keeping this chunk's
+    logits (the gradient written over them) alive meanwhile (measured: two chunks' logits at once)."""
+    if not hidden_parts:
+        return None
+    return _depend(weight_grad[0], hidden_parts[-1])
 
 
 def _in_dtype(tensor, dtype):
@@ -113,19 +242,18 @@ def _float32(tensor):
     return _in_dtype(tensor, ms.float32)
 
 
-
-
 class GradByRecompute(LinearShard):
     """construct(hidden (N, H), head_weight (Vl, H), target (N,) int32, row_scale (N,), active (N,) bool)
     -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
             chunk = rows_after(hidden32, start, stop, previous)
-            previous = self.local_row_stats(_logits_of(chunk, weight32), target[start:stop], self.weight, spec)
+            _, previous = self.chunk_stats(chunk, head_weight, weight32, target[start:stop],
+                                           self.tiles(head_weight, stop - start), vocab_start)
             parts.append(previous)
         local = (ops.concat(parts, 0) if parts else
                  ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
@@ -134,66 +262,74 @@ class GradByRecompute(LinearShard):
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
-        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
         hidden_parts = []
-        weight_grad = None
+        weight_grad = self.first_weight_grad(head_weight)
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = rows_after(hidden32, start, stop, weight_grad)
-            logits = _logits_of(chunk, weight32)
+            chunk = rows_after(hidden32, start, stop, spent(weight_grad, hidden_parts))
+            tiles = self.tiles(head_weight, stop - start)
+            pieces = self.chunk_logits(chunk, head_weight, weight32, tiles)
             hidden_part, weight_grad = self.chunk_grads(
-                logits, chunk, weight32, target[start:stop], spec, row_max[start:stop], log_sum_exp[start:stop],
-                (a[start:stop], b[start:stop], q[start:stop]), weight_grad)
+                pieces, chunk, head_weight, weight32, target[start:stop], tiles, vocab_start, row_max[start:stop],
+                log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), weight_grad)
             hidden_parts.append(hidden_part)
         if not hidden_parts:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
                     _zeros_like(active))
         hidden_grad = self.finish_hidden_grad(ops.concat(hidden_parts, 0), hidden)
-        return (hidden_grad, _in_dtype(weight_grad, head_weight.dtype), _zeros_like(target), _zeros_like(row_scale),
-                _zeros_like(active))
+        return (hidden_grad, self.finish_weight_grad(weight_grad, head_weight), _zeros_like(target),
+                _zeros_like(row_scale), _zeros_like(active))
 
 
 class GradInForward(LinearShard):
     """construct(hidden, head_weight, target, row_scale, active) -> (objective, the per-token tuple of
-    `vocab_parallel`, hidden_grad, weight_grad): the gradient of `objective` is made in the forward."""
+    `vocab_parallel`, hidden_grad, weight_grad, compensation): the gradient of `objective` is made in the
+    forward (`compensation`: the half-precision weight gradient's compensation buffer, else empty)."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, spec, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
         pieces = []   # the per-token tuple of each chunk
         hidden_parts = []
-        weight_grad = None
+        weight_grad = self.first_weight_grad(head_weight)
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = rows_after(hidden32, start, stop, weight_grad)
-            logits = _logits_of(chunk, weight32)
-            local = self.local_row_stats(logits, target[start:stop], self.weight, spec)
+            chunk = rows_after(hidden32, start, stop, spent(weight_grad, hidden_parts))
+            tiles = self.tiles(head_weight, stop - start)
+            logits, local = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], tiles, vocab_start)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
                                              row_scale[start:stop], local_vocab)
-            hidden_part, weight_grad = self.chunk_grads(logits, chunk, weight32, target[start:stop], spec,
-                                                        piece[ROW_MAX], piece[LOG_SUM_EXP], coefficients,
-                                                        weight_grad)
+            hidden_part, weight_grad = self.chunk_grads(logits, chunk, head_weight, weight32, target[start:stop],
+                                                        tiles, vocab_start, piece[ROW_MAX], piece[LOG_SUM_EXP],
+                                                        coefficients, weight_grad)
             pieces.append(piece)
             hidden_parts.append(hidden_part)
         if not pieces:  # no rows: nothing to exchange, every output empty or zero
             empty = ops.zeros((0,), ms.float32)
             widths = ops.fill(ms.float32, (self.mp_size,), float(local_vocab))
             return (empty.sum(), empty, empty, empty, empty, empty, widths, ops.zeros(hidden.shape, ms.float32),
-                    ops.zeros(head_weight.shape, ms.float32))
+                    ops.zeros(head_weight.shape, ms.float32), empty)
         token_loss = ops.concat([piece[TOKEN_LOSS] for piece in pieces], 0)
         return ((row_scale * token_loss).sum(), token_loss,
                 ops.concat([piece[ROW_MAX] for piece in pieces], 0),
                 ops.concat([piece[LOG_SUM_EXP] for piece in pieces], 0),
                 ops.concat([piece[TARGET_MASS] for piece in pieces], 0),
                 ops.concat([piece[LOCAL_NONFINITE] for piece in pieces], 0),
-                pieces[0][RANK_WIDTHS], ops.concat(hidden_parts, 0), weight_grad)
+                pieces[0][RANK_WIDTHS], ops.concat(hidden_parts, 0), weight_grad[0],
+                weight_grad[1] if len(weight_grad) == 2 else ops.zeros((0,), ms.float32))
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
         # the gradients were made for an upstream gradient of 1; scaled over their own buffers (the weight
         # gradient is (V/mp, H): a scaled copy next to it was 0.125x the logits at 2048 x 128256 x 256)
         upstream = dout[0]
         hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
-        weight_grad = _in_dtype(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
+        if not self.weight_in_tiles(head_weight):
+            weight_grad = _in_dtype(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
+        elif self.compensated:  # summed in the weight's own dtype
+            weight_grad = self.scale_compensated(out[WEIGHT_GRAD], out[COMPENSATION], upstream)
+        else:
+            weight_grad = self.scale(out[WEIGHT_GRAD], upstream)
         return hidden_grad, weight_grad, _zeros_like(target), _zeros_like(row_scale), _zeros_like(active)

@@ -60,11 +60,16 @@ class VocabShard(nn.Cell):
         kernels = backends.select(backend, inplace=inplace)
         self.backend = kernels.name
         self.inplace = kernels.inplace
+        self.device_target = backends.device_target()
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
         self.scratch_logits_grad = kernels.scratch_logits_grad
         self.accumulate = kernels.accumulate
         self.scale = kernels.scale
+        self.rows_float32 = kernels.rows_float32
+        self.zeros = kernels.zeros
+        self.accumulate_compensated = kernels.accumulate_compensated
+        self.scale_compensated = kernels.scale_compensated
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None
@@ -138,9 +143,9 @@ class VocabParallelCrossEntropy(VocabShard):
 
     def bounds(self, logits):
         rows, local_vocab = logits.shape
-        # the fused kernels need no chunks; half-precision logits are not chunked either, as MindSpore's CPU
-        # slicing has no half-precision kernel in GRAPH mode
-        if self.backend == "fused" or logits.dtype != ms.float32:
+        # the fused kernels need no chunks; half-precision logits on CPU are not chunked either, as MindSpore's
+        # CPU slicing has no half-precision kernel in GRAPH mode (Ascend's has)
+        if self.backend == "fused" or (logits.dtype != ms.float32 and self.device_target == "CPU"):
             return [(0, rows)]
         chunk = self.chunk_size
         if chunk is None:

@@ -21,7 +21,7 @@ stays right). When "auto" falls back to composed, the in-place request is droppe
 """
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import mindspore as ms
 
@@ -47,7 +47,13 @@ class Backend:
     logits), and `accumulate(total, part, row_offset=0)` adds `part` to the rows of a running total nobody else
     reads from `row_offset` on, and `scale(total, factor)` multiplies such a total by a scalar tensor: all
     written over their first input where the backend can (fused, whose accumulate also takes a part of fewer
-    rows), new tensors otherwise (composed: whole tensors only)."""
+    rows), new tensors otherwise (composed: whole tensors only).
+
+    The fused head's steps for a half-precision head weight, None where the backend has none (the head then
+    casts the whole weight to float32): `rows_float32(matrix, start, stop)`, a vocabulary tile of the weight in
+    float32; `zeros(like)`, a fresh buffer for a running sum; `accumulate_compensated(total, compensation,
+    part, row_offset)` and `scale_compensated(total, compensation, factor)`, a half-precision running sum
+    that keeps what rounding each addition loses (`mf_loss.ops.fused`)."""
 
     name: str
     local_row_stats: Callable
@@ -56,6 +62,10 @@ class Backend:
     accumulate: Callable
     scale: Callable
     inplace: bool = False
+    rows_float32: Optional[Callable] = None
+    zeros: Optional[Callable] = None
+    accumulate_compensated: Optional[Callable] = None
+    scale_compensated: Optional[Callable] = None
 
 
 def _add(total, part, row_offset: int = 0):
@@ -87,7 +97,9 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, fused.accumulate, fused.scale, inplace=bool(inplace))
+                   fused.logits_grad_inplace, fused.accumulate, fused.scale, inplace=bool(inplace),
+                   rows_float32=fused.rows_float32, zeros=fused.zeros,
+                   accumulate_compensated=fused.accumulate_compensated, scale_compensated=fused.scale_compensated)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

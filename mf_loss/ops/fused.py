@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import mindspore as ms
 from mindspore import Tensor, ops
 
@@ -31,8 +33,9 @@ from ..kernels.build import FusedKernelUnavailable, build
 from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "load", "local_row_stats", "logits_grad",
-           "logits_grad_inplace", "scale"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_compensated", "load",
+           "local_row_stats", "logits_grad", "logits_grad_inplace", "rows_float32", "scale", "scale_compensated",
+           "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -62,6 +65,10 @@ def _token_shape(*shapes):
     return (1,)
 
 
+def _rows_shape(matrix_shape, row_ids_shape):
+    return (row_ids_shape[0], matrix_shape[1])
+
+
 @dataclass(frozen=True)
 class FusedKernels:
     """The loaded library and its four operators (one per entry point of the C++ source)."""
@@ -72,7 +79,11 @@ class FusedKernels:
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
     accumulate: ops.Custom        # total[offset:] += part over total; returns the same kind of token
+    accumulate_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
     scale: ops.Custom             # total *= factor over total; returns the same kind of token
+    scale_compensated: ops.Custom  # the same over a (total, compensation) pair
+    rows_float32: ops.Custom      # matrix[row_ids] in float32
+    zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
 
 
 _lock = threading.Lock()
@@ -96,7 +107,12 @@ def load() -> FusedKernels:
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
                                         accumulate=custom("mf_accumulate_inplace", _token_shape, _int64),
-                                        scale=custom("mf_scale_inplace", _token_shape, _int64))
+                                        accumulate_compensated=custom("mf_accumulate_compensated", _token_shape,
+                                                                      _int64),
+                                        scale=custom("mf_scale_inplace", _token_shape, _int64),
+                                        scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
+                                        rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
+                                        zeros=custom("mf_zeros", _same_as_logits, _same_as_logits))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -155,25 +171,68 @@ def _written_in_place(target, token) -> bool:
     return int(token.asnumpy()[0]) == target.data_ptr()
 
 
+def _row_offset(total, row_offset: int):
+    return ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
+
+
+def _split(exact, dtype):
+    """(high, low) in `dtype` with high = exact rounded and low = the rest rounded: the kernels' pair."""
+    high = _cast(exact, dtype)
+    return high, _cast(exact - _cast(high, ms.float32), dtype)
+
+
 def accumulate(total, part, row_offset: int = 0):
-    """`total` with `part` added to its rows from `row_offset` on, written over `total` (float32, contiguous,
-    not read by anything else afterwards)."""
-    offset = ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
-    token = _kernels.accumulate(total, part, offset)
+    """`total` with `part` (float32) added to its rows from `row_offset` on, written over `total` (float32,
+    float16 or bfloat16, contiguous, not read by anything else afterwards; a half-precision total rounds
+    each sum: `accumulate_compensated` keeps what it loses)."""
+    token = _kernels.accumulate(total, part, _row_offset(total, row_offset))
     if _written_in_place(total, token):
         return _depend(total, token)
-    # pragma: no cover - a fresh matmul output or ZerosLike is never handed over as a copy
+    # pragma: no cover - a fresh matmul output or `zeros` is never handed over as a copy
     stop = row_offset + part.shape[0]
     return ops.concat((total[:row_offset], total[row_offset:stop] + part, total[stop:]), 0)
 
 
+def accumulate_compensated(total, compensation, part, row_offset: int = 0):
+    """(total, compensation) with `part` (float32) added from row `row_offset` on, over both buffers: a
+    half-precision running sum whose `total` is always the float32 sum rounded once (kernel source)."""
+    token = _kernels.accumulate_compensated(total, compensation, part, _row_offset(total, row_offset))
+    if _written_in_place(total, token):
+        return _depend(total, token), _depend(compensation, token)
+    # pragma: no cover - the running sums are fresh buffers (`zeros`), never handed over as copies
+    stop = row_offset + part.shape[0]
+    exact = _cast(total, ms.float32) + _cast(compensation, ms.float32)
+    return _split(ops.concat((exact[:row_offset], exact[row_offset:stop] + part, exact[stop:]), 0), total.dtype)
+
+
 def scale(total, factor):
-    """`total * factor` (factor a float32 scalar tensor), written over `total` (float32, contiguous, not read
-    by anything else afterwards)."""
+    """`total * factor` (factor a float32 scalar tensor), written over `total` (float32, float16 or
+    bfloat16, contiguous, not read by anything else afterwards)."""
     token = _kernels.scale(total, factor.reshape(1))
     if _written_in_place(total, token):
         return _depend(total, token)
     return total * factor  # pragma: no cover - as in accumulate
+
+
+def scale_compensated(total, compensation, factor):
+    """`(total + compensation) * factor` rounded once to total's dtype, written over `total` (the
+    compensation is spent)."""
+    token = _kernels.scale_compensated(total, compensation, factor.reshape(1))
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    # pragma: no cover - as in accumulate_compensated
+    return _split((_cast(total, ms.float32) + _cast(compensation, ms.float32)) * factor, total.dtype)[0]
+
+
+def rows_float32(matrix, start: int, stop: int):
+    """`matrix[start:stop]` in float32 (matrix (V, H) float32, float16 or bfloat16): MindSpore's CPU slicing
+    and matmul take no bfloat16 in GRAPH mode, and a float32 copy of the whole matrix is what this avoids."""
+    return _kernels.rows_float32(matrix, Tensor(np.arange(start, stop, dtype=np.int64)))
+
+
+def zeros(like):
+    """A fresh zero tensor shaped and typed like `like`, to be written in place (a constant would be shared)."""
+    return _kernels.zeros(like)
 
 
 def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):

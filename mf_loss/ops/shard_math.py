@@ -138,6 +138,22 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
     return _stack(columns)
 
 
+def merge_row_stats(shares, weight_sums):
+    """One share (N, K) of the columns above from the shares (S, N, K) of S adjacent slices (the fused head's
+    vocabulary tiles): each re-based from its own max to the largest, as `combine_row_stats` does for ranks.
+    `weight_sums` (S,) float32: each slice's sum of class weights (its width when unweighted)."""
+    slice_max = shares[:, :, ROW_MAX]
+    row_max = slice_max.max(axis=0)
+    rebase = slice_max - row_max  # (S, N), <= 0; exact when the maxima are close
+    mass = shares[:, :, TARGET_MASS]
+    columns = [row_max, (shares[:, :, SUM_EXP] * _exp(rebase)).sum(axis=0),
+               (shares[:, :, TARGET_DOT] + _select(mass == 0, _zeros_like(rebase), mass * rebase)).sum(axis=0),
+               mass.sum(axis=0)]
+    if shares.shape[-1] > SMOOTH_DOT:
+        columns.append((shares[:, :, SMOOTH_DOT] + weight_sums.reshape(-1, 1) * rebase).sum(axis=0))
+    return _stack(columns)
+
+
 def combine_row_stats(gathered, rank_weight_sums):
     """Finish the row statistics from every rank's share, identically on every rank.
 
@@ -146,18 +162,11 @@ def combine_row_stats(gathered, rank_weight_sums):
     log_sum_exp (log of sum exp(x - row_max)), target_shifted (sum_c w_c t_c (x_c - row_max)),
     target_mass, and smooth_shifted (sum_c w_c (x_c - row_max)) with label smoothing.
     """
-    rank_max = gathered[:, :, ROW_MAX]
-    row_max = rank_max.max(axis=0)
-    rebase = rank_max - row_max  # (mp, N), <= 0; exact when the maxima are close
-    stats = {
-        "row_max": row_max,
-        "log_sum_exp": _log((gathered[:, :, SUM_EXP] * _exp(rebase)).sum(axis=0)),
-        "target_mass": gathered[:, :, TARGET_MASS].sum(axis=0),
-    }
-    target_rebase = _select(gathered[:, :, TARGET_MASS] == 0, _zeros_like(rebase), gathered[:, :, TARGET_MASS] * rebase)
-    stats["target_shifted"] = (gathered[:, :, TARGET_DOT] + target_rebase).sum(axis=0)
+    merged = merge_row_stats(gathered, rank_weight_sums)
+    stats = {"row_max": merged[:, ROW_MAX], "log_sum_exp": _log(merged[:, SUM_EXP]),
+             "target_mass": merged[:, TARGET_MASS], "target_shifted": merged[:, TARGET_DOT]}
     if gathered.shape[-1] > SMOOTH_DOT:
-        stats["smooth_shifted"] = (gathered[:, :, SMOOTH_DOT] + rank_weight_sums.reshape(-1, 1) * rebase).sum(axis=0)
+        stats["smooth_shifted"] = merged[:, SMOOTH_DOT]
     return stats
 
 

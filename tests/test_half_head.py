@@ -1,0 +1,170 @@
+"""The fused head with a float16 / bfloat16 head weight: no float32 copy of the weight or of its gradient.
+
+The weight is made float32 one vocabulary tile at a time (`chunking.vocab_tile_rows`; here for any size of
+weight, and MIN_TILE_BYTES is lowered so that a small shape has several tiles), each tile's statistics merged as ranks' are, and the
+weight gradient is summed in the weight's dtype: with a compensation buffer ("compensated", the default) it is
+the float32 sum rounded once; "plain" rounds every addition. Checked against float64 NumPy on the rounded
+inputs, with class weights, label smoothing, z-loss and a softcap (the merge of tiles uses all four), an
+upstream gradient other than 1, in both modes and both gradient strategies, twice in a row on one cell (the
+running sums are fresh buffers each call).
+
+Tolerances: the loss at 2e-6 relative (float32 maths on rounded inputs). A gradient element is right when it
+is within one unit in the last place of the dtype of the exact value (the float32 result rounded once is
+within half of one, plus float32 matmul noise), or within 1e-5 of the gradient's largest element (float32
+noise on elements near 0, and float16's subnormals below 6.1e-5, where a unit is 2^-24 and a compensation
+term cannot be kept).
+"""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from mf_loss import LinearCrossEntropyLoss
+from mf_loss.ops import chunking
+from cases import MS_DTYPES, class_weights, linear_inputs, rounded
+from reference import numpy_cross_entropy
+
+pytestmark = pytest.mark.kernel
+ROWS, HIDDEN, VOCAB, CHUNK = 37, 16, 203, 10
+UPSTREAM = 3.0
+OPTIONS = dict(weight=class_weights(VOCAB), label_smoothing=0.1, z_loss_weight=1e-3, logit_softcap=8.0)
+SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
+SMALLEST_SPACING = {"bfloat16": 2.0 ** -133, "float16": 2.0 ** -24}
+
+
+def spacing(exact, dtype):
+    """The distance between neighbouring values of `dtype` around each exact value (its unit in the last place)."""
+    exponent = np.floor(np.log2(np.maximum(np.abs(exact), 1e-300)))
+    return np.maximum(2.0 ** (exponent - SIGNIFICAND_BITS[dtype] + 1), SMALLEST_SPACING[dtype])
+
+
+def round_to(values, dtype):
+    return Tensor(np.asarray(values, np.float32)).astype(MS_DTYPES[dtype]).astype(ms.float32).asnumpy().astype(
+        np.float64)
+
+
+def assert_within_one_unit(got, exact, dtype, what):
+    floor = 1e-5 * np.abs(exact).max()
+    error = np.abs(got - exact)
+    bad = (error > spacing(exact, dtype)) & (error > floor)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off by more than a unit of {dtype}; "
+                           f"worst {error.max():.3g} at {np.unravel_index(error.argmax(), error.shape)}")
+
+
+class ScaledLoss(nn.Cell):
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def construct(self, hidden, head_weight, label, mask):
+        return self.loss(hidden, head_weight, label, mask) * UPSTREAM
+
+
+def half_inputs(dtype):
+    h, w, label, mask = linear_inputs(np.random.default_rng(5), (ROWS,), HIDDEN, VOCAB, scale=4.0, mask="float")
+    return rounded(h, dtype), rounded(w, dtype), label.astype(np.int32), mask
+
+
+def reference(h, w, label, mask):
+    """UPSTREAM * the loss, and its gradients w.r.t. hidden and head_weight, in float64."""
+    h64, w64 = h.astype(np.float64), w.astype(np.float64)
+    outputs, grad, _ = numpy_cross_entropy(h64 @ w64.T, label, mask, **OPTIONS)
+    return UPSTREAM * outputs[0], UPSTREAM * grad @ w64, UPSTREAM * grad.T @ h64
+
+
+def run_twice(mode, grad_mode, dtype, weight_grad_sum):
+    """[(loss, d hidden, d head_weight) in float64] of two calls of one jitted/eager step."""
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        h, w, label, mask = half_inputs(dtype)
+        loss = LinearCrossEntropyLoss(chunk_size=CHUNK, grad_mode=grad_mode, backend="fused",
+                                      weight_grad_sum=weight_grad_sum, **OPTIONS)
+        step = ms.value_and_grad(ScaledLoss(loss), grad_position=(0, 1))
+        if mode == "graph":
+            step = ms.jit(step)
+        results = []
+        for _ in range(2):
+            value, (hidden_grad, weight_grad) = step(Tensor(h).astype(MS_DTYPES[dtype]),
+                                                     Tensor(w).astype(MS_DTYPES[dtype]), Tensor(label), Tensor(mask))
+            assert hidden_grad.dtype == MS_DTYPES[dtype] and weight_grad.dtype == MS_DTYPES[dtype]
+            results.append(tuple(x.astype(ms.float32).asnumpy().astype(np.float64)
+                                 for x in (value, hidden_grad, weight_grad)))
+        return results, reference(h, w, label, mask)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(chunking, "MAX_WEIGHT_COPY_BYTES", 0)  # tiles for any size of weight
+    monkeypatch.setattr(chunking, "MIN_TILE_BYTES", 256)
+    tiles = chunking.chunk_bounds(VOCAB, chunking.vocab_tile_rows(VOCAB, HIDDEN, CHUNK))
+    assert len(tiles) > 2 and tiles[-1][1] - tiles[-1][0] != tiles[0][1] - tiles[0][0]  # a shorter last tile
+
+
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compensated_gradient_is_the_exact_one_rounded(dtype, mode, grad_mode):
+    results, (expected_loss, expected_hidden, expected_weight) = run_twice(mode, grad_mode, dtype, "compensated")
+    for call, (value, hidden_grad, weight_grad) in enumerate(results):
+        what = f"{dtype} {mode}/{grad_mode}, call {call + 1}"
+        np.testing.assert_allclose(value, expected_loss, rtol=2e-6, err_msg=what)
+        assert_within_one_unit(hidden_grad, expected_hidden, dtype, f"{what}: d hidden")
+        assert_within_one_unit(weight_grad, expected_weight, dtype, f"{what}: d head_weight")
+    if dtype == "bfloat16":  # bfloat16 has float32's range: nearly every element is the exact value rounded
+        exactly_rounded = np.mean(results[0][2] == round_to(expected_weight, dtype))
+        assert exactly_rounded > 0.99, exactly_rounded
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_plain_sum_rounds_each_addition(mode):
+    """"plain" keeps no compensation: still close (a few units), measurably less exact than "compensated"."""
+    plain, (_, _, expected_weight) = run_twice(mode, "recompute", "bfloat16", "plain")
+    compensated, _ = run_twice(mode, "recompute", "bfloat16", "compensated")
+    exact = round_to(expected_weight, "bfloat16")
+    chunks = len(chunking.chunk_bounds(ROWS, CHUNK))
+    scale = np.abs(expected_weight).max()
+    assert np.all(np.abs(plain[0][2] - expected_weight) <= chunks * spacing(scale, "bfloat16"))
+    assert np.mean(plain[0][2] == exact) < np.mean(compensated[0][2] == exact)
+    np.testing.assert_array_equal(plain[0][1], compensated[0][1])  # d hidden does not depend on the option
+
+
+# ---- the kernels of the running sum, alone (PYNATIVE) ----
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compensated_running_sum_kernels(dtype):
+    """50 float32 parts of mixed signs and scales added into rows of a half-precision sum: "compensated" is the
+    float64 sum rounded once (within one unit where float32 itself rounds); then scaled by 3 the same way;
+    "plain" is further off; rows outside the parts stay 0; rows_float32 is the rows' exact float32 values."""
+    from mf_loss.ops import fused
+    fused.load()
+    rng = np.random.default_rng(11)
+    shape, rows = (64, 48), 40
+    parts = [(rng.standard_normal((rows, shape[1])) * 10.0 ** rng.integers(-3, 2)).astype(np.float32)
+             for _ in range(50)]
+    offsets = rng.integers(0, shape[0] - rows + 1, len(parts))
+    like = Tensor(np.zeros(shape, np.float32)).astype(MS_DTYPES[dtype])
+    total, compensation = fused.zeros(like), fused.zeros(like)
+    plain = fused.zeros(like)
+    exact = np.zeros(shape)
+    for part, offset in zip(parts, offsets):
+        total, compensation = fused.accumulate_compensated(total, compensation, Tensor(part), int(offset))
+        plain = fused.accumulate(plain, Tensor(part), int(offset))
+        exact[offset:offset + rows] += part
+    got = total.astype(ms.float32).asnumpy().astype(np.float64)
+    assert_within_one_unit(got, exact, dtype, "compensated sum")
+    assert np.mean(got == round_to(exact, dtype)) > 0.99
+    got_plain = plain.astype(ms.float32).asnumpy().astype(np.float64)
+    assert np.mean(got_plain == round_to(exact, dtype)) < np.mean(got == round_to(exact, dtype))
+    scaled = fused.scale_compensated(total, compensation, Tensor(3.0, ms.float32))
+    assert_within_one_unit(scaled.astype(ms.float32).asnumpy().astype(np.float64), 3 * exact, dtype, "scaled sum")
+    untouched = np.ones(shape[0], bool)
+    for offset in offsets:
+        untouched[offset:offset + rows] = False
+    assert not got[untouched].any()
+    matrix = Tensor(rng.standard_normal((30, 7)).astype(np.float32)).astype(MS_DTYPES[dtype])
+    tile = fused.rows_float32(matrix, 11, 23)
+    assert tile.dtype == ms.float32 and tile.shape == (12, 7)
+    np.testing.assert_array_equal(tile.asnumpy(), matrix.astype(ms.float32).asnumpy()[11:23])
