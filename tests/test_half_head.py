@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
 from mf_loss import LinearCrossEntropyLoss
 from mf_loss.ops import chunking
 from cases import MS_DTYPES, class_weights, linear_inputs, rounded
 from reference import numpy_cross_entropy
+from test_weight_tiles import UPSTREAM, ScaledLoss
 
 pytestmark = pytest.mark.kernel
 ROWS, HIDDEN, VOCAB, CHUNK = 37, 16, 203, 10
-UPSTREAM = 3.0
 OPTIONS = dict(weight=class_weights(VOCAB), label_smoothing=0.1, z_loss_weight=1e-3, logit_softcap=8.0)
 SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 SMALLEST_SPACING = {"bfloat16": 2.0 ** -133, "float16": 2.0 ** -24}
@@ -50,15 +50,6 @@ def assert_within_one_unit(got, exact, dtype, what):
     bad = (error > spacing(exact, dtype)) & (error > floor)
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.size} elements off by more than a unit of {dtype}; "
                            f"worst {error.max():.3g} at {np.unravel_index(error.argmax(), error.shape)}")
-
-
-class ScaledLoss(nn.Cell):
-    def __init__(self, loss):
-        super().__init__()
-        self.loss = loss
-
-    def construct(self, hidden, head_weight, label, mask):
-        return self.loss(hidden, head_weight, label, mask) * UPSTREAM
 
 
 def half_inputs(dtype):
