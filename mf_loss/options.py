@@ -67,6 +67,12 @@ def class_weight_array(weight, num_classes_hint=None) -> Optional[np.ndarray]:
     return array
 
 
+def check_chunk_size(chunk_size) -> None:
+    """chunk_size: None (chosen from a memory budget) or a positive int of rows per chunk."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+
+
 def reject_typos(kwargs: dict, known, owner: str = "CrossEntropyLoss") -> list:
     """Raise on keyword arguments that look like misspellings of ours; return the others (ignored, as
     MindFormers passes model-level keys through to its losses)."""

@@ -1,7 +1,7 @@
 """The composed CrossEntropyLoss going through its rows in chunks (`VocabParallelCrossEntropy.bounds`), which
-its automatic budget only does at LLM shapes: here forced to 7-row chunks (the last one shorter) on small
-inputs, values and logits gradients against float64 NumPy for the options whose chunked code differs (class
-weights, smoothing, z-loss, softcap, probability targets, per-token and unreduced outputs), in both modes.
+its automatic budget only does at LLM shapes: here `chunk_size=7` (the last chunk shorter) on small inputs,
+values and logits gradients against float64 NumPy for the options whose chunked code differs (class weights,
+smoothing, z-loss, softcap, probability targets, per-token and unreduced outputs), in both modes.
 Half-precision logits are chunked where the device slices them (Ascend; CPU's GRAPH mode has no half-precision
 slice, so there they go whole): that branch is run in PYNATIVE with the device target set to "Ascend"."""
 import numpy as np
@@ -39,10 +39,9 @@ class Objective(nn.Cell):
 
 
 def chunked_loss(options, device_target="CPU"):
-    loss = CrossEntropyLoss(backend="composed", **options)
+    loss = CrossEntropyLoss(backend="composed", chunk_size=CHUNK, **options)
     for core in (loss.class_index_core, loss.probability_core):
-        core.chunk_size = CHUNK
-        core.device_target = device_target
+        core.device_target = device_target  # which device's slicing the chunk loop plans for
     return loss
 
 
@@ -93,3 +92,12 @@ def test_half_precision_logits_are_chunked_where_the_device_slices_them(dtype):
     half = Tensor(np.zeros((ROWS, VOCAB), np.float32)).astype(MS_DTYPES[dtype])
     assert loss.class_index_core.bounds(half) == [(0, ROWS)]  # CPU: whole
     check(OPTION_SETS["weights_smoothing_zloss"], dtype=dtype, device_target="Ascend")
+
+
+def test_chunk_size_is_checked_and_ignored_by_the_fused_kernels():
+    with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+        CrossEntropyLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+        CrossEntropyLoss(chunk_size=2.5)
+    fused = CrossEntropyLoss(backend="fused", chunk_size=CHUNK)
+    assert fused.class_index_core.bounds(Tensor(np.zeros((ROWS, VOCAB), np.float32))) == [(0, ROWS)]

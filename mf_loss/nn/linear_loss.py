@@ -12,7 +12,7 @@ from mindspore.graph.api import _pynative_executor
 
 from .. import functional as F
 from ..ops.backends import run_in_jit
-from ..options import class_weight_array
+from ..options import check_chunk_size, class_weight_array
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
 from .linear_vocab_parallel import OBJECTIVE, WEIGHT_GRAD_SUMS, GradByRecompute, GradInForward
@@ -85,9 +85,7 @@ class LinearCrossEntropyLoss(LossCell):
                          z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
                          backend=backend)
         self.return_z_loss = bool(return_z_loss)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         if not isinstance(complete_hidden_grad, (bool, np.bool_)):
             raise TypeError(f"complete_hidden_grad must be a bool, got {complete_hidden_grad!r}")
         if weight_grad_sum not in WEIGHT_GRAD_SUMS:

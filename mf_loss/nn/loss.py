@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .. import functional as F
-from ..options import LossOptions, class_weight_array, reject_typos
+from ..options import LossOptions, check_chunk_size, class_weight_array, reject_typos
 from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
@@ -146,6 +146,8 @@ class CrossEntropyLoss(LossCell):
         backend: "auto", "fused" (C++ kernel, CPU) or "composed" (MindSpore ops).
         inplace_backward: the backward writes the gradient over the logits' buffer (fused only): saves a
             logits-sized buffer, but the logits hold the gradient afterwards (see README, "In-place backward").
+        chunk_size: rows per chunk of the composed path (its temporaries are chunk-sized); None chooses it
+            from a memory budget (`mf_loss.ops.chunking`). The fused kernels read each row once and take none.
     Inputs:
         logits (N, V/mp) or (B, S, V/mp): this rank's vocabulary slice, float32/float16/bfloat16.
         label: (N,) or (B, S) int class ids in [0, V) or ignore_index; or float probabilities of logits' shape.
@@ -155,17 +157,19 @@ class CrossEntropyLoss(LossCell):
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
-                 logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, **kwargs):
+                 logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, chunk_size=None,
+                 **kwargs):
         # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
         semi_auto = parallel_mode_is_semi_auto()
         super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
-                         known_args=LOSS_ARGS + ("inplace_backward",), kwargs=kwargs,
+                         known_args=LOSS_ARGS + ("inplace_backward", "chunk_size"), kwargs=kwargs,
                          layout=RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="") if semi_auto else None,
                          ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
                          backend=backend, inplace_backward=inplace_backward)
         self.return_z_loss = bool(return_z_loss)
         self.semi_auto = semi_auto
+        check_chunk_size(chunk_size)
         options = self.options
         core_args = dict(weight=class_weight_array(weight), label_smoothing=options.label_smoothing,
                          z_loss_weight=options.z_loss_weight, logit_softcap=options.logit_softcap,
@@ -174,17 +178,18 @@ class CrossEntropyLoss(LossCell):
             if options.inplace_backward:
                 raise ValueError("inplace_backward=True is not supported in semi_auto/auto parallel mode (it uses "
                                  "MindSpore's own sharded ops); use the explicit vocab-parallel mode")
-            if weight is not None:
-                raise ValueError("weight is not supported in semi_auto/auto parallel mode yet; use the explicit "
-                                 "vocab-parallel mode (parallel_mode='stand_alone' under msrun)")
+            if weight is not None or chunk_size is not None:
+                raise ValueError(f"{'weight' if weight is not None else 'chunk_size'} is not supported in "
+                                 "semi_auto/auto parallel mode yet; use the explicit vocab-parallel mode "
+                                 "(parallel_mode='stand_alone' under msrun)")
             self.class_index_core = SemiAutoCrossEntropy(
                 self.parallel_config.data_parallel, self.parallel_config.model_parallel,
                 label_smoothing=options.label_smoothing, z_loss_weight=options.z_loss_weight,
                 logit_softcap=options.logit_softcap)
             self.probability_core = None
         else:
-            self.class_index_core = VocabParallelCrossEntropy(self.layout, **core_args)
-            self.probability_core = VocabParallelCrossEntropy(self.layout, **core_args)
+            self.class_index_core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, **core_args)
+            self.probability_core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, **core_args)
 
     def compute(self, logits, label, input_mask=None):
         probability_targets = F.check_logits_call(logits.shape, logits.dtype, label.shape, label.dtype,
