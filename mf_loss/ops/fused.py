@@ -71,7 +71,7 @@ def _rows_shape(matrix_shape, row_ids_shape):
 
 @dataclass(frozen=True)
 class FusedKernels:
-    """The loaded library and its four operators (one per entry point of the C++ source)."""
+    """The loaded library and its operators (one per entry point of the C++ source)."""
 
     library: Path
     row_stats_4: ops.Custom       # (N, 4) statistics
