@@ -986,12 +986,9 @@ extern "C" int mf_zeros(int nparam, void **params, int *ndims, int64_t **shapes,
   const DType dtype = nparam == 2 ? parse_dtype(dtypes[1]) : DType::kOther;
   if (nparam != 2 || !is_float_dtype(dtype) || numel(ndims[0], shapes[0]) != numel(ndims[1], shapes[1]))
     return fail("mf_zeros: the output must be float and as large as the input");
-  const int64_t bytes = numel(ndims[1], shapes[1]) * (dtype == DType::kF32 ? 4 : 2);
   char *out = static_cast<char *>(params[1]);
-  constexpr int64_t kSpan = 1 << 16;
-  parallel_rows((bytes + kSpan - 1) / kSpan, kSpan, [&](int64_t b, int64_t e) {
-    std::memset(out + b * kSpan, 0, std::min(bytes, e * kSpan) - b * kSpan);
-  });
+  parallel_elements(numel(ndims[1], shapes[1]) * (dtype == DType::kF32 ? 4 : 2),
+                    [=](int64_t b, int64_t e) { std::memset(out + b, 0, e - b); });
   return 0;
 }
 

@@ -108,8 +108,9 @@ class LinearShard(VocabShard):
             head_weight = _depend(head_weight, previous)
         return self.rows_float32(head_weight, start, stop)
 
-    def tile_class_weight(self, start: int, stop: int, whole: bool):
-        if self.weight is None or whole:
+    def tile_class_weight(self, start: int, stop: int):
+        """This rank's class weights of vocabulary rows [start, stop) (all of them, uncopied, for the whole slice)."""
+        if self.weight is None or (start == 0 and stop == self.weight.shape[0]):
             return self.weight
         return self.weight[start:stop]
 
@@ -124,7 +125,8 @@ class LinearShard(VocabShard):
         return ops.stack(sums)
 
     def chunk_logits(self, chunk, head_weight, weight32, tiles):
-        """The chunk's float32 logits again (the recomputing backward), a piece per tile, one tile at a time."""
+        """The chunk's float32 logits again (the recomputing backward), a piece per vocabulary tile, one tile's
+        float32 weight at a time (each made once the previous piece is: else GRAPH mode makes them all first)."""
         pieces = []
         previous = chunk
         for start, stop in tiles:
@@ -133,18 +135,19 @@ class LinearShard(VocabShard):
         return pieces
 
     def chunk_stats(self, chunk, head_weight, weight32, target, tiles, vocab_start: int):
-        """(the chunk's float32 logits, one (rows, tile) piece per vocabulary tile; its local row statistics)."""
+        """(the chunk's float32 logits, one (rows, tile) piece per vocabulary tile; its local row statistics).
+        Not `chunk_logits` then the statistics: each tile's weight is made after the previous tile's
+        statistics here, which measured 6 MiB less at 2048 x 32000 x 1024 bfloat16 (1.60x against 1.65x)."""
         pieces = []
         shares = []
         previous = chunk  # the first tile's weight is made once the chunk is (else every chunk's at the start)
-        whole = len(tiles) == 1
         for start, stop in tiles:
             logits = _logits_of(chunk, self.tile_weight32(head_weight, weight32, start, stop, previous))
-            previous = self.local_row_stats(logits, target, self.tile_class_weight(start, stop, whole),
+            previous = self.local_row_stats(logits, target, self.tile_class_weight(start, stop),
                                             self.spec(vocab_start + start))
             pieces.append(logits)
             shares.append(previous)
-        if whole:
+        if len(shares) == 1:
             return pieces, shares[0]
         return pieces, shard_math.merge_row_stats(ops.stack(shares), self.tile_weight_sums(tiles))
 
@@ -187,7 +190,7 @@ class LinearShard(VocabShard):
         for index in range(len(tiles)):
             start, stop = tiles[index]
             logits = pieces[index] if hidden_part is None else _depend(pieces[index], hidden_part)
-            grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop, False),
+            grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop),
                                             self.spec(vocab_start + start), row_max, log_sum_exp, coefficients)
             weight_grad = self.add_share(weight_grad, _weight_grad_of(grad, chunk), start)
             part = _hidden_grad_of(grad, self.tile_weight32(head_weight, None, start, stop, weight_grad[0]))
@@ -215,7 +218,9 @@ class LinearShard(VocabShard):
 
     def finish_weight_grad(self, weight_grad, head_weight):
         if self.weight_in_tiles(head_weight):
-            return weight_grad[0]  # summed in its own dtype
+            # summed in its own dtype; and no `_in_dtype` here: in this custom bprop, its conditional on a
+            # half-precision tensor's dtype failed to compile in MindSpore 2.10 ("The func graph is empty")
+            return weight_grad[0]
         return _in_dtype(weight_grad[0], head_weight.dtype)
 
     def finish_hidden_grad(self, hidden_grad, hidden):

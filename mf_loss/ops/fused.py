@@ -175,10 +175,7 @@ def _row_offset(total, row_offset: int):
     return ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
 
 
-def _split(exact, dtype):
-    """(high, low) in `dtype` with high = exact rounded and low = the rest rounded: the kernels' pair."""
-    high = _cast(exact, dtype)
-    return high, _cast(exact - _cast(high, ms.float32), dtype)
+_NOT_IN_PLACE = "mf_loss: a half-precision running sum was handed to its kernel as a copy"
 
 
 def accumulate(total, part, row_offset: int = 0):
@@ -199,10 +196,7 @@ def accumulate_compensated(total, compensation, part, row_offset: int = 0):
     token = _kernels.accumulate_compensated(total, compensation, part, _row_offset(total, row_offset))
     if _written_in_place(total, token):
         return _depend(total, token), _depend(compensation, token)
-    # pragma: no cover - the running sums are fresh buffers (`zeros`), never handed over as copies
-    stop = row_offset + part.shape[0]
-    exact = _cast(total, ms.float32) + _cast(compensation, ms.float32)
-    return _split(ops.concat((exact[:row_offset], exact[row_offset:stop] + part, exact[stop:]), 0), total.dtype)
+    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - the running sums are fresh `zeros`, never views
 
 
 def scale(total, factor):
@@ -220,8 +214,7 @@ def scale_compensated(total, compensation, factor):
     token = _kernels.scale_compensated(total, compensation, factor.reshape(1))
     if _written_in_place(total, token):
         return _depend(total, token)
-    # pragma: no cover - as in accumulate_compensated
-    return _split((_cast(total, ms.float32) + _cast(compensation, ms.float32)) * factor, total.dtype)[0]
+    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_compensated
 
 
 def rows_float32(matrix, start: int, stop: int):

@@ -24,7 +24,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
-
 class TrainStep(nn.Cell):
     """construct(*inputs) -> (global numerator, global denominator, gradient norm after the token mean).
 

@@ -24,7 +24,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config_loader import Config, build_loss
-from ..parallel.comm import rank_layout
+from ..parallel.comm import data_parallel_group, rank_layout
 from ..parallel.config import ParallelConfig
 from . import plot
 from .checkpoints import (checkpoint_dir, load_rank_checkpoint, resume_source, save_step, training_state,
@@ -34,7 +34,6 @@ from .curve import CurveWriter, resumed_curve
 from .data import BatchSpec, global_batch, rank_micro_batches
 from .model import HEAD, LlamaLM
 from .progress import EventLog, ProgressView
-from ..parallel.comm import data_parallel_group
 from .step import StepRunner, TrainStep, barrier, set_rank_context
 from .tokenizer import TokenizerSettings, prepare_corpus
 
