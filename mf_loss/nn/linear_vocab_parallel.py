@@ -4,7 +4,9 @@ Rows go through in chunks (`ops.chunking`): a chunk's logits are made by a matmu
 by the backend's per-shard step, and dropped. In GRAPH mode the chunk loop is unrolled and each chunk is
 sliced after the previous one is done (`vocab_parallel.rows_after`), so that one chunk's buffers are alive
 at a time instead of whatever the scheduler would overlap. The weight gradient is one running (V/mp, H)
-sum, added to in place by the fused backend, a vocabulary tile of a chunk's share at a time.
+sum, added to in place by the fused backend, a vocabulary tile of a chunk's share at a time; the hidden
+gradient is one (N, H) float32 buffer that each chunk's rows are added into (fused; the composed backend,
+which has no in-place sum, concatenates the chunks' rows at the end).
 
 The loss cell hands the core a per-row `row_scale`: the loss it returns is `objective = sum_n row_scale_n *
 token_loss_n` (mean: mask / denominator; sum and the per-token numerator: mask), known before any logit.
@@ -83,13 +85,40 @@ class LinearShard(VocabShard):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
     def operands(self, hidden, head_weight):
-        """(rows, V/mp, the first class of this rank's slice, hidden in float32, head_weight in float32 or None
-        when it is made float32 tile by tile). One float32 copy of the (N, H) input up front: small, and GRAPH
-        mode on CPU slices no half-precision tensor."""
+        """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from,
+        head_weight in float32 or None when it is made float32 tile by tile). A half-precision hidden is made
+        float32 a chunk at a time where the backend can (at H = 4096 a float32 copy of the whole input is a
+        tenth of the logits); otherwise copied whole (GRAPH mode on CPU slices no half-precision tensor)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
         weight32 = None if self.weight_in_tiles(head_weight) else _float32(head_weight)
-        return rows, local_vocab, vocab_start, _float32(hidden), weight32
+        hidden_source = hidden if self.rows_float32 is not None else _float32(hidden)
+        return rows, local_vocab, vocab_start, hidden_source, weight32
+
+    def hidden_chunk(self, hidden_source, start: int, stop: int, previous):
+        """Rows [start, stop) of hidden in float32, taken once `previous` (the last chunk's work) exists."""
+        if hidden_source.dtype == ms.float32:
+            return rows_after(hidden_source, start, stop, previous)
+        if previous is not None:
+            hidden_source = _depend(hidden_source, previous)
+        return self.rows_float32(hidden_source, start, stop)
+
+    def first_hidden_grad(self, hidden):
+        """The hidden gradient before any chunk, a tuple: one fresh float32 (N, H) buffer that each chunk's
+        rows are added into in place (fused: no (N, H) concatenation beside the parts, which at H = 4096 was
+        a tenth of the logits), or no part yet (composed: its parts are concatenated at the end)."""
+        if self.zeros is None:
+            return ()
+        return (self.zeros(hidden, True),)
+
+    def add_hidden_part(self, hidden_grad, part, row_offset: int):
+        """The hidden gradient with `part` (float32) added to its rows from `row_offset` on."""
+        if self.zeros is None:
+            return hidden_grad + (part,)
+        return (self.accumulate(hidden_grad[0], part, row_offset),)
+
+    def whole_hidden_grad(self, hidden_grad):
+        return hidden_grad[0] if self.zeros is not None else ops.concat(hidden_grad, 0)
 
     def tiles(self, head_weight, chunk_rows: int):
         """The vocabulary tiles [(start, stop), ...] of a chunk's logits: one (the whole slice) unless the
@@ -176,45 +205,44 @@ class LinearShard(VocabShard):
             return self.accumulate_compensated(weight_grad[0], weight_grad[1], share, row_offset)
         return (self.accumulate(weight_grad[0], share, row_offset),)
 
-    def chunk_grads(self, pieces, chunk, head_weight, weight32, target, tiles, vocab_start: int, row_max,
-                    log_sum_exp, coefficients, weight_grad):
-        """(d hidden chunk, the running weight-gradient sum with this chunk's share added) from the chunk's
-        logits pieces, which are consumed."""
+    def chunk_grads(self, pieces, chunk, chunk_start: int, head_weight, weight32, target, tiles, vocab_start: int,
+                    row_max, log_sum_exp, coefficients, hidden_grad, weight_grad):
+        """(the hidden gradient with the chunk's rows added, the running weight-gradient sum with the chunk's
+        share added) from the chunk's logits pieces, which are consumed; the chunk starts at row `chunk_start`."""
         if weight32 is not None:
-            return self.whole_chunk_grads(pieces[0], chunk, weight32, target, self.spec(vocab_start), row_max,
-                                          log_sum_exp, coefficients, weight_grad)
+            return self.whole_chunk_grads(pieces[0], chunk, chunk_start, weight32, target, self.spec(vocab_start),
+                                          row_max, log_sum_exp, coefficients, hidden_grad, weight_grad)
         # one tile at a time, strictly: its gradient (over its logits), its share added, then its float32 weight
         # made for its hidden part; the next tile's gradient waits for that part (GRAPH mode otherwise runs
         # the hidden matmuls, needed only at the chunk's end, last, with every tile's weight alive till then)
-        hidden_part = None
         for index in range(len(tiles)):
             start, stop = tiles[index]
-            logits = pieces[index] if hidden_part is None else _depend(pieces[index], hidden_part)
+            logits = pieces[index] if index == 0 else _depend(pieces[index], hidden_grad[-1])
             grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop),
                                             self.spec(vocab_start + start), row_max, log_sum_exp, coefficients)
             weight_grad = self.add_share(weight_grad, _weight_grad_of(grad, chunk), start)
             part = _hidden_grad_of(grad, self.tile_weight32(head_weight, None, start, stop, weight_grad[0]))
-            hidden_part = part if hidden_part is None else hidden_part + part
-        return hidden_part, weight_grad
+            hidden_grad = self.add_hidden_part(hidden_grad, part, chunk_start)
+        return hidden_grad, weight_grad
 
-    def whole_chunk_grads(self, logits, hidden_chunk, weight32, target, spec, row_max, log_sum_exp, coefficients,
-                          weight_grad):
+    def whole_chunk_grads(self, logits, hidden_chunk, chunk_start: int, weight32, target, spec, row_max,
+                          log_sum_exp, coefficients, hidden_grad, weight_grad):
         """chunk_grads for a float32 weight: one piece of logits; the share is added in row tiles of the weight
         gradient where it is bigger than the chunk's logits (`weight_tiles`)."""
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
-        hidden_part = _hidden_grad_of(grad, weight32)
+        hidden_grad = self.add_hidden_part(hidden_grad, _hidden_grad_of(grad, weight32), chunk_start)
         if not weight_grad:
             # the first chunk's share becomes the running sum: a fresh matmul output (a ZerosLike to add into
             # would be folded into a constant by GRAPH mode and keep its sum from one call to the next)
-            return hidden_part, (_weight_grad_of(grad, hidden_chunk),)
+            return hidden_grad, (_weight_grad_of(grad, hidden_chunk),)
         tiles = self.weight_tiles(weight32.shape[0], weight32.shape[1], hidden_chunk.shape[0])
         if len(tiles) == 1:
-            return hidden_part, self.add_share(weight_grad, _weight_grad_of(grad, hidden_chunk), 0)
+            return hidden_grad, self.add_share(weight_grad, _weight_grad_of(grad, hidden_chunk), 0)
         for start, stop in tiles:
             # each tile's columns are sliced after the previous tile is added: one tile share at a time
             tile = _depend(grad, weight_grad[0])[:, start:stop]
             weight_grad = self.add_share(weight_grad, _weight_grad_of(tile, hidden_chunk), start)
-        return hidden_part, weight_grad
+        return hidden_grad, weight_grad
 
     def finish_weight_grad(self, weight_grad, head_weight):
         if self.weight_in_tiles(head_weight):
@@ -224,18 +252,21 @@ class LinearShard(VocabShard):
         return _in_dtype(weight_grad[0], head_weight.dtype)
 
     def finish_hidden_grad(self, hidden_grad, hidden):
+        """The float32 hidden gradient summed over the model-parallel ranks if asked, in hidden's dtype. Decided on
+        hidden's dtype, not the gradient's: in a custom bprop MindSpore 2.10 does not know a Custom operator's
+        output dtype when it parses, and a conditional on it fails to compile ("The func graph is empty")."""
         if self.complete_hidden_grad:
             hidden_grad = self.model_parallel_sum(hidden_grad)
-        return _in_dtype(hidden_grad, hidden.dtype)
+        if hidden.dtype == ms.float32:
+            return hidden_grad
+        return _cast(hidden_grad, hidden.dtype)
 
 
-def spent(weight_grad, hidden_parts):
+def spent(weight_grad, hidden_grad):
     """What the next chunk is sliced after: the previous chunk's share of both gradients. Its hidden part too:
     that matmul is needed only at the end, and GRAPH mode put it off to a later chunk, keeping this chunk's
     logits (the gradient written over them) alive meanwhile (measured: two chunks' logits at once)."""
-    if not hidden_parts:
-        return None
-    return _depend(weight_grad[0], hidden_parts[-1])
+    return _depend(weight_grad[0], hidden_grad[-1])
 
 
 def _in_dtype(tensor, dtype):
@@ -252,11 +283,11 @@ class GradByRecompute(LinearShard):
     -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
-            chunk = rows_after(hidden32, start, stop, previous)
+            chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             _, previous = self.chunk_stats(chunk, head_weight, weight32, target[start:stop],
                                            self.tiles(head_weight, stop - start), vocab_start)
             parts.append(previous)
@@ -267,24 +298,27 @@ class GradByRecompute(LinearShard):
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
-        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
+        bounds = self.bounds(rows, local_vocab)
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
-        hidden_parts = []
+        hidden_grad = self.first_hidden_grad(hidden)
         weight_grad = self.first_weight_grad(head_weight)
-        for start, stop in self.bounds(rows, local_vocab):
-            chunk = rows_after(hidden32, start, stop, spent(weight_grad, hidden_parts))
+        previous = None
+        for start, stop in bounds:
+            chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             tiles = self.tiles(head_weight, stop - start)
             pieces = self.chunk_logits(chunk, head_weight, weight32, tiles)
-            hidden_part, weight_grad = self.chunk_grads(
-                pieces, chunk, head_weight, weight32, target[start:stop], tiles, vocab_start, row_max[start:stop],
-                log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), weight_grad)
-            hidden_parts.append(hidden_part)
-        if not hidden_parts:
+            hidden_grad, weight_grad = self.chunk_grads(
+                pieces, chunk, start, head_weight, weight32, target[start:stop], tiles, vocab_start,
+                row_max[start:stop], log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]),
+                hidden_grad, weight_grad)
+            previous = spent(weight_grad, hidden_grad)
+        if not bounds:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
                     _zeros_like(active))
-        hidden_grad = self.finish_hidden_grad(ops.concat(hidden_parts, 0), hidden)
+        hidden_grad = self.finish_hidden_grad(self.whole_hidden_grad(hidden_grad), hidden)
         return (hidden_grad, self.finish_weight_grad(weight_grad, head_weight), _zeros_like(target),
                 _zeros_like(row_scale), _zeros_like(active))
 
@@ -295,23 +329,25 @@ class GradInForward(LinearShard):
     forward (`compensation`: the half-precision weight gradient's compensation buffer, else empty)."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, vocab_start, hidden32, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
+        bounds = self.bounds(rows, local_vocab)
         pieces = []   # the per-token tuple of each chunk
-        hidden_parts = []
+        hidden_grad = self.first_hidden_grad(hidden)
         weight_grad = self.first_weight_grad(head_weight)
-        for start, stop in self.bounds(rows, local_vocab):
-            chunk = rows_after(hidden32, start, stop, spent(weight_grad, hidden_parts))
+        previous = None
+        for start, stop in bounds:
+            chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             tiles = self.tiles(head_weight, stop - start)
             logits, local = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], tiles, vocab_start)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
                                              row_scale[start:stop], local_vocab)
-            hidden_part, weight_grad = self.chunk_grads(logits, chunk, head_weight, weight32, target[start:stop],
-                                                        tiles, vocab_start, piece[ROW_MAX], piece[LOG_SUM_EXP],
-                                                        coefficients, weight_grad)
+            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, start, head_weight, weight32,
+                                                        target[start:stop], tiles, vocab_start, piece[ROW_MAX],
+                                                        piece[LOG_SUM_EXP], coefficients, hidden_grad, weight_grad)
             pieces.append(piece)
-            hidden_parts.append(hidden_part)
+            previous = spent(weight_grad, hidden_grad)
         if not pieces:  # no rows: nothing to exchange, every output empty or zero
             empty = ops.zeros((0,), ms.float32)
             widths = ops.fill(ms.float32, (self.mp_size,), float(local_vocab))
@@ -323,7 +359,7 @@ class GradInForward(LinearShard):
                 ops.concat([piece[LOG_SUM_EXP] for piece in pieces], 0),
                 ops.concat([piece[TARGET_MASS] for piece in pieces], 0),
                 ops.concat([piece[LOCAL_NONFINITE] for piece in pieces], 0),
-                pieces[0][RANK_WIDTHS], ops.concat(hidden_parts, 0), weight_grad[0],
+                pieces[0][RANK_WIDTHS], self.whole_hidden_grad(hidden_grad), weight_grad[0],
                 weight_grad[1] if len(weight_grad) == 2 else ops.zeros((0,), ms.float32))
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):

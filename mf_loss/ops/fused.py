@@ -84,6 +84,7 @@ class FusedKernels:
     scale_compensated: ops.Custom  # the same over a (total, compensation) pair
     rows_float32: ops.Custom      # matrix[row_ids] in float32
     zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
+    zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
 
 
 _lock = threading.Lock()
@@ -112,7 +113,8 @@ def load() -> FusedKernels:
                                         scale=custom("mf_scale_inplace", _token_shape, _int64),
                                         scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
-                                        zeros=custom("mf_zeros", _same_as_logits, _same_as_logits))
+                                        zeros=custom("mf_zeros", _same_as_logits, _same_as_logits),
+                                        zeros_float32=custom("mf_zeros", _same_as_logits, _float32))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -223,9 +225,10 @@ def rows_float32(matrix, start: int, stop: int):
     return _kernels.rows_float32(matrix, Tensor(np.arange(start, stop, dtype=np.int64)))
 
 
-def zeros(like):
-    """A fresh zero tensor shaped and typed like `like`, to be written in place (a constant would be shared)."""
-    return _kernels.zeros(like)
+def zeros(like, float32: bool = False):
+    """A fresh zero tensor shaped like `like`, of its dtype (or float32), to be written in place (a constant
+    would be shared)."""
+    return _kernels.zeros_float32(like) if float32 else _kernels.zeros(like)
 
 
 def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
