@@ -243,20 +243,14 @@ class LinearShard(VocabShard):
 
     def finish_weight_grad(self, weight_grad, head_weight):
         if self.weight_in_tiles(head_weight):
-            # summed in its own dtype; and no `_in_dtype` here: in this custom bprop, its conditional on a
-            # half-precision tensor's dtype failed to compile in MindSpore 2.10 ("The func graph is empty")
-            return weight_grad[0]
-        return _in_dtype(weight_grad[0], head_weight.dtype)
+            return weight_grad[0]  # summed in the weight's own dtype
+        return _from_float32(weight_grad[0], head_weight.dtype)
 
     def finish_hidden_grad(self, hidden_grad, hidden):
-        """The float32 hidden gradient summed over the model-parallel ranks if asked, in hidden's dtype. Decided on
-        hidden's dtype, not the gradient's: in a custom bprop MindSpore 2.10 does not know a Custom operator's
-        output dtype when it parses, and a conditional on it fails to compile ("The func graph is empty")."""
+        """The float32 hidden gradient, summed over the model-parallel ranks if asked, in hidden's dtype."""
         if self.complete_hidden_grad:
             hidden_grad = self.model_parallel_sum(hidden_grad)
-        if hidden.dtype == ms.float32:
-            return hidden_grad
-        return _cast(hidden_grad, hidden.dtype)
+        return _from_float32(hidden_grad, hidden.dtype)
 
 
 def spent(weight_grad, hidden_grad):
@@ -266,13 +260,16 @@ def spent(weight_grad, hidden_grad):
     return _depend(weight_grad[0], hidden_grad[-1])
 
 
-def _in_dtype(tensor, dtype):
-    """`tensor` cast to `dtype`, without the copy a same-dtype Cast makes (gradient-sized buffers)."""
-    return tensor if tensor.dtype == dtype else _cast(tensor, dtype)
-
-
 def _float32(tensor):
-    return _in_dtype(tensor, ms.float32)
+    """An input in float32, without the copy a same-dtype Cast makes (weight-sized buffers)."""
+    return tensor if tensor.dtype == ms.float32 else _cast(tensor, ms.float32)
+
+
+def _from_float32(tensor, dtype):
+    """A float32 gradient in `dtype`, without the copy a same-dtype Cast makes. Decided on `dtype` alone: in a
+    custom bprop MindSpore 2.10 does not know a Custom operator's output dtype when it parses, and a
+    conditional on it fails to compile ("The func graph is empty")."""
+    return tensor if dtype == ms.float32 else _cast(tensor, dtype)
 
 
 class GradByRecompute(LinearShard):
@@ -307,9 +304,8 @@ class GradByRecompute(LinearShard):
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             hidden_grad, weight_grad = self.chunk_grads(
                 None, chunk, start, head_weight, weight32, target[start:stop], self.tiles(head_weight, stop - start),
-                vocab_start,
-                row_max[start:stop], log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]),
-                hidden_grad, weight_grad)
+                vocab_start, row_max[start:stop], log_sum_exp[start:stop],
+                (a[start:stop], b[start:stop], q[start:stop]), hidden_grad, weight_grad)
             previous = spent(weight_grad, hidden_grad)
         if not bounds:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
@@ -364,7 +360,7 @@ class GradInForward(LinearShard):
         upstream = dout[0]
         hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
         if not self.weight_in_tiles(head_weight):
-            weight_grad = _in_dtype(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
+            weight_grad = _from_float32(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
         elif self.compensated:  # summed in the weight's own dtype
             weight_grad = self.scale_compensated(out[WEIGHT_GRAD], out[COMPENSATION], upstream)
         else:

@@ -51,8 +51,8 @@ class Backend:
 
     The fused head's steps for a half-precision head weight, None where the backend has none (the head then
     casts the whole weight to float32): `rows_float32(matrix, start, stop)`, a vocabulary tile of the weight (or
-    a chunk of hidden) in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum; `accumulate_compensated(total, compensation,
-    part, row_offset)` and `scale_compensated(total, compensation, factor)`, a half-precision running sum
+    a chunk of hidden) in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum;
+    `accumulate_compensated(total, compensation, part, row_offset)` and `scale_compensated(total, compensation, factor)`, a half-precision running sum
     that keeps what rounding each addition loses (`mf_loss.ops.fused`)."""
 
     name: str
