@@ -16,7 +16,7 @@ mindformers_requirements=(mindspore==2.10.0 "numpy<2" pyyaml deprecated regex re
   tiktoken tqdm)
 mindformers_package="mindformers==1.9.0"
 # What mf_loss and its MindFormers tests need besides (pyproject.toml's dependencies; torch is not needed).
-project_requirements=(psutil matplotlib pytest hypothesis)
+project_requirements=(psutil matplotlib pytest hypothesis "scipy-openblas32>=0.3.27")
 
 want="$( { printf '%s\n' "${mindformers_requirements[@]}" "$mindformers_package" "${project_requirements[@]}";
            cat "$root/pyproject.toml"; } | sha256sum | cut -d' ' -f1)"

@@ -24,7 +24,7 @@ from mf_loss import LinearCrossEntropyLoss
 from mf_loss.ops import chunking
 from cases import MS_DTYPES, class_weights, linear_inputs, rounded
 from reference import numpy_cross_entropy
-from test_weight_tiles import UPSTREAM, ScaledLoss
+from test_weight_grad_sum import UPSTREAM, ScaledLoss
 
 pytestmark = pytest.mark.kernel
 ROWS, HIDDEN, VOCAB, CHUNK = 37, 16, 203, 10

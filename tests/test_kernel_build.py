@@ -85,6 +85,20 @@ def test_missing_compiler_names_what_to_install(monkeypatch):
         kernel_build.find_compiler()
 
 
+def test_missing_openblas_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy_openblas32", None)  # `import scipy_openblas32` raises ImportError
+    with pytest.raises(kernel_build.FusedKernelUnavailable, match="pip install scipy-openblas32"):
+        kernel_build.build_command("g++", "out.so")
+
+
+def test_build_links_openblas_with_an_rpath():
+    import scipy_openblas32
+    command = kernel_build.build_command("g++", "out.so")
+    library_dir = scipy_openblas32.get_lib_dir()
+    assert f"-Wl,-rpath,{library_dir}" in command and f"-l{scipy_openblas32.get_library()}" in command
+    assert command.index(str(kernel_build.SOURCE)) < command.index(f"-l{scipy_openblas32.get_library()}")
+
+
 def test_cache_writable_by_others_is_refused(monkeypatch, tmp_path):
     cache = tmp_path / "shared-cache"
     cache.mkdir()

@@ -18,9 +18,10 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cross_entropy.cc"
 LIBRARY_NAME = "libmf_cross_entropy.so"
-ABI_VERSION = 5
+ABI_VERSION = 6
 ENTRY_POINTS = ("mf_row_stats4", "mf_row_stats5", "mf_logits_grad", "mf_logits_grad_inplace", "mf_accumulate_inplace",
-                "mf_accumulate_compensated", "mf_scale_inplace", "mf_scale_compensated", "mf_rows_float32", "mf_zeros")
+                "mf_accumulate_compensated", "mf_scale_inplace", "mf_scale_compensated", "mf_rows_float32", "mf_zeros",
+                "mf_zeros_float32", "mf_accumulate_transposed_product")
 # -ffp-contract=off: no fused multiply-adds, so results do not depend on the instruction set;
 # -fno-trapping-math: lets gcc vectorise the branch-free selects (FP exception flags are never read).
 # Never -ffast-math: inf and NaN must behave as IEEE says.
@@ -82,8 +83,23 @@ def cache_root() -> Path:
     return Path(base) / "mf_loss"
 
 
+def openblas_flags() -> tuple:
+    """Compiler and linker flags for OpenBLAS from the scipy-openblas32 wheel (a dependency of mf_loss; its
+    symbols carry a scipy_ prefix, so it never clashes with another BLAS in the process): the header, the
+    library, and an rpath to it, so that the built library finds it without $LD_LIBRARY_PATH."""
+    try:
+        import scipy_openblas32
+    except ImportError as err:
+        raise FusedKernelUnavailable("the fused kernels link OpenBLAS from the scipy-openblas32 package, which is "
+                                     "not installed: `pip install scipy-openblas32`") from err
+    library_dir = scipy_openblas32.get_lib_dir()
+    return (f"-I{scipy_openblas32.get_include_dir()}", f"-L{library_dir}", f"-l{scipy_openblas32.get_library()}",
+            f"-Wl,-rpath,{library_dir}")
+
+
 def build_command(compiler: str, output: str) -> list:
-    return [compiler, *BASE_FLAGS, *isa_flags(), "-o", output, str(SOURCE)]
+    include, *link = openblas_flags()
+    return [compiler, *BASE_FLAGS, *isa_flags(), include, "-o", output, str(SOURCE), *link]
 
 
 def _compiler_identity(compiler: str) -> str:

@@ -70,6 +70,7 @@ class VocabShard(nn.Cell):
         self.zeros = kernels.zeros
         self.accumulate_compensated = kernels.accumulate_compensated
         self.scale_compensated = kernels.scale_compensated
+        self.accumulate_transposed_product = kernels.accumulate_transposed_product
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None

@@ -37,22 +37,6 @@ def _within_auto_limits(size: int, total: int) -> int:
     return size if size > 0 else 1
 
 
-def weight_tile_rows(local_vocab: int, hidden_size: int, chunk_rows: int) -> int:
-    """Rows of the (V/mp, H) weight gradient that the fused head adds from one chunk at a time. A chunk's
-    share of it is H / chunk_rows times the chunk's logits. When H is larger than the chunk's rows (2x at 128
-    rows and H = 256), the share is added in tiles of at most half the chunk's float32 logits (at least
-    MIN_TILE_BYTES, at most MAX_AUTO_CHUNKS tiles: GRAPH mode unrolls them too); otherwise whole, because a
-    tile costs a column slice of the chunk's gradient about as big as the share it saves (measured at 4096 x
-    32000 x 256, 262-row chunks: 0.182x the logits tiled, 0.154x whole; at 2048 x 128256 x 256, 128-row
-    chunks: 0.139x tiled, 0.196x whole). Plain statements, as in chunk_bounds."""
-    if chunk_rows >= hidden_size:
-        return local_vocab if local_vocab > 0 else 1
-    tile_bytes = chunk_rows * local_vocab * 2
-    if tile_bytes < MIN_TILE_BYTES:
-        tile_bytes = MIN_TILE_BYTES
-    return _within_auto_limits(tile_bytes // (hidden_size * 4), local_vocab)
-
-
 # A half-precision head weight that MindSpore's CPU matmul cannot take is copied to float32 whole (with a
 # float32 gradient sum: the fastest way) while that copy is at most this; above it, one vocabulary tile at a
 # time, which costs two conversions of the weight per chunk (2048 x 32000 x 1024 bfloat16: 1.35x the unfused

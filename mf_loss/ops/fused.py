@@ -33,7 +33,8 @@ from ..kernels.build import FusedKernelUnavailable, build
 from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_compensated", "load",
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_compensated",
+           "accumulate_transposed_product", "load",
            "local_row_stats", "logits_grad", "logits_grad_inplace", "rows_float32", "scale", "scale_compensated",
            "zeros"]
 
@@ -85,6 +86,7 @@ class FusedKernels:
     rows_float32: ops.Custom      # matrix[row_ids] in float32
     zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
     zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
+    transposed_product: ops.Custom  # total += a^T @ b over total (OpenBLAS sgemm); the same kind of token
 
 
 _lock = threading.Lock()
@@ -114,7 +116,9 @@ def load() -> FusedKernels:
                                         scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
                                         zeros=custom("mf_zeros", _same_as_logits, _same_as_logits),
-                                        zeros_float32=custom("mf_zeros", _same_as_logits, _float32))
+                                        zeros_float32=custom("mf_zeros_float32", _same_as_logits, _float32),
+                                        transposed_product=custom("mf_accumulate_transposed_product",
+                                                                  _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -199,6 +203,16 @@ def accumulate_compensated(total, compensation, part, row_offset: int = 0):
     if _written_in_place(total, token):
         return _depend(total, token), _depend(compensation, token)
     raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - the running sums are fresh `zeros`, never views
+
+
+def accumulate_transposed_product(total, a, b):
+    """`total + a^T @ b` (total (V, H), a (n, V), b (n, H), all float32) written over `total` (contiguous, not
+    read by anything else afterwards): the fused head's running weight gradient, to which each chunk adds
+    its share inside one sgemm instead of making the (V, H) share and adding it."""
+    token = _kernels.transposed_product(total, a, b)
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    return total + ops.matmul(a.T, b)  # pragma: no cover - as in accumulate
 
 
 def scale(total, factor):
