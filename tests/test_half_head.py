@@ -126,9 +126,10 @@ def test_plain_sum_rounds_each_addition(mode):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_compensated_running_sum_kernels(dtype):
-    """50 float32 parts of mixed signs and scales added into rows of a half-precision sum: "compensated" is the
-    float64 sum rounded once (within one unit where float32 itself rounds); then scaled by 3 the same way;
-    "plain" is further off; rows outside the parts stay 0; rows_float32 is the rows' exact float32 values."""
+    """50 float32 parts of mixed signs and scales added into rows of a half-precision sum (as products with the
+    identity, which are exact: the parts themselves): "compensated" is the float64 sum rounded once (within one
+    unit where float32 itself rounds); then scaled by 3 the same way; "plain" is further off; rows outside the
+    parts stay 0; rows_float32 is the rows' exact float32 values."""
     from mf_loss.ops import fused
     fused.load()
     rng = np.random.default_rng(11)
@@ -140,9 +141,11 @@ def test_compensated_running_sum_kernels(dtype):
     total, compensation = fused.zeros(like), fused.zeros(like)
     plain = fused.zeros(like)
     exact = np.zeros(shape)
+    identity = Tensor(np.eye(rows, dtype=np.float32))
     for part, offset in zip(parts, offsets):
-        total, compensation = fused.accumulate_compensated(total, compensation, Tensor(part), int(offset))
-        plain = fused.accumulate(plain, Tensor(part), int(offset))
+        total, compensation = fused.accumulate_transposed_product_compensated(total, compensation, identity,
+                                                                             Tensor(part), int(offset))
+        plain = fused.accumulate_transposed_product(plain, identity, Tensor(part), int(offset))
         exact[offset:offset + rows] += part
     got = total.astype(ms.float32).asnumpy().astype(np.float64)
     assert_within_one_unit(got, exact, dtype, "compensated sum")

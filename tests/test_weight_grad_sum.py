@@ -76,28 +76,67 @@ def test_summed_weight_gradient_equals_numpy_twice_in_a_row(mode, grad_mode):
 
 @pytest.mark.parametrize("rows", [0, 1, 37])
 def test_transposed_product_kernel_adds_into_total(rows):
-    """total + a^T @ b, written over total, for a total that already holds a sum (and rows = 0: unchanged)."""
+    """total[offset:offset + Vt] + a^T @ b, written over a float32 total that already holds a sum, other rows
+    untouched (rows = 0: unchanged)."""
     fused.load()
     rng = np.random.default_rng(rows)
+    offset, tile = 50, 120
     total = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
-    a = rng.standard_normal((rows, VOCAB)).astype(np.float32)
+    a = rng.standard_normal((rows, tile)).astype(np.float32)
     b = rng.standard_normal((rows, HIDDEN)).astype(np.float32)
-    result = fused.accumulate_transposed_product(Tensor(total.copy()), Tensor(a), Tensor(b)).asnumpy()
-    expected = total.astype(np.float64) + a.T.astype(np.float64) @ b.astype(np.float64)
+    result = fused.accumulate_transposed_product(Tensor(total.copy()), Tensor(a), Tensor(b), offset).asnumpy()
+    expected = total.astype(np.float64)
+    expected[offset:offset + tile] += a.T.astype(np.float64) @ b.astype(np.float64)
     # float32 products summed over `rows` terms: a few ulps of the sum of magnitudes
-    bound = 1e-6 * (np.abs(total) + np.abs(a.T) @ np.abs(b)) + 1e-7
-    assert np.all(np.abs(result - expected) <= bound)
+    magnitude = np.abs(total).astype(np.float64)
+    magnitude[offset:offset + tile] += np.abs(a.T) @ np.abs(b)
+    assert np.all(np.abs(result - expected) <= 1e-6 * magnitude + 1e-7)
+    np.testing.assert_array_equal(result[:offset], total[:offset])
+    np.testing.assert_array_equal(result[offset + tile:], total[offset + tile:])
 
 
-def test_transposed_product_kernel_refuses_mismatched_shapes(capfd):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_transposed_products(dtype):
+    """Products of 40 chunks added into tiles of a half-precision sum: the compensated pair is the float64 sum
+    rounded once, for all but the elements where float32 itself rounds (>= 99% exactly), and closer than
+    the plain sum; rows of no tile stay 0."""
+    fused.load()
+    ms_dtype = {"bfloat16": ms.bfloat16, "float16": ms.float16}[dtype]
+    rng = np.random.default_rng(5)
+    like = Tensor(np.zeros((VOCAB, HIDDEN), np.float32)).astype(ms_dtype)
+    total, compensation, plain = fused.zeros(like), fused.zeros(like), fused.zeros(like)
+    exact = np.zeros((VOCAB, HIDDEN))
+    for _ in range(40):
+        rows, tile = int(rng.integers(1, 9)), int(rng.integers(1, 100))
+        offset = int(rng.integers(0, VOCAB - tile - 10))  # the last 10 rows are never in a tile
+        a = (rng.standard_normal((rows, tile)) / 4).astype(np.float32)
+        b = rng.standard_normal((rows, HIDDEN)).astype(np.float32)
+        total, compensation = fused.accumulate_transposed_product_compensated(total, compensation, Tensor(a),
+                                                                             Tensor(b), offset)
+        plain = fused.accumulate_transposed_product(plain, Tensor(a), Tensor(b), offset)
+        exact[offset:offset + tile] += a.T.astype(np.float64) @ b.astype(np.float64)
+    rounded = Tensor(exact.astype(np.float32)).astype(ms_dtype).astype(ms.float32).asnumpy()
+    got = total.astype(ms.float32).asnumpy()
+    got_plain = plain.astype(ms.float32).asnumpy()
+    assert np.mean(got == rounded) > 0.99
+    assert np.mean(got_plain == rounded) < np.mean(got == rounded)
+    assert np.abs(got - exact).max() <= np.abs(got_plain - exact).max()
+    assert not got[-10:].any() and not got_plain[-10:].any()
+
+
+def test_transposed_product_kernel_refuses_what_does_not_fit(capfd):
     """MindSpore turns the kernel's failure into a RuntimeError; the kernel's own message, on stderr, says what
-    it expects (a grad of 4 columns for a total of 5 rows must not be read past its end)."""
+    it expects (here: 4 columns of grad from row 2 of a 5-row total would write past its end)."""
     fused.load()
     total = Tensor(np.zeros((5, 3), np.float32))
     with pytest.raises(RuntimeError):
         fused.accumulate_transposed_product(total, Tensor(np.ones((2, 4), np.float32)),
-                                            Tensor(np.ones((2, 3), np.float32))).asnumpy()
-    assert "mf_accumulate_transposed_product: expects total (V, H), grad (n, V)" in capfd.readouterr().err
+                                            Tensor(np.ones((2, 3), np.float32)), 2).asnumpy()
+    assert "mf_accumulate_transposed_product: the grad's columns do not fit in total" in capfd.readouterr().err
+    with pytest.raises(RuntimeError):
+        fused.accumulate_transposed_product(total, Tensor(np.ones((2, 4), np.float32)),
+                                            Tensor(np.ones((3, 3), np.float32))).asnumpy()
+    assert "expects total (V, H) float, grad (n, Vt) and rows (n, H)" in capfd.readouterr().err
 
 
 def test_float32_and_same_dtype_zeros_do_not_share_a_kernel():

@@ -836,12 +836,6 @@ void accumulate_into(void *total_ptr, int64_t offset, const float *part, int64_t
 }
 
 template <typename T>
-void accumulate_compensated(void *total_ptr, void *comp_ptr, int64_t offset, const float *part, int64_t n) {
-  uint16_t *total = static_cast<uint16_t *>(total_ptr) + offset, *comp = static_cast<uint16_t *>(comp_ptr) + offset;
-  parallel_elements(n, [=](int64_t b, int64_t e) { add_compensated_span<T>(total + b, comp + b, part + b, e - b); });
-}
-
-template <typename T>
 void scale_by(void *total_ptr, float factor, int64_t n) {
   T *total = static_cast<T *>(total_ptr);
   parallel_elements(n, [=](int64_t b, int64_t e) { scale_span(total + b, factor, e - b); });
@@ -859,35 +853,25 @@ inline bool is_token(int ndim, const int64_t *shape, const char *dtype) {
   return std::strcmp(dtype, "int64") == 0 && numel(ndim, shape) == 1;
 }
 
-// params: total, [comp], part (float32), offset (1,) int64 elements, token. The compensated form needs a
-// half-precision total and a comp of its dtype and size.
-int accumulate_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims,
-                     int64_t **shapes, const char **dtypes) {
-  const int c = compensated ? 1 : 0;
-  const DType total_dtype = nparam == 4 + c ? parse_dtype(dtypes[0]) : DType::kOther;
-  if (nparam != 4 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
-      (compensated && (parse_dtype(dtypes[1]) != total_dtype || numel(ndims[1], shapes[1]) != numel(ndims[0], shapes[0]))) ||
-      parse_dtype(dtypes[1 + c]) != DType::kF32 || !is_token(ndims[2 + c], shapes[2 + c], dtypes[2 + c]) ||
-      !is_token(ndims[3 + c], shapes[3 + c], dtypes[3 + c]))
-    return fail_in(kernel, compensated ? "expects a float16/bfloat16 total, its compensation (same dtype and size), "
-                                         "a float32 part, (1,) int64 offset, (1,) int64 token"
-                                       : "expects a float total, a float32 part, (1,) int64 offset, (1,) int64 token");
+// params: total, part (float32), offset (1,) int64 elements, token.
+int accumulate_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const DType total_dtype = nparam == 4 ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 4 || !is_float_dtype(total_dtype) || parse_dtype(dtypes[1]) != DType::kF32 ||
+      !is_token(ndims[2], shapes[2], dtypes[2]) || !is_token(ndims[3], shapes[3], dtypes[3]))
+    return fail_in(kernel, "expects a float total, a float32 part, (1,) int64 offset, (1,) int64 token");
   const int64_t total_size = numel(ndims[0], shapes[0]);
-  const int64_t n = numel(ndims[1 + c], shapes[1 + c]);
-  const int64_t offset = static_cast<const int64_t *>(params[2 + c])[0];
+  const int64_t n = numel(ndims[1], shapes[1]);
+  const int64_t offset = static_cast<const int64_t *>(params[2])[0];
   if (offset < 0 || offset > total_size - n) return fail_in(kernel, "the part does not fit in total at this offset");
-  void *comp = compensated ? params[1] : nullptr;
-  const float *part = static_cast<const float *>(params[1 + c]);
+  const float *part = static_cast<const float *>(params[1]);
   if (total_dtype == DType::kF32) {
     accumulate_into<float>(params[0], offset, part, n);
   } else if (total_dtype == DType::kF16) {
-    comp ? accumulate_compensated<Half>(params[0], comp, offset, part, n)
-         : accumulate_into<Half>(params[0], offset, part, n);
+    accumulate_into<Half>(params[0], offset, part, n);
   } else {
-    comp ? accumulate_compensated<BF16>(params[0], comp, offset, part, n)
-         : accumulate_into<BF16>(params[0], offset, part, n);
+    accumulate_into<BF16>(params[0], offset, part, n);
   }
-  write_address_token(params[3 + c], params[0]);
+  write_address_token(params[3], params[0]);
   return 0;
 }
 
@@ -929,14 +913,7 @@ extern "C" int mf_accumulate_inplace(int nparam, void **params, int *ndims, int6
                                      void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  return accumulate_entry("mf_accumulate_inplace", false, nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int mf_accumulate_compensated(int nparam, void **params, int *ndims, int64_t **shapes,
-                                         const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return accumulate_entry("mf_accumulate_compensated", true, nparam, params, ndims, shapes, dtypes);
+  return accumulate_entry("mf_accumulate_inplace", nparam, params, ndims, shapes, dtypes);
 }
 
 // total *= factor[0] in place (and its compensation): the fused head's weight gradient, made in the forward
@@ -1016,41 +993,110 @@ extern "C" int mf_zeros_float32(int nparam, void **params, int *ndims, int64_t *
   return zeros_entry("mf_zeros_float32", nparam, params, ndims, shapes, dtypes);
 }
 
-// total (V, H) float32 += grad^T @ rows, grad (n, V) and rows (n, H) float32, in place: sgemm with beta = 1
-// (OpenBLAS), so that the fused head's per-chunk share of the weight gradient is never written out and read
-// back (at 2048 x 128256 x 256 in 128-row chunks, each share and its addition moved about 0.5 GB per chunk;
-// sgemm reads and writes the running sum once, block by block). OpenBLAS runs single-threaded on blocks of
-// total's rows spread over parallel_rows' threads: its own thread pool spins after each call (about 2^28
-// cycles by default) and took a core from the MindSpore matmul that follows (1.46x the unfused step's time
-// against 1.04x without the spin). Each element's sum over the n rows is the same whatever the blocks.
-// params: total, grad, rows, token.
+// total[offset : offset + Vt] (rows of a (V, H) running sum) += grad^T @ rows, grad (n, Vt) and rows (n, H)
+// float32, in place, so that the fused head's per-chunk share of the weight gradient (or of a vocabulary
+// tile of it) is never written out and read back: at 2048 x 128256 x 256 in 128-row chunks each share and
+// its addition moved about 0.5 GB per chunk. A float32 total: sgemm with beta = 1 straight into it. A
+// float16 / bfloat16 total: sgemm into a float32 block of the share (at most kProductBlockBytes per thread),
+// added to the total's rows, plain or with the compensation pair (split_into).
+// OpenBLAS runs single-threaded on blocks of the total's rows spread over parallel_rows' threads: its own
+// thread pool spins after each call (about 2^28 cycles by default) and took a core from the MindSpore
+// matmul that follows (1.46x the unfused step's time against 1.04x without the spin). The blocks are at least
+// kMinProductRows rows (eight per thread at most, handed out as threads get free): each sgemm call packs the
+// (n, H) rows anew, which at H 4096 cost more than the product itself in blocks of 64 rows. Each element's sum
+// over the n rows is the same whatever the blocks.
+namespace {
+
+constexpr int64_t kMinProductRows = 256;
+constexpr int64_t kProductBlockBytes = 4 << 20;
+
+int transposed_product_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims,
+                             int64_t **shapes, const char **dtypes) {
+  // params: total, [comp], grad, rows, offset (1,) int64 (total's first row), token
+  const int c = compensated ? 1 : 0;
+  const DType total_dtype = nparam == 5 + c ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 5 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
+      ndims[0] != 2 || ndims[1 + c] != 2 || ndims[2 + c] != 2 ||
+      (compensated && (parse_dtype(dtypes[1]) != total_dtype || ndims[1] != 2 || shapes[1][0] != shapes[0][0] ||
+                       shapes[1][1] != shapes[0][1])) ||
+      parse_dtype(dtypes[1 + c]) != DType::kF32 || parse_dtype(dtypes[2 + c]) != DType::kF32 ||
+      shapes[1 + c][0] != shapes[2 + c][0] || shapes[2 + c][1] != shapes[0][1] ||
+      !is_token(ndims[3 + c], shapes[3 + c], dtypes[3 + c]) || !is_token(ndims[4 + c], shapes[4 + c], dtypes[4 + c]))
+    return fail_in(kernel, compensated ? "expects a float16/bfloat16 total (V, H), its compensation (same dtype and "
+                                         "shape), grad (n, Vt) and rows (n, H) float32, (1,) int64 offset, (1,) "
+                                         "int64 token"
+                                       : "expects total (V, H) float, grad (n, Vt) and rows (n, H) float32, (1,) "
+                                         "int64 offset, (1,) int64 token");
+  const int64_t vocab = shapes[0][0], hidden = shapes[0][1], rows = shapes[1 + c][0], tile = shapes[1 + c][1];
+  const int64_t offset = static_cast<const int64_t *>(params[3 + c])[0];
+  if (offset < 0 || offset > vocab - tile)
+    return fail_in(kernel, "the grad's columns do not fit in total at this offset");
+  if (tile > INT32_MAX || hidden > INT32_MAX || rows > INT32_MAX)
+    return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  static std::once_flag single_threaded;
+  std::call_once(single_threaded, [] { scipy_openblas_set_num_threads(1); });
+  const float *grad = static_cast<const float *>(params[1 + c]), *rows_in = static_cast<const float *>(params[2 + c]);
+  // block [b, e) of the share (rows of grad^T) into `out` (leading dimension H), out = beta * out + share
+  auto product = [=](int64_t b, int64_t e, float beta, float *out) {
+    scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(e - b), static_cast<int>(hidden),
+                      static_cast<int>(rows), 1.0f, grad + b, static_cast<int>(tile), rows_in,
+                      static_cast<int>(hidden), beta, out, static_cast<int>(hidden));
+  };
+  if (rows > 0 && hidden > 0 && tile > 0) {
+    const int64_t threads = thread_budget();
+    const int64_t per_block = std::max(kMinProductRows, (tile + 8 * threads - 1) / (8 * threads));
+    const int64_t blocks = (tile + per_block - 1) / per_block;
+    // fn(b, e) over the blocks [b, e) of the tile's rows, one block per hand-out
+    auto over_blocks = [&](auto &&fn) {
+      parallel_rows(blocks, per_block * rows * hidden, [&](int64_t first_block, int64_t end_block) {
+        for (int64_t block = first_block; block < end_block; ++block)
+          fn(block * per_block, std::min(tile, (block + 1) * per_block));
+      });
+    };
+    if (total_dtype == DType::kF32) {
+      float *total = static_cast<float *>(params[0]) + offset * hidden;
+      over_blocks([&](int64_t b, int64_t e) { product(b, e, 1.0f, total + b * hidden); });
+    } else {
+      void *comp = compensated ? params[1] : nullptr;
+      const int64_t step = std::max<int64_t>(1, std::min(per_block, kProductBlockBytes / (4 * hidden)));
+      over_blocks([&](int64_t b, int64_t e) {
+        std::vector<float> block(static_cast<size_t>(std::min(step, e - b) * hidden));
+        for (int64_t r = b; r < e; r += step) {
+          const int64_t stop = std::min(e, r + step), first = (offset + r) * hidden, n = (stop - r) * hidden;
+          product(r, stop, 0.0f, block.data());
+          if (total_dtype == DType::kF16) {
+            comp ? add_compensated_span<Half>(static_cast<uint16_t *>(params[0]) + first,
+                                              static_cast<uint16_t *>(comp) + first, block.data(), n)
+                 : add_span(static_cast<Half *>(params[0]) + first, block.data(), n);
+          } else {
+            comp ? add_compensated_span<BF16>(static_cast<uint16_t *>(params[0]) + first,
+                                              static_cast<uint16_t *>(comp) + first, block.data(), n)
+                 : add_span(static_cast<BF16 *>(params[0]) + first, block.data(), n);
+          }
+        }
+      });
+    }
+  }
+  write_address_token(params[4 + c], params[0]);
+  return 0;
+}
+
+}  // namespace
+
 extern "C" int mf_accumulate_transposed_product(int nparam, void **params, int *ndims, int64_t **shapes,
                                                 const char **dtypes, void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2 || parse_dtype(dtypes[0]) != DType::kF32 ||
-      parse_dtype(dtypes[1]) != DType::kF32 || parse_dtype(dtypes[2]) != DType::kF32 ||
-      shapes[1][0] != shapes[2][0] || shapes[1][1] != shapes[0][0] || shapes[2][1] != shapes[0][1] ||
-      !is_token(ndims[3], shapes[3], dtypes[3]))
-    return fail("mf_accumulate_transposed_product: expects total (V, H), grad (n, V), rows (n, H), all float32, "
-                "and a (1,) int64 token");
-  const int64_t vocab = shapes[0][0], hidden = shapes[0][1], rows = shapes[1][0];
-  if (vocab > INT32_MAX || hidden > INT32_MAX || rows > INT32_MAX)
-    return fail("mf_accumulate_transposed_product: a dimension exceeds OpenBLAS's 32-bit sizes");
-  static std::once_flag single_threaded;
-  std::call_once(single_threaded, [] { scipy_openblas_set_num_threads(1); });
-  float *total = static_cast<float *>(params[0]);
-  const float *grad = static_cast<const float *>(params[1]), *rows_in = static_cast<const float *>(params[2]);
-  if (rows > 0 && hidden > 0) {
-    parallel_rows(vocab, rows * hidden, [&](int64_t b, int64_t e) {
-      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(e - b), static_cast<int>(hidden),
-                        static_cast<int>(rows), 1.0f, grad + b, static_cast<int>(vocab), rows_in,
-                        static_cast<int>(hidden), 1.0f, total + b * hidden, static_cast<int>(hidden));
-    });
-  }
-  write_address_token(params[3], total);
-  return 0;
+  return transposed_product_entry("mf_accumulate_transposed_product", false, nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int mf_accumulate_transposed_product_compensated(int nparam, void **params, int *ndims, int64_t **shapes,
+                                                            const char **dtypes, void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return transposed_product_entry("mf_accumulate_transposed_product_compensated", true, nparam, params, ndims, shapes,
+                                  dtypes);
 }
 
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 6; }
+extern "C" int mf_kernel_abi_version() { return 7; }

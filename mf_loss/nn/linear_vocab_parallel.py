@@ -4,10 +4,10 @@ Rows go through in chunks (`ops.chunking`): a chunk's logits are made by a matmu
 by the backend's per-shard step, and dropped. In GRAPH mode the chunk loop is unrolled and each chunk is
 sliced after the previous one is done (`vocab_parallel.rows_after`), so that one chunk's buffers are alive
 at a time instead of whatever the scheduler would overlap. The weight gradient is one running (V/mp, H)
-sum, added to in place by the fused backend (inside the sgemm that makes a chunk's share; a half-precision
-weight in vocabulary tiles, a tile's share at a time); the hidden gradient is one (N, H) float32 buffer that
-each chunk's rows are added into (fused; the composed backend, which has no in-place sum, concatenates the
-chunks' rows at the end).
+sum, added to in place by the fused backend inside the sgemm that makes a chunk's share (a half-precision
+weight in vocabulary tiles: a tile's share at a time, in float32 blocks); the hidden gradient is one (N, H)
+float32 buffer that each chunk's rows are added into (fused; the composed backend, which has no in-place sum,
+concatenates the chunks' rows at the end).
 
 The loss cell hands the core a per-row `row_scale`: the loss it returns is `objective = sum_n row_scale_n *
 token_loss_n` (mean: mask / denominator; sum and the per-token numerator: mask), known before any logit.
@@ -183,10 +183,21 @@ class LinearShard(VocabShard):
             return (total,)
         return total, self.zeros(_depend(head_weight, total))
 
-    def add_share(self, weight_grad, share, row_offset: int):
+    def add_product(self, weight_grad, grad, chunk, row_offset: int):
+        """The running weight-gradient sum with `grad^T @ chunk` (grad: the chunk's logits gradient, or one
+        vocabulary tile's) added to its rows from `row_offset` on. Fused: inside the sgemm that makes it, so
+        that the (tile, H) share is never written out and read back (at 2048 x 128256 x 256, 128-row chunks:
+        about 0.5 GB of traffic per chunk, 1.45x the unfused step's time and 0.139x the logits' memory when
+        shares were added). Composed: a matmul's share, added to the sum (the first one becomes the sum: a
+        ZerosLike to add into would be folded into a constant by GRAPH mode and keep its sum from one call
+        to the next)."""
+        if self.accumulate_transposed_product is None:
+            share = _weight_grad_of(grad, chunk)
+            return (share,) if not weight_grad else (self.accumulate(weight_grad[0], share, row_offset),)
         if len(weight_grad) == 2:
-            return self.accumulate_compensated(weight_grad[0], weight_grad[1], share, row_offset)
-        return (self.accumulate(weight_grad[0], share, row_offset),)
+            return self.accumulate_transposed_product_compensated(weight_grad[0], weight_grad[1], grad, chunk,
+                                                                  row_offset)
+        return (self.accumulate_transposed_product(weight_grad[0], grad, chunk, row_offset),)
 
     def chunk_grads(self, pieces, chunk, chunk_start: int, head_weight, weight32, target, tiles, vocab_start: int,
                     row_max, log_sum_exp, coefficients, hidden_grad, weight_grad):
@@ -210,26 +221,17 @@ class LinearShard(VocabShard):
                 logits = pieces[index] if index == 0 else _depend(pieces[index], hidden_grad[-1])
             grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop),
                                             self.spec(vocab_start + start), row_max, log_sum_exp, coefficients)
-            weight_grad = self.add_share(weight_grad, _weight_grad_of(grad, chunk), start)
+            weight_grad = self.add_product(weight_grad, grad, chunk, start)
             part = _hidden_grad_of(grad, self.tile_weight32(head_weight, None, start, stop, weight_grad[0]))
             hidden_grad = self.add_hidden_part(hidden_grad, part, chunk_start)
         return hidden_grad, weight_grad
 
     def whole_chunk_grads(self, logits, hidden_chunk, chunk_start: int, weight32, target, spec, row_max,
                           log_sum_exp, coefficients, hidden_grad, weight_grad):
-        """chunk_grads for a float32 weight: one piece of logits. The fused backend adds the chunk's share of
-        the weight gradient inside the sgemm that makes it, so that the (V/mp, H) share is never written out
-        and read back (at 2048 x 128256 x 256, 128-row chunks: about 0.5 GB of traffic per chunk in column
-        tiles of the share, 1.45x the unfused step's time and 0.139x the logits' memory before)."""
+        """chunk_grads for a float32 weight: one piece of logits."""
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
         hidden_grad = self.add_hidden_part(hidden_grad, _hidden_grad_of(grad, weight32), chunk_start)
-        if self.accumulate_transposed_product is not None:
-            return hidden_grad, (self.accumulate_transposed_product(weight_grad[0], grad, hidden_chunk),)
-        if not weight_grad:
-            # the first chunk's share becomes the running sum: a fresh matmul output (a ZerosLike to add into
-            # would be folded into a constant by GRAPH mode and keep its sum from one call to the next)
-            return hidden_grad, (_weight_grad_of(grad, hidden_chunk),)
-        return hidden_grad, self.add_share(weight_grad, _weight_grad_of(grad, hidden_chunk), 0)
+        return hidden_grad, self.add_product(weight_grad, grad, hidden_chunk, 0)
 
     def finish_weight_grad(self, weight_grad, head_weight):
         if self.weight_in_tiles(head_weight):

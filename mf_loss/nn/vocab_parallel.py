@@ -68,9 +68,9 @@ class VocabShard(nn.Cell):
         self.scale = kernels.scale
         self.rows_float32 = kernels.rows_float32
         self.zeros = kernels.zeros
-        self.accumulate_compensated = kernels.accumulate_compensated
         self.scale_compensated = kernels.scale_compensated
         self.accumulate_transposed_product = kernels.accumulate_transposed_product
+        self.accumulate_transposed_product_compensated = kernels.accumulate_transposed_product_compensated
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None

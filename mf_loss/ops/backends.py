@@ -52,9 +52,10 @@ class Backend:
     The fused head's steps for a half-precision head weight, None where the backend has none (the head then
     casts the whole weight to float32): `rows_float32(matrix, start, stop)`, a vocabulary tile of the weight (or
     a chunk of hidden) in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum;
-    `accumulate_compensated(total, compensation, part, row_offset)` and `scale_compensated(total, compensation, factor)`, a half-precision running sum
-    that keeps what rounding each addition loses (`mf_loss.ops.fused`); `accumulate_transposed_product(total,
-    a, b)`, `total += a^T @ b` in place (the fused head's float32 weight-gradient sum, one chunk at a time)."""
+    `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in place (the fused
+    head's weight-gradient sum, a chunk or a vocabulary tile at a time), and for a half-precision running sum
+    that keeps what rounding each addition loses, `accumulate_transposed_product_compensated(total,
+    compensation, a, b, row_offset)` and `scale_compensated(total, compensation, factor)` (`mf_loss.ops.fused`)."""
 
     name: str
     local_row_stats: Callable
@@ -65,9 +66,9 @@ class Backend:
     inplace: bool = False
     rows_float32: Optional[Callable] = None
     zeros: Optional[Callable] = None
-    accumulate_compensated: Optional[Callable] = None
     scale_compensated: Optional[Callable] = None
     accumulate_transposed_product: Optional[Callable] = None
+    accumulate_transposed_product_compensated: Optional[Callable] = None
 
 
 def _add(total, part, row_offset: int = 0):
@@ -101,8 +102,9 @@ def _fused(inplace: bool) -> Backend:
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
                    fused.logits_grad_inplace, fused.accumulate, fused.scale, inplace=bool(inplace),
                    rows_float32=fused.rows_float32, zeros=fused.zeros,
-                   accumulate_compensated=fused.accumulate_compensated, scale_compensated=fused.scale_compensated,
-                   accumulate_transposed_product=fused.accumulate_transposed_product)
+                   scale_compensated=fused.scale_compensated,
+                   accumulate_transposed_product=fused.accumulate_transposed_product,
+                   accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

@@ -51,10 +51,10 @@ def half_weight_in_tiles(local_vocab: int, hidden_size: int) -> bool:
 
 def vocab_tile_rows(local_vocab: int, hidden_size: int, chunk_rows: int) -> int:
     """Rows of a half-precision head weight made float32 at a time (a vocabulary tile): the tile's float32 copy
-    and its share of the weight gradient (tile x H each) together at most the chunk's float32 logits, at least
-    MIN_TILE_BYTES each, at most MAX_AUTO_CHUNKS tiles (each tile is a few more kernels per chunk: at 4096 x
-    32000 x 256, 8 tiles of 131-row chunks took 1.5x the time of 2 tiles of 262 rows). Plain statements, as
-    in chunk_bounds."""
+    (tile x H) at most half the chunk's float32 logits (its share of the weight gradient is added inside sgemm,
+    in blocks of at most 4 MiB per thread), at least MIN_TILE_BYTES, at most MAX_AUTO_CHUNKS tiles (each tile
+    is a few more kernels per chunk: at 4096 x 32000 x 256, 8 tiles of 131-row chunks took 1.5x the time of 2
+    tiles of 262 rows). Plain statements, as in chunk_bounds."""
     tile_bytes = chunk_rows * local_vocab * 2
     if tile_bytes < MIN_TILE_BYTES:
         tile_bytes = MIN_TILE_BYTES

@@ -33,10 +33,9 @@ from ..kernels.build import FusedKernelUnavailable, build
 from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_compensated",
-           "accumulate_transposed_product", "load",
-           "local_row_stats", "logits_grad", "logits_grad_inplace", "rows_float32", "scale", "scale_compensated",
-           "zeros"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_transposed_product",
+           "accumulate_transposed_product_compensated", "load", "local_row_stats", "logits_grad",
+           "logits_grad_inplace", "rows_float32", "scale", "scale_compensated", "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -80,13 +79,13 @@ class FusedKernels:
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
     accumulate: ops.Custom        # total[offset:] += part over total; returns the same kind of token
-    accumulate_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
     scale: ops.Custom             # total *= factor over total; returns the same kind of token
     scale_compensated: ops.Custom  # the same over a (total, compensation) pair
     rows_float32: ops.Custom      # matrix[row_ids] in float32
     zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
     zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
-    transposed_product: ops.Custom  # total += a^T @ b over total (OpenBLAS sgemm); the same kind of token
+    transposed_product: ops.Custom  # total[offset:] += a^T @ b over total (OpenBLAS sgemm); the same kind of token
+    transposed_product_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
 
 
 _lock = threading.Lock()
@@ -110,15 +109,15 @@ def load() -> FusedKernels:
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
                                         accumulate=custom("mf_accumulate_inplace", _token_shape, _int64),
-                                        accumulate_compensated=custom("mf_accumulate_compensated", _token_shape,
-                                                                      _int64),
                                         scale=custom("mf_scale_inplace", _token_shape, _int64),
                                         scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
                                         zeros=custom("mf_zeros", _same_as_logits, _same_as_logits),
                                         zeros_float32=custom("mf_zeros_float32", _same_as_logits, _float32),
                                         transposed_product=custom("mf_accumulate_transposed_product",
-                                                                  _token_shape, _int64))
+                                                                  _token_shape, _int64),
+                                        transposed_product_compensated=custom(
+                                            "mf_accumulate_transposed_product_compensated", _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -181,13 +180,13 @@ def _row_offset(total, row_offset: int):
     return ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
 
 
-_NOT_IN_PLACE = "mf_loss: a half-precision running sum was handed to its kernel as a copy"
+_NOT_IN_PLACE = "mf_loss: a running sum was handed to its kernel as a copy"
 
 
 def accumulate(total, part, row_offset: int = 0):
     """`total` with `part` (float32) added to its rows from `row_offset` on, written over `total` (float32,
     float16 or bfloat16, contiguous, not read by anything else afterwards; a half-precision total rounds
-    each sum: `accumulate_compensated` keeps what it loses)."""
+    each sum)."""
     token = _kernels.accumulate(total, part, _row_offset(total, row_offset))
     if _written_in_place(total, token):
         return _depend(total, token)
@@ -196,23 +195,24 @@ def accumulate(total, part, row_offset: int = 0):
     return ops.concat((total[:row_offset], total[row_offset:stop] + part, total[stop:]), 0)
 
 
-def accumulate_compensated(total, compensation, part, row_offset: int = 0):
-    """(total, compensation) with `part` (float32) added from row `row_offset` on, over both buffers: a
-    half-precision running sum whose `total` is always the float32 sum rounded once (kernel source)."""
-    token = _kernels.accumulate_compensated(total, compensation, part, _row_offset(total, row_offset))
+def accumulate_transposed_product(total, a, b, row_offset: int = 0):
+    """`total` with `a^T @ b` added to its rows from `row_offset` on (a (n, Vt), b (n, H) float32; total (V, H)
+    float32, float16 or bfloat16, contiguous, not read by anything else afterwards), written over `total`: the
+    fused head's running weight gradient, to which each chunk (or vocabulary tile) adds its share inside
+    sgemm instead of making the (Vt, H) share and adding it."""
+    token = _kernels.transposed_product(total, a, b, ops.fill(ms.int64, (1,), row_offset))
     if _written_in_place(total, token):
-        return _depend(total, token), _depend(compensation, token)
+        return _depend(total, token)
     raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - the running sums are fresh `zeros`, never views
 
 
-def accumulate_transposed_product(total, a, b):
-    """`total + a^T @ b` (total (V, H), a (n, V), b (n, H), all float32) written over `total` (contiguous, not
-    read by anything else afterwards): the fused head's running weight gradient, to which each chunk adds
-    its share inside one sgemm instead of making the (V, H) share and adding it."""
-    token = _kernels.transposed_product(total, a, b)
+def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
+    """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
+    (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
+    token = _kernels.transposed_product_compensated(total, compensation, a, b, ops.fill(ms.int64, (1,), row_offset))
     if _written_in_place(total, token):
-        return _depend(total, token)
-    return total + ops.matmul(a.T, b)  # pragma: no cover - as in accumulate
+        return _depend(total, token), _depend(compensation, token)
+    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
 
 
 def scale(total, factor):
@@ -230,7 +230,7 @@ def scale_compensated(total, compensation, factor):
     token = _kernels.scale_compensated(total, compensation, factor.reshape(1))
     if _written_in_place(total, token):
         return _depend(total, token)
-    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_compensated
+    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
 
 
 def rows_float32(matrix, start: int, stop: int):
