@@ -35,8 +35,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -1010,6 +1010,16 @@ namespace {
 constexpr int64_t kMinProductRows = 256;
 constexpr int64_t kProductBlockBytes = 4 << 20;
 
+// n float32 values added to a half-precision total from element `first` on, with its compensation if any
+template <typename T>
+void add_half_block(void *total, void *comp, int64_t first, const float *block, int64_t n) {
+  if (comp != nullptr) {
+    add_compensated_span<T>(static_cast<uint16_t *>(total) + first, static_cast<uint16_t *>(comp) + first, block, n);
+  } else {
+    add_span(static_cast<T *>(total) + first, block, n);
+  }
+}
+
 int transposed_product_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims,
                              int64_t **shapes, const char **dtypes) {
   // params: total, [comp], grad, rows, offset (1,) int64 (total's first row), token
@@ -1064,15 +1074,8 @@ int transposed_product_entry(const char *kernel, bool compensated, int nparam, v
         for (int64_t r = b; r < e; r += step) {
           const int64_t stop = std::min(e, r + step), first = (offset + r) * hidden, n = (stop - r) * hidden;
           product(r, stop, 0.0f, block.data());
-          if (total_dtype == DType::kF16) {
-            comp ? add_compensated_span<Half>(static_cast<uint16_t *>(params[0]) + first,
-                                              static_cast<uint16_t *>(comp) + first, block.data(), n)
-                 : add_span(static_cast<Half *>(params[0]) + first, block.data(), n);
-          } else {
-            comp ? add_compensated_span<BF16>(static_cast<uint16_t *>(params[0]) + first,
-                                              static_cast<uint16_t *>(comp) + first, block.data(), n)
-                 : add_span(static_cast<BF16 *>(params[0]) + first, block.data(), n);
-          }
+          total_dtype == DType::kF16 ? add_half_block<Half>(params[0], comp, first, block.data(), n)
+                                     : add_half_block<BF16>(params[0], comp, first, block.data(), n);
         }
       });
     }

@@ -177,7 +177,13 @@ def _written_in_place(target, token) -> bool:
 
 
 def _row_offset(total, row_offset: int):
-    return ops.fill(ms.int64, (1,), row_offset * (total.size // total.shape[0]))
+    """The (1,) int64 element offset of row `row_offset` of `total` (the element-wise kernels)."""
+    return _offset_input(row_offset * (total.size // total.shape[0]))
+
+
+def _offset_input(offset: int):
+    """A kernel's (1,) int64 offset input (rows for the transposed products, elements for the others)."""
+    return ops.fill(ms.int64, (1,), offset)
 
 
 _NOT_IN_PLACE = "mf_loss: a running sum was handed to its kernel as a copy"
@@ -200,7 +206,7 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     float32, float16 or bfloat16, contiguous, not read by anything else afterwards), written over `total`: the
     fused head's running weight gradient, to which each chunk (or vocabulary tile) adds its share inside
     sgemm instead of making the (Vt, H) share and adding it."""
-    token = _kernels.transposed_product(total, a, b, ops.fill(ms.int64, (1,), row_offset))
+    token = _kernels.transposed_product(total, a, b, _offset_input(row_offset))
     if _written_in_place(total, token):
         return _depend(total, token)
     raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - the running sums are fresh `zeros`, never views
@@ -209,7 +215,7 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
 def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
     """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
     (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
-    token = _kernels.transposed_product_compensated(total, compensation, a, b, ops.fill(ms.int64, (1,), row_offset))
+    token = _kernels.transposed_product_compensated(total, compensation, a, b, _offset_input(row_offset))
     if _written_in_place(total, token):
         return _depend(total, token), _depend(compensation, token)
     raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
