@@ -10,7 +10,6 @@ rank's hidden row or head-weight row, and a compiled ms.jit(value_and_grad) + SG
 IR is dumped so that the test can count its collectives.
 """
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -19,7 +18,6 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from cases import MS_DTYPES, class_weights, linear_inputs, rounded, upstream_weights
 from mf_loss import LinearCrossEntropyLoss, NonFiniteLossError
-from mf_loss.ops import chunking
 from msrun_jobs import executed_graph_collectives
 from test_linear_cross_entropy import run_loss
 
@@ -34,13 +32,12 @@ CASES = {
                                      logit_softcap=3.0), "bool", (2, 5), "float32"),
     "none_float_mask": (dict(reduction="none", label_smoothing=0.05), "float", (ROWS,), "float32"),
     "bfloat16_ignore3": (dict(ignore_index=3), "int", (2, 5), "bfloat16"),
-    # the bfloat16 weight made float32 a vocabulary tile at a time (`in_weight_tiles`), tiles merged on each rank
-    # and then across ranks, its gradient summed in bfloat16 with the compensation buffer
-    "bfloat16_tiles": (dict(weight="random", label_smoothing=0.1, z_loss_weight=1e-3), "int", (ROWS,), "bfloat16"),
+    # the bfloat16 weight read as it is by the fused kernels (`/half_weight_read`), with class weights, smoothing
+    # and z-loss, its gradient summed in bfloat16 with the compensation buffer
+    "bfloat16_weight_smoothing": (dict(weight="random", label_smoothing=0.1, z_loss_weight=1e-3), "int", (ROWS,),
+                                  "bfloat16"),
 }
-GRAPH_CASES = ("weight_smoothing_sum", "none_float_mask", "bfloat16_tiles")
-TILED_CASES = ("bfloat16_tiles",)
-TILE_BYTES = 160  # 12 classes per mp rank, H 8: float32 tiles of 5 rows (5, 5, 2)
+GRAPH_CASES = ("weight_smoothing_sum", "none_float_mask", "bfloat16_weight_smoothing")
 # (backend, grad_mode, complete_hidden_grad): each value of each option with each of the others' values once
 DESIGNS = [("fused", "forward", True), ("fused", "recompute", False), ("composed", "forward", False),
            ("composed", "recompute", True)]
@@ -62,19 +59,6 @@ def job_inputs(case_name: str, dp: int):
     if dtype != "float32":
         h, w = rounded(h, dtype), rounded(w, dtype)
     return h, w, y, m, options
-
-
-@contextmanager
-def in_weight_tiles(case_name: str):
-    """For TILED_CASES: a half-precision head weight of any size is made float32 in vocabulary tiles of
-    TILE_BYTES (at LLM widths the head does so by itself; these shapes are small)."""
-    saved = chunking.MAX_WEIGHT_COPY_BYTES, chunking.MIN_TILE_BYTES
-    if case_name in TILED_CASES:
-        chunking.MAX_WEIGHT_COPY_BYTES, chunking.MIN_TILE_BYTES = 0, TILE_BYTES
-    try:
-        yield
-    finally:
-        chunking.MAX_WEIGHT_COPY_BYTES, chunking.MIN_TILE_BYTES = saved
 
 
 def rank_view(arrays, config, dp_rank: int, mp_rank: int):
@@ -100,10 +84,10 @@ def run_cases(mode, case_names, config, dp_rank, mp_rank, results):
             loss_fn = LinearCrossEntropyLoss(parallel_config=config, backend=backend, grad_mode=grad_mode,
                                              complete_hidden_grad=complete, chunk_size=CHUNK, **options)
             key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
-            with in_weight_tiles(name):
-                outputs, d_hidden, d_weight = run_loss(loss_fn, h, w, y, m, dtype=dtype,
-                                                       dout=upstream_weights(leading) if none else None)
-                results[f"{key}/tiles"] = np.array(len(loss_fn.core.tiles(Tensor(w).astype(MS_DTYPES[dtype]), CHUNK)))
+            outputs, d_hidden, d_weight = run_loss(loss_fn, h, w, y, m, dtype=dtype,
+                                                   dout=upstream_weights(leading) if none else None)
+            results[f"{key}/half_weight_read"] = np.array(
+                loss_fn.core.reads_half_weight(Tensor(w).astype(MS_DTYPES[dtype])))
             for i, out in enumerate(outputs):
                 results[f"{key}/out{i}"] = out
             results[f"{key}/d_hidden"], results[f"{key}/d_weight"] = d_hidden, d_weight

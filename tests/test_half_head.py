@@ -1,12 +1,12 @@
 """The fused head with a float16 / bfloat16 head weight: no float32 copy of the weight or of its gradient.
 
-The weight is made float32 one vocabulary tile at a time (`chunking.vocab_tile_rows`; here for any size of
-weight, and MIN_TILE_BYTES is lowered so that a small shape has several tiles), each tile's statistics merged as ranks' are, and the
-weight gradient is summed in the weight's dtype: with a compensation buffer ("compensated", the default) it is
-the float32 sum rounded once; "plain" rounds every addition. Checked against float64 NumPy on the rounded
-inputs, with class weights, label smoothing, z-loss and a softcap (the merge of tiles uses all four), an
-upstream gradient other than 1, in both modes and both gradient strategies, twice in a row on one cell (the
-running sums are fresh buffers each call).
+The kernels read the weight in its own dtype (a chunk's logits: `product_transposed`; its hidden-gradient part:
+`accumulate_product`, blocks of the weight converted to float32 for sgemm), and the weight gradient is summed
+in the weight's dtype: with a compensation buffer ("compensated", the default) it is the float32 sum rounded
+once; "plain" rounds every addition. Checked against float64 NumPy on the rounded inputs, with class weights,
+label smoothing, z-loss and a softcap, an upstream gradient other than 1, in both modes and both gradient
+strategies, twice in a row on one cell (the running sums are fresh buffers each call); the two product
+kernels alone against float64 NumPy, with shapes that leave partial blocks.
 
 Tolerances: the loss at 2e-6 relative (float32 maths on rounded inputs). A gradient element is right when it
 is within one unit in the last place of the dtype of the exact value (the float32 result rounded once is
@@ -86,14 +86,6 @@ def run_twice(mode, grad_mode, dtype, weight_grad_sum):
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(chunking, "MAX_WEIGHT_COPY_BYTES", 0)  # tiles for any size of weight
-    monkeypatch.setattr(chunking, "MIN_TILE_BYTES", 256)
-    tiles = chunking.chunk_bounds(VOCAB, chunking.vocab_tile_rows(VOCAB, HIDDEN, CHUNK))
-    assert len(tiles) > 2 and tiles[-1][1] - tiles[-1][0] != tiles[0][1] - tiles[0][0]  # a shorter last tile
-
-
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -162,3 +154,49 @@ def test_compensated_running_sum_kernels(dtype):
     tile = fused.rows_float32(matrix, 11, 23)
     assert tile.dtype == ms.float32 and tile.shape == (12, 7)
     np.testing.assert_array_equal(tile.asnumpy(), matrix.astype(ms.float32).asnumpy()[11:23])
+
+
+# ---- the products with the head weight in its own dtype, alone (PYNATIVE) ----
+
+@pytest.fixture
+def kernels():
+    from mf_loss.ops import fused
+    fused.load()
+    return fused
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("rows,hidden,vocab", [(7, 33, 1100), (1, 2100, 5), (0, 8, 9), (5, 0, 6), (130, 64, 3000)])
+def test_product_kernels_read_the_weight_in_its_dtype(kernels, dtype, rows, hidden, vocab):
+    """a @ w^T and total[offset:] += g @ w against float64 NumPy on w's rounded values: blocks of the weight's
+    rows (1100 and 3000 classes leave partial blocks of the 512-row sums and of the logits' blocks), of H's
+    columns (2100 > the 2048-column block), no rows, no hidden width. float32 sums of <= 3000 terms of size ~1:
+    within 1e-5 of the largest |terms| sum."""
+    rng = np.random.default_rng(rows + hidden + vocab)
+    w = Tensor(rng.standard_normal((vocab, hidden)).astype(np.float32)).astype(MS_DTYPES[dtype])
+    w64 = w.astype(ms.float32).asnumpy().astype(np.float64)
+    a = rng.standard_normal((rows, hidden)).astype(np.float32)
+    logits = kernels.product_transposed(Tensor(a), w)
+    assert logits.dtype == ms.float32 and logits.shape == (rows, vocab)
+    np.testing.assert_allclose(logits.asnumpy(), a @ w64.T, rtol=0, atol=1e-5 * max(1.0, (np.abs(a) @ np.abs(w64.T)).max(initial=0)))
+    g = rng.standard_normal((rows, vocab)).astype(np.float32)
+    offset, total_rows = 3, rows + 5
+    start = rng.standard_normal((total_rows, hidden)).astype(np.float32)
+    total = kernels.accumulate_product(Tensor(start.copy()), Tensor(g), w, offset)
+    expected = start.astype(np.float64)
+    expected[offset:offset + rows] += g @ w64
+    bound = 1e-5 * max(1.0, (np.abs(g) @ np.abs(w64)).max(initial=0))
+    np.testing.assert_allclose(total.asnumpy(), expected, rtol=0, atol=bound)
+    np.testing.assert_array_equal(total.asnumpy()[:offset], start[:offset])  # rows outside untouched
+    np.testing.assert_array_equal(total.asnumpy()[offset + rows:], start[offset + rows:])
+
+
+def test_product_kernels_refuse_what_does_not_fit(kernels, capfd):
+    w = Tensor(np.ones((6, 4), np.float32)).astype(ms.bfloat16)
+    with pytest.raises(RuntimeError):
+        kernels.product_transposed(Tensor(np.ones((2, 5), np.float32)), w).asnumpy()  # H 5, the weight's 4
+    assert "mf_product_transposed: expects a (n, H) float32, weight (V, H) float" in capfd.readouterr().err
+    with pytest.raises(RuntimeError):  # 2 rows from row 3 of a 4-row total
+        kernels.accumulate_product(Tensor(np.zeros((4, 4), np.float32)), Tensor(np.ones((2, 6), np.float32)), w,
+                                   3).asnumpy()
+    assert "mf_accumulate_product: a's rows do not fit in total at this offset" in capfd.readouterr().err

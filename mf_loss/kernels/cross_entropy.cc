@@ -6,8 +6,9 @@
 //   mf_row_stats   (logits, target, [weight], config) -> stats (N, K) float32
 //   mf_logits_grad (logits, target, [weight], row_max, log_sum_exp, a, b, q, config) -> grad (N, Vl)
 //
-// and the fused head's in-place helpers (accumulate, scale, zeros, rows in float32, and the weight
-// gradient's running sum += grad^T @ hidden rows through OpenBLAS's sgemm).
+// and the fused head's helpers (scale, zeros, rows in float32, and through OpenBLAS's sgemm the
+// products with the head weight in any float dtype: a chunk's logits, its hidden-gradient part added in
+// place, the weight gradient's running sum += grad^T @ hidden rows).
 //
 // logits (N, Vl) float32 / float16 / bfloat16, read in place in their own dtype, maths in float32 (sums
 // in double). target is either (N,) int32 class ids LOCAL to this slice (label - vocab_start; anything
@@ -784,9 +785,9 @@ extern "C" int mf_row_stats5(int nparam, void **params, int *ndims, int64_t **sh
 
 namespace {
 
-// ---- the fused head's running weight gradient and weight tiles (element-wise, in place) ----
+// ---- the fused head's running weight gradient (element-wise, in place) ----
 //
-// The weight gradient is summed over row chunks and vocabulary tiles in place, so that no second (V/mp, H)
+// The weight gradient is summed over row chunks in place, so that no second (V/mp, H)
 // buffer exists next to the running total. A float32 total is a plain sum. A float16 / bfloat16 total (a
 // half-precision head weight, whose gradient comes back in its dtype) is summed with a compensation term
 // of the same dtype (`comp`): the pair (total, comp) holds the running float32 sum to about 16 (bfloat16)
@@ -830,12 +831,6 @@ void scale_compensated_span(uint16_t *__restrict__ total, uint16_t *__restrict__
 }
 
 template <typename T>
-void accumulate_into(void *total_ptr, int64_t offset, const float *part, int64_t n) {
-  T *total = static_cast<T *>(total_ptr) + offset;
-  parallel_elements(n, [=](int64_t b, int64_t e) { add_span(total + b, part + b, e - b); });
-}
-
-template <typename T>
 void scale_by(void *total_ptr, float factor, int64_t n) {
   T *total = static_cast<T *>(total_ptr);
   parallel_elements(n, [=](int64_t b, int64_t e) { scale_span(total + b, factor, e - b); });
@@ -851,28 +846,6 @@ inline bool is_float_dtype(DType d) { return d == DType::kF32 || d == DType::kF1
 
 inline bool is_token(int ndim, const int64_t *shape, const char *dtype) {
   return std::strcmp(dtype, "int64") == 0 && numel(ndim, shape) == 1;
-}
-
-// params: total, part (float32), offset (1,) int64 elements, token.
-int accumulate_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  const DType total_dtype = nparam == 4 ? parse_dtype(dtypes[0]) : DType::kOther;
-  if (nparam != 4 || !is_float_dtype(total_dtype) || parse_dtype(dtypes[1]) != DType::kF32 ||
-      !is_token(ndims[2], shapes[2], dtypes[2]) || !is_token(ndims[3], shapes[3], dtypes[3]))
-    return fail_in(kernel, "expects a float total, a float32 part, (1,) int64 offset, (1,) int64 token");
-  const int64_t total_size = numel(ndims[0], shapes[0]);
-  const int64_t n = numel(ndims[1], shapes[1]);
-  const int64_t offset = static_cast<const int64_t *>(params[2])[0];
-  if (offset < 0 || offset > total_size - n) return fail_in(kernel, "the part does not fit in total at this offset");
-  const float *part = static_cast<const float *>(params[1]);
-  if (total_dtype == DType::kF32) {
-    accumulate_into<float>(params[0], offset, part, n);
-  } else if (total_dtype == DType::kF16) {
-    accumulate_into<Half>(params[0], offset, part, n);
-  } else {
-    accumulate_into<BF16>(params[0], offset, part, n);
-  }
-  write_address_token(params[3], params[0]);
-  return 0;
 }
 
 // params: total, [comp], factor (1,) float32, token.
@@ -908,13 +881,6 @@ void rows_to_float(const void *matrix, const int64_t *row_ids, int64_t rows, int
 }
 
 }  // namespace
-
-extern "C" int mf_accumulate_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                     void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return accumulate_entry("mf_accumulate_inplace", nparam, params, ndims, shapes, dtypes);
-}
 
 // total *= factor[0] in place (and its compensation): the fused head's weight gradient, made in the forward
 // for an upstream gradient of 1, is scaled by the real one in the backward without a second buffer.
@@ -1010,6 +976,11 @@ namespace {
 constexpr int64_t kMinProductRows = 256;
 constexpr int64_t kProductBlockBytes = 4 << 20;
 
+void openblas_single_threaded() {
+  static std::once_flag once;
+  std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
+}
+
 // n float32 values added to a half-precision total from element `first` on, with its compensation if any
 template <typename T>
 void add_half_block(void *total, void *comp, int64_t first, const float *block, int64_t n) {
@@ -1043,8 +1014,7 @@ int transposed_product_entry(const char *kernel, bool compensated, int nparam, v
     return fail_in(kernel, "the grad's columns do not fit in total at this offset");
   if (tile > INT32_MAX || hidden > INT32_MAX || rows > INT32_MAX)
     return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
-  static std::once_flag single_threaded;
-  std::call_once(single_threaded, [] { scipy_openblas_set_num_threads(1); });
+  openblas_single_threaded();
   const float *grad = static_cast<const float *>(params[1 + c]), *rows_in = static_cast<const float *>(params[2 + c]);
   // block [b, e) of the share (rows of grad^T) into `out` (leading dimension H), out = beta * out + share
   auto product = [=](int64_t b, int64_t e, float beta, float *out) {
@@ -1101,5 +1071,144 @@ extern "C" int mf_accumulate_transposed_product_compensated(int nparam, void **p
                                   dtypes);
 }
 
+// ---- the fused head's other two products, with a head weight of any float dtype ----
+//
+// A float16 / bfloat16 head weight is read in its own dtype: MindSpore's CPU matmul takes no bfloat16, and a
+// float32 copy of the weight (or of vocabulary tiles of it, made by MindSpore kernels for each chunk) was the
+// largest buffer of the fused head (4096 x 32000 x 256 bfloat16: 0.35x the logits with the copy). Each thread
+// converts a block of the weight (at most kProductBlockBytes of float32) and hands it to sgemm.
+//
+//   mf_product_transposed   (a (n, H) float32, weight (V, H)) -> out (n, V) float32 = a @ weight^T
+//                           (a chunk's logits; blocks of the weight's rows, one sgemm each: every element is
+//                           one sgemm dot product over H, whatever the blocks)
+//   mf_accumulate_product   (total (N, H) float32, a (n, V) float32, weight (V, H), offset (1,) int64, token)
+//                           total[offset : offset + n] += a @ weight, in place (a chunk's part of the hidden
+//                           gradient, added inside sgemm). Blocks of H's columns over the threads; the sum
+//                           over V is one sgemm (float32 weight) or taken in blocks of kWeightBlockRows
+//                           converted rows in order, the same whatever the thread count.
+namespace {
+
+constexpr int64_t kWeightBlockRows = 512;
+
+// rows [r0, r1) x columns [c0, c1) of a (rows, ld) matrix as float32: the matrix itself when float32 (its
+// leading dimension in *block_ld), else converted into `buffer` (leading dimension c1 - c0)
+const float *block_as_float32(const void *matrix, DType dtype, int64_t ld, int64_t r0, int64_t r1, int64_t c0,
+                              int64_t c1, std::vector<float> &buffer, int64_t *block_ld) {
+  if (dtype == DType::kF32) {
+    *block_ld = ld;
+    return static_cast<const float *>(matrix) + r0 * ld + c0;
+  }
+  const int64_t width = c1 - c0;
+  buffer.resize(static_cast<size_t>((r1 - r0) * width));
+  for (int64_t r = r0; r < r1; ++r) {
+    float *dst = buffer.data() + (r - r0) * width;
+    if (dtype == DType::kF16) {
+      load_block(static_cast<const Half *>(matrix) + r * ld + c0, dst, width);
+    } else {
+      load_block(static_cast<const BF16 *>(matrix) + r * ld + c0, dst, width);
+    }
+  }
+  *block_ld = width;
+  return buffer.data();
+}
+
+bool fits_openblas(int64_t a, int64_t b, int64_t c) { return a <= INT32_MAX && b <= INT32_MAX && c <= INT32_MAX; }
+
+int product_transposed_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes) {
+  const DType weight_dtype = nparam == 3 ? parse_dtype(dtypes[1]) : DType::kOther;
+  if (nparam != 3 || parse_dtype(dtypes[0]) != DType::kF32 || ndims[0] != 2 || !is_float_dtype(weight_dtype) ||
+      ndims[1] != 2 || shapes[1][1] != shapes[0][1] || parse_dtype(dtypes[2]) != DType::kF32 || ndims[2] != 2 ||
+      shapes[2][0] != shapes[0][0] || shapes[2][1] != shapes[1][0])
+    return fail_in(kernel, "expects a (n, H) float32, weight (V, H) float, output (n, V) float32");
+  const int64_t rows = shapes[0][0], hidden = shapes[0][1], vocab = shapes[1][0];
+  if (!fits_openblas(rows, hidden, vocab)) return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  float *out = static_cast<float *>(params[2]);
+  if (rows == 0 || vocab == 0) return 0;
+  if (hidden == 0) {
+    std::memset(out, 0, static_cast<size_t>(rows * vocab) * sizeof(float));
+    return 0;
+  }
+  openblas_single_threaded();
+  const float *a = static_cast<const float *>(params[0]);
+  const int64_t threads = thread_budget();
+  const int64_t per_block = std::max<int64_t>(
+      16, std::min((vocab + 8 * threads - 1) / (8 * threads), kProductBlockBytes / (4 * hidden)));
+  const int64_t blocks = (vocab + per_block - 1) / per_block;
+  parallel_rows(blocks, per_block * rows * hidden, [&](int64_t first_block, int64_t end_block) {
+    std::vector<float> buffer;
+    for (int64_t block = first_block; block < end_block; ++block) {
+      const int64_t v0 = block * per_block, v1 = std::min(vocab, v0 + per_block);
+      int64_t ld = 0;
+      const float *w = block_as_float32(params[1], weight_dtype, hidden, v0, v1, 0, hidden, buffer, &ld);
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), static_cast<int>(v1 - v0),
+                        static_cast<int>(hidden), 1.0f, a, static_cast<int>(hidden), w, static_cast<int>(ld), 0.0f,
+                        out + v0, static_cast<int>(vocab));
+    }
+  });
+  return 0;
+}
+
+int accumulate_product_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes) {
+  // params: total (N, H) float32, a (n, V) float32, weight (V, H), offset (1,) int64 (total's first row), token
+  const DType weight_dtype = nparam == 5 ? parse_dtype(dtypes[2]) : DType::kOther;
+  if (nparam != 5 || parse_dtype(dtypes[0]) != DType::kF32 || ndims[0] != 2 || parse_dtype(dtypes[1]) != DType::kF32 ||
+      ndims[1] != 2 || !is_float_dtype(weight_dtype) || ndims[2] != 2 || shapes[2][0] != shapes[1][1] ||
+      shapes[2][1] != shapes[0][1] || !is_token(ndims[3], shapes[3], dtypes[3]) ||
+      !is_token(ndims[4], shapes[4], dtypes[4]))
+    return fail_in(kernel, "expects total (N, H) float32, a (n, V) float32, weight (V, H) float, (1,) int64 offset, "
+                           "(1,) int64 token");
+  const int64_t total_rows = shapes[0][0], hidden = shapes[0][1], rows = shapes[1][0], vocab = shapes[1][1];
+  const int64_t offset = static_cast<const int64_t *>(params[3])[0];
+  if (offset < 0 || offset > total_rows - rows) return fail_in(kernel, "a's rows do not fit in total at this offset");
+  if (!fits_openblas(rows, hidden, vocab)) return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  if (rows > 0 && hidden > 0 && vocab > 0) {
+    openblas_single_threaded();
+    const float *a = static_cast<const float *>(params[1]);
+    float *total = static_cast<float *>(params[0]) + offset * hidden;
+    const int64_t threads = thread_budget();
+    // columns per block: a share of H per thread, at least 64 (narrower sgemm calls waste their packing),
+    // at most 2048 (a converted block of the weight stays within kProductBlockBytes)
+    const int64_t width = std::min<int64_t>(
+        2048, std::max<int64_t>(64, (hidden + threads - 1) / threads));
+    const int64_t blocks = (hidden + width - 1) / width;
+    const int64_t weight_block_rows = weight_dtype == DType::kF32 ? vocab : kWeightBlockRows;  // nothing to convert
+    parallel_rows(blocks, width * rows * vocab, [&](int64_t first_block, int64_t end_block) {
+      std::vector<float> buffer;
+      for (int64_t block = first_block; block < end_block; ++block) {
+        const int64_t c0 = block * width, c1 = std::min(hidden, c0 + width);
+        for (int64_t v0 = 0; v0 < vocab; v0 += weight_block_rows) {
+          const int64_t v1 = std::min(vocab, v0 + weight_block_rows);
+          int64_t ld = 0;
+          const float *w = block_as_float32(params[2], weight_dtype, hidden, v0, v1, c0, c1, buffer, &ld);
+          scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows),
+                            static_cast<int>(c1 - c0), static_cast<int>(v1 - v0), 1.0f, a + v0,
+                            static_cast<int>(vocab), w, static_cast<int>(ld), 1.0f, total + c0,
+                            static_cast<int>(hidden));
+        }
+      }
+    });
+  }
+  write_address_token(params[4], params[0]);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int mf_product_transposed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return product_transposed_entry("mf_product_transposed", nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int mf_accumulate_product(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return accumulate_product_entry("mf_accumulate_product", nparam, params, ndims, shapes, dtypes);
+}
+
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 7; }
+extern "C" int mf_kernel_abi_version() { return 8; }

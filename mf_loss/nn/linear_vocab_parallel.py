@@ -4,10 +4,10 @@ Rows go through in chunks (`ops.chunking`): a chunk's logits are made by a matmu
 by the backend's per-shard step, and dropped. In GRAPH mode the chunk loop is unrolled and each chunk is
 sliced after the previous one is done (`vocab_parallel.rows_after`), so that one chunk's buffers are alive
 at a time instead of whatever the scheduler would overlap. The weight gradient is one running (V/mp, H)
-sum, added to in place by the fused backend inside the sgemm that makes a chunk's share (a half-precision
-weight in vocabulary tiles: a tile's share at a time, in float32 blocks); the hidden gradient is one (N, H)
-float32 buffer that each chunk's rows are added into (fused; the composed backend, which has no in-place sum,
-concatenates the chunks' rows at the end).
+sum and the hidden gradient one (N, H) float32 buffer, both added to in place by the fused backend inside
+the sgemm that makes a chunk's share (the composed backend, which has no in-place sum, adds the weight
+gradient's shares and concatenates the chunks' hidden rows at the end). A half-precision head weight is
+read in its own dtype by the fused kernels (no float32 copy of it).
 
 The loss cell hands the core a per-row `row_scale`: the loss it returns is `objective = sum_n row_scale_n *
 token_loss_n` (mean: mask / denominator; sum and the per-token numerator: mask), known before any logit.
@@ -52,14 +52,12 @@ WEIGHT_GRAD_SUMS = ("compensated", "plain")
 class LinearShard(VocabShard):
     """What both gradient strategies share: chunking, the chunk logits, the chunk gradient.
 
-    A half-precision head weight on the fused backend bigger than a chunk of logits in float32
-    (`chunking.half_weight_in_tiles`) is never copied to float32 whole (MindSpore's CPU matmul takes no
-    bfloat16, and at LLM shapes a float32 copy of the weight and of its gradient are several times the
-    bfloat16 logits): a chunk's logits are made one vocabulary tile at a time from that tile of the weight in
-    float32 (`rows_float32`), each tile's statistics by the per-shard step, merged as ranks' are
-    (`shard_math.merge_row_stats`); the weight gradient is summed in the weight's own dtype, tile by tile,
-    with a compensation buffer of that dtype by default (`weight_grad_sum`). A smaller one is copied whole
-    and treated as a float32 weight (faster; its gradient is the float32 sum rounded once)."""
+    A half-precision head weight on the fused backend is read in its own dtype by the kernels that make a
+    chunk's logits and add its hidden part (`product_transposed`, `accumulate_product`: blocks of the weight
+    converted to float32 inside sgemm's caller), never copied to float32 (MindSpore's CPU matmul takes no
+    bfloat16, and at LLM shapes a float32 copy of the weight and of its gradient were several times the chunk's
+    logits); its gradient is summed in its own dtype, with a compensation buffer of that dtype by default
+    (`weight_grad_sum`). The composed backend casts a half-precision weight to float32 whole."""
 
     def __init__(self, layout, *, chunk_size=None, complete_hidden_grad=True, weight_grad_sum="compensated",
                  **shard_options):
@@ -69,10 +67,9 @@ class LinearShard(VocabShard):
         self.compensated = weight_grad_sum == "compensated"
         self.model_parallel_sum = ModelParallelSum(layout)
 
-    def weight_in_tiles(self, head_weight) -> bool:
-        """Whether the head weight is made float32 a vocabulary tile at a time (see the class docstring)."""
-        return (self.rows_float32 is not None and head_weight.dtype != ms.float32
-                and chunking.half_weight_in_tiles(head_weight.shape[0], head_weight.shape[1]))
+    def reads_half_weight(self, head_weight) -> bool:
+        """Whether the kernels read the head weight in its own (half-precision) dtype (see the class docstring)."""
+        return self.product_transposed is not None and head_weight.dtype != ms.float32
 
     def chunk_rows(self, rows: int, local_vocab: int) -> int:
         if self.chunk_size is not None:
@@ -87,12 +84,12 @@ class LinearShard(VocabShard):
 
     def operands(self, hidden, head_weight):
         """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from,
-        head_weight in float32 or None when it is made float32 tile by tile). A half-precision hidden is made
+        head_weight in float32 or None when the kernels read it as it is). A half-precision hidden is made
         float32 a chunk at a time where the backend can (at H = 4096 a float32 copy of the whole input is a
         tenth of the logits); otherwise copied whole (GRAPH mode on CPU slices no half-precision tensor)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
-        weight32 = None if self.weight_in_tiles(head_weight) else _float32(head_weight)
+        weight32 = None if self.reads_half_weight(head_weight) else _float32(head_weight)
         hidden_source = hidden if self.rows_float32 is not None else _float32(hidden)
         return rows, local_vocab, vocab_start, hidden_source, weight32
 
@@ -112,129 +109,69 @@ class LinearShard(VocabShard):
             return ()
         return (self.zeros(hidden, True),)
 
-    def add_hidden_part(self, hidden_grad, part, row_offset: int):
-        """The hidden gradient with `part` (float32) added to its rows from `row_offset` on."""
+    def add_hidden_part(self, hidden_grad, grad, head_weight, weight32, row_offset: int):
+        """The hidden gradient with the chunk's part `grad @ head_weight` added to its rows from `row_offset` on:
+        inside sgemm (fused), or a matmul's part kept for the concatenation (composed)."""
         if self.zeros is None:
-            return hidden_grad + (part,)
-        return (self.accumulate(hidden_grad[0], part, row_offset),)
+            return hidden_grad + (_hidden_grad_of(grad, weight32),)
+        return (self.accumulate_product(hidden_grad[0], grad, head_weight if weight32 is None else weight32,
+                                        row_offset),)
 
     def whole_hidden_grad(self, hidden_grad):
         return hidden_grad[0] if self.zeros is not None else ops.concat(hidden_grad, 0)
 
-    def tiles(self, head_weight, chunk_rows: int):
-        """The vocabulary tiles [(start, stop), ...] of a chunk's logits: one (the whole slice) unless the
-        weight is made float32 tile by tile."""
-        local_vocab = head_weight.shape[0]
-        if not self.weight_in_tiles(head_weight):
-            return [(0, local_vocab)]
-        return chunking.chunk_bounds(local_vocab,
-                                     chunking.vocab_tile_rows(local_vocab, head_weight.shape[1], chunk_rows))
+    def chunk_logits(self, chunk, head_weight, weight32):
+        """The chunk's (rows, V/mp) float32 logits: MindSpore's matmul on a float32 weight, or the kernel that
+        reads a half-precision one as it is."""
+        if weight32 is None:
+            return self.product_transposed(chunk, head_weight)
+        return _logits_of(chunk, weight32)
 
-    def tile_weight32(self, head_weight, weight32, start: int, stop: int, previous):
-        """Rows [start, stop) of the head weight in float32, made once `previous` exists (one tile at a time)."""
-        if weight32 is not None:
-            return weight32
-        if previous is not None:
-            head_weight = _depend(head_weight, previous)
-        return self.rows_float32(head_weight, start, stop)
-
-    def tile_class_weight(self, start: int, stop: int):
-        """This rank's class weights of vocabulary rows [start, stop) (all of them, uncopied, for the whole slice)."""
-        if self.weight is None or (start == 0 and stop == self.weight.shape[0]):
-            return self.weight
-        return self.weight[start:stop]
-
-    def tile_weight_sums(self, tiles):
-        """(tiles,) float32: each tile's sum of class weights (its width when unweighted)."""
-        sums = []
-        for start, stop in tiles:
-            if self.weight is None:
-                sums.append(ops.fill(ms.float32, (), float(stop - start)))
-            else:
-                sums.append(self.weight[start:stop].sum())
-        return ops.stack(sums)
-
-    def chunk_stats(self, chunk, head_weight, weight32, target, tiles, vocab_start: int):
-        """(the chunk's float32 logits, one (rows, tile) piece per vocabulary tile; its local row statistics).
-        Each tile's weight is made after the previous tile's statistics (measured 6 MiB less than after the
-        previous tile's logits at 2048 x 32000 x 1024 bfloat16: 1.60x against 1.65x)."""
-        pieces = []
-        shares = []
-        previous = chunk  # the first tile's weight is made once the chunk is (else every chunk's at the start)
-        for start, stop in tiles:
-            logits = _logits_of(chunk, self.tile_weight32(head_weight, weight32, start, stop, previous))
-            previous = self.local_row_stats(logits, target, self.tile_class_weight(start, stop),
-                                            self.spec(vocab_start + start))
-            pieces.append(logits)
-            shares.append(previous)
-        if len(shares) == 1:
-            return pieces, shares[0]
-        return pieces, shard_math.merge_row_stats(ops.stack(shares), self.tile_weight_sums(tiles))
+    def chunk_stats(self, chunk, head_weight, weight32, target, vocab_start: int):
+        """(the chunk's float32 logits, its local row statistics)."""
+        logits = self.chunk_logits(chunk, head_weight, weight32)
+        return logits, self.local_row_stats(logits, target, self.weight, self.spec(vocab_start))
 
     def first_weight_grad(self, head_weight):
-        """The running weight-gradient sum before any chunk, a tuple. A float32 weight (or its float32 copy):
-        a fresh float32 zero buffer that each chunk's share is added into inside one sgemm (fused), or ()
-        (composed: the first chunk's share becomes the sum). A half-precision weight in tiles: fresh zero
-        buffers in its dtype, (total, compensation) or (total,)."""
-        if not self.weight_in_tiles(head_weight):
+        """The running weight-gradient sum before any chunk, a tuple. A float32 weight (or the composed backend's
+        float32 copy): a fresh float32 zero buffer that each chunk's share is added into inside one sgemm
+        (fused), or () (composed: the first chunk's share becomes the sum). A half-precision weight the kernels
+        read: fresh zero buffers in its dtype, (total, compensation) or (total,)."""
+        if not self.reads_half_weight(head_weight):
             return () if self.accumulate_transposed_product is None else (self.zeros(head_weight, True),)
         total = self.zeros(head_weight)
         if not self.compensated:
             return (total,)
         return total, self.zeros(_depend(head_weight, total))
 
-    def add_product(self, weight_grad, grad, chunk, row_offset: int):
-        """The running weight-gradient sum with `grad^T @ chunk` (grad: the chunk's logits gradient, or one
-        vocabulary tile's) added to its rows from `row_offset` on. Fused: inside the sgemm that makes it, so
-        that the (tile, H) share is never written out and read back (at 2048 x 128256 x 256, 128-row chunks:
-        about 0.5 GB of traffic per chunk, 1.45x the unfused step's time and 0.139x the logits' memory when
-        shares were added). Composed: a matmul's share, added to the sum (the first one becomes the sum: a
-        ZerosLike to add into would be folded into a constant by GRAPH mode and keep its sum from one call
-        to the next)."""
+    def add_product(self, weight_grad, grad, chunk):
+        """The running weight-gradient sum with `grad^T @ chunk` added (grad: the chunk's logits gradient).
+        Fused: inside the sgemm that makes it, so that the (V/mp, H) share is never written out and read back
+        (at 2048 x 128256 x 256, 128-row chunks: about 0.5 GB of traffic per chunk, 1.45x the unfused step's
+        time and 0.139x the logits' memory when shares were added). Composed: a matmul's share, added to the
+        sum (the first one becomes the sum: a ZerosLike to add into would be folded into a constant by GRAPH
+        mode and keep its sum from one call to the next)."""
         if self.accumulate_transposed_product is None:
             share = _weight_grad_of(grad, chunk)
-            return (share,) if not weight_grad else (self.accumulate(weight_grad[0], share, row_offset),)
+            return (share,) if not weight_grad else (weight_grad[0] + share,)
         if len(weight_grad) == 2:
-            return self.accumulate_transposed_product_compensated(weight_grad[0], weight_grad[1], grad, chunk,
-                                                                  row_offset)
-        return (self.accumulate_transposed_product(weight_grad[0], grad, chunk, row_offset),)
+            return self.accumulate_transposed_product_compensated(weight_grad[0], weight_grad[1], grad, chunk, 0)
+        return (self.accumulate_transposed_product(weight_grad[0], grad, chunk, 0),)
 
-    def chunk_grads(self, pieces, chunk, chunk_start: int, head_weight, weight32, target, tiles, vocab_start: int,
+    def chunk_grads(self, logits, chunk, chunk_start: int, head_weight, weight32, target, vocab_start: int,
                     row_max, log_sum_exp, coefficients, hidden_grad, weight_grad):
         """(the hidden gradient with the chunk's rows added, the running weight-gradient sum with the chunk's
-        share added) from the chunk's logits pieces, which are consumed; the chunk starts at row `chunk_start`.
-        `pieces` None (the recomputing backward): each tile's logits are made again right before its gradient,
-        so that one tile's are alive at a time, not the whole chunk's."""
-        if weight32 is not None:
-            logits = _logits_of(chunk, weight32) if pieces is None else pieces[0]
-            return self.whole_chunk_grads(logits, chunk, chunk_start, weight32, target, self.spec(vocab_start),
-                                          row_max, log_sum_exp, coefficients, hidden_grad, weight_grad)
-        # one tile at a time, strictly: its gradient (over its logits), its share added, then its float32 weight
-        # made for its hidden part; the next tile's gradient waits for that part (GRAPH mode otherwise runs
-        # the hidden matmuls, needed only at the chunk's end, last, with every tile's weight alive till then)
-        for index in range(len(tiles)):
-            start, stop = tiles[index]
-            if pieces is None:
-                after = chunk if index == 0 else hidden_grad[-1]
-                logits = _logits_of(chunk, self.tile_weight32(head_weight, None, start, stop, after))
-            else:
-                logits = pieces[index] if index == 0 else _depend(pieces[index], hidden_grad[-1])
-            grad = self.scratch_logits_grad(logits, target, self.tile_class_weight(start, stop),
-                                            self.spec(vocab_start + start), row_max, log_sum_exp, coefficients)
-            weight_grad = self.add_product(weight_grad, grad, chunk, start)
-            part = _hidden_grad_of(grad, self.tile_weight32(head_weight, None, start, stop, weight_grad[0]))
-            hidden_grad = self.add_hidden_part(hidden_grad, part, chunk_start)
-        return hidden_grad, weight_grad
-
-    def whole_chunk_grads(self, logits, hidden_chunk, chunk_start: int, weight32, target, spec, row_max,
-                          log_sum_exp, coefficients, hidden_grad, weight_grad):
-        """chunk_grads for a float32 weight: one piece of logits."""
-        grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
-        hidden_grad = self.add_hidden_part(hidden_grad, _hidden_grad_of(grad, weight32), chunk_start)
-        return hidden_grad, self.add_product(weight_grad, grad, hidden_chunk, 0)
+        share added) from the chunk's logits, which are consumed (the gradient is written over them), or made
+        again when `logits` is None (the recomputing backward); the chunk starts at row `chunk_start`."""
+        if logits is None:
+            logits = self.chunk_logits(chunk, head_weight, weight32)
+        grad = self.scratch_logits_grad(logits, target, self.weight, self.spec(vocab_start), row_max, log_sum_exp,
+                                        coefficients)
+        hidden_grad = self.add_hidden_part(hidden_grad, grad, head_weight, weight32, chunk_start)
+        return hidden_grad, self.add_product(weight_grad, grad, chunk)
 
     def finish_weight_grad(self, weight_grad, head_weight):
-        if self.weight_in_tiles(head_weight):
+        if self.reads_half_weight(head_weight):
             return weight_grad[0]  # summed in the weight's own dtype
         return _from_float32(weight_grad[0], head_weight.dtype)
 
@@ -274,8 +211,7 @@ class GradByRecompute(LinearShard):
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
-            _, previous = self.chunk_stats(chunk, head_weight, weight32, target[start:stop],
-                                           self.tiles(head_weight, stop - start), vocab_start)
+            _, previous = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], vocab_start)
             parts.append(previous)
         local = (ops.concat(parts, 0) if parts else
                  ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
@@ -295,9 +231,8 @@ class GradByRecompute(LinearShard):
         for start, stop in bounds:
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             hidden_grad, weight_grad = self.chunk_grads(
-                None, chunk, start, head_weight, weight32, target[start:stop], self.tiles(head_weight, stop - start),
-                vocab_start, row_max[start:stop], log_sum_exp[start:stop],
-                (a[start:stop], b[start:stop], q[start:stop]), hidden_grad, weight_grad)
+                None, chunk, start, head_weight, weight32, target[start:stop], vocab_start, row_max[start:stop],
+                log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), hidden_grad, weight_grad)
             previous = spent(weight_grad, hidden_grad)
         if not bounds:
             return (_zeros_like(hidden), _zeros_like(head_weight), _zeros_like(target), _zeros_like(row_scale),
@@ -321,14 +256,13 @@ class GradInForward(LinearShard):
         previous = None
         for start, stop in bounds:
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
-            tiles = self.tiles(head_weight, stop - start)
-            logits, local = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], tiles, vocab_start)
+            logits, local = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], vocab_start)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
                                              row_scale[start:stop], local_vocab)
             hidden_grad, weight_grad = self.chunk_grads(logits, chunk, start, head_weight, weight32,
-                                                        target[start:stop], tiles, vocab_start, piece[ROW_MAX],
+                                                        target[start:stop], vocab_start, piece[ROW_MAX],
                                                         piece[LOG_SUM_EXP], coefficients, hidden_grad, weight_grad)
             pieces.append(piece)
             previous = spent(weight_grad, hidden_grad)
@@ -351,7 +285,7 @@ class GradInForward(LinearShard):
         # gradient is (V/mp, H): a scaled copy next to it was 0.125x the logits at 2048 x 128256 x 256)
         upstream = dout[0]
         hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
-        if not self.weight_in_tiles(head_weight):
+        if not self.reads_half_weight(head_weight):
             weight_grad = _from_float32(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
         elif self.compensated:  # summed in the weight's own dtype
             weight_grad = self.scale_compensated(out[WEIGHT_GRAD], out[COMPENSATION], upstream)

@@ -64,13 +64,14 @@ class VocabShard(nn.Cell):
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
         self.scratch_logits_grad = kernels.scratch_logits_grad
-        self.accumulate = kernels.accumulate
         self.scale = kernels.scale
         self.rows_float32 = kernels.rows_float32
         self.zeros = kernels.zeros
         self.scale_compensated = kernels.scale_compensated
         self.accumulate_transposed_product = kernels.accumulate_transposed_product
         self.accumulate_transposed_product_compensated = kernels.accumulate_transposed_product_compensated
+        self.product_transposed = kernels.product_transposed
+        self.accumulate_product = kernels.accumulate_product
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None

@@ -44,24 +44,23 @@ class Backend:
     """The two per-shard steps of one implementation (signatures of `shard_math`).
 
     `scratch_logits_grad` is the gradient of logits that nobody reads afterwards (the fused head's chunk
-    logits), and `accumulate(total, part, row_offset=0)` adds `part` to the rows of a running total nobody else
-    reads from `row_offset` on, and `scale(total, factor)` multiplies such a total by a scalar tensor: all
-    written over their first input where the backend can (fused, whose accumulate also takes a part of fewer
-    rows), new tensors otherwise (composed: whole tensors only).
+    logits), and `scale(total, factor)` multiplies a running total nobody else reads by a scalar tensor: both
+    written over their first input where the backend can (fused), new tensors otherwise (composed).
 
-    The fused head's steps for a half-precision head weight, None where the backend has none (the head then
-    casts the whole weight to float32): `rows_float32(matrix, start, stop)`, a vocabulary tile of the weight (or
-    a chunk of hidden) in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum;
-    `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in place (the fused
-    head's weight-gradient sum, a chunk or a vocabulary tile at a time), and for a half-precision running sum
-    that keeps what rounding each addition loses, `accumulate_transposed_product_compensated(total,
-    compensation, a, b, row_offset)` and `scale_compensated(total, compensation, factor)` (`mf_loss.ops.fused`)."""
+    The fused head's steps, None where the backend has none (the head then casts a half-precision input to
+    float32 whole and uses MindSpore's matmuls): `rows_float32(matrix, start, stop)`, a chunk of a
+    half-precision hidden in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum;
+    `product_transposed(a, b)`, `a @ b^T` in float32 with b (the head weight) in any float dtype (a chunk's
+    logits); `accumulate_product(total, a, b, row_offset)`, `total[row_offset:] += a @ b` in place (the hidden
+    gradient); `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in
+    place (the weight-gradient sum, a chunk at a time), and for a half-precision running sum that keeps what
+    rounding each addition loses, `accumulate_transposed_product_compensated(total, compensation, a, b,
+    row_offset)` and `scale_compensated(total, compensation, factor)` (`mf_loss.ops.fused`)."""
 
     name: str
     local_row_stats: Callable
     logits_grad: Callable
     scratch_logits_grad: Callable
-    accumulate: Callable
     scale: Callable
     inplace: bool = False
     rows_float32: Optional[Callable] = None
@@ -69,19 +68,15 @@ class Backend:
     scale_compensated: Optional[Callable] = None
     accumulate_transposed_product: Optional[Callable] = None
     accumulate_transposed_product_compensated: Optional[Callable] = None
-
-
-def _add(total, part, row_offset: int = 0):
-    if row_offset != 0 or part.shape != total.shape:
-        raise ValueError("the composed backend accumulates whole tensors only (row_offset=0, equal shapes)")
-    return total + part
+    product_transposed: Optional[Callable] = None
+    accumulate_product: Optional[Callable] = None
 
 
 def _multiply(total, factor):
     return total * factor
 
 
-COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad, _add,
+COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad,
                    _multiply)
 
 
@@ -100,11 +95,12 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, fused.accumulate, fused.scale, inplace=bool(inplace),
+                   fused.logits_grad_inplace, fused.scale, inplace=bool(inplace),
                    rows_float32=fused.rows_float32, zeros=fused.zeros,
                    scale_compensated=fused.scale_compensated,
                    accumulate_transposed_product=fused.accumulate_transposed_product,
-                   accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated)
+                   accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated,
+                   product_transposed=fused.product_transposed, accumulate_product=fused.accumulate_product)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

@@ -13,7 +13,6 @@ MIN_AUTO_ROWS = 16
 # GRAPH mode unrolls the chunk loop: compile time grows with the number of chunks (95 chunks of the composed
 # path took minutes to compile), so an automatic choice makes at most this many
 MAX_AUTO_CHUNKS = 16
-MIN_TILE_BYTES = 1 << 20
 
 
 def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -35,30 +34,6 @@ def _within_auto_limits(size: int, total: int) -> int:
     if size > total:
         size = total
     return size if size > 0 else 1
-
-
-# A half-precision head weight that MindSpore's CPU matmul cannot take is copied to float32 whole (with a
-# float32 gradient sum: the fastest way) while that copy is at most this; above it, one vocabulary tile at a
-# time, which costs two conversions of the weight per chunk (2048 x 32000 x 1024 bfloat16: 1.35x the unfused
-# step's time against 1.2x with the copy, 1.1-1.6x the logits' memory against 2.26x).
-MAX_WEIGHT_COPY_BYTES = DEFAULT_CHUNK_BYTES
-
-
-def half_weight_in_tiles(local_vocab: int, hidden_size: int) -> bool:
-    """Whether a half-precision head weight (V/mp, H) is made float32 a vocabulary tile at a time."""
-    return local_vocab * hidden_size * 4 > MAX_WEIGHT_COPY_BYTES
-
-
-def vocab_tile_rows(local_vocab: int, hidden_size: int, chunk_rows: int) -> int:
-    """Rows of a half-precision head weight made float32 at a time (a vocabulary tile): the tile's float32 copy
-    (tile x H) at most half the chunk's float32 logits (its share of the weight gradient is added inside sgemm,
-    in blocks of at most 4 MiB per thread), at least MIN_TILE_BYTES, at most MAX_AUTO_CHUNKS tiles (each tile
-    is a few more kernels per chunk: at 4096 x 32000 x 256, 8 tiles of 131-row chunks took 1.5x the time of 2
-    tiles of 262 rows). Plain statements, as in chunk_bounds."""
-    tile_bytes = chunk_rows * local_vocab * 2
-    if tile_bytes < MIN_TILE_BYTES:
-        tile_bytes = MIN_TILE_BYTES
-    return _within_auto_limits(tile_bytes // (hidden_size * 4), local_vocab)
 
 
 def chunk_bounds(rows: int, chunk_rows: int) -> list:

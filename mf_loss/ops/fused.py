@@ -33,9 +33,10 @@ from ..kernels.build import FusedKernelUnavailable, build
 from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate", "accumulate_transposed_product",
-           "accumulate_transposed_product_compensated", "load", "local_row_stats", "logits_grad",
-           "logits_grad_inplace", "rows_float32", "scale", "scale_compensated", "zeros"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product",
+           "accumulate_transposed_product", "accumulate_transposed_product_compensated", "load", "local_row_stats",
+           "logits_grad", "logits_grad_inplace", "product_transposed", "rows_float32", "scale", "scale_compensated",
+           "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -69,6 +70,10 @@ def _rows_shape(matrix_shape, row_ids_shape):
     return (row_ids_shape[0], matrix_shape[1])
 
 
+def _product_transposed_shape(a_shape, b_shape):
+    return (a_shape[0], b_shape[0])
+
+
 @dataclass(frozen=True)
 class FusedKernels:
     """The loaded library and its operators (one per entry point of the C++ source)."""
@@ -78,7 +83,6 @@ class FusedKernels:
     row_stats_5: ops.Custom       # (N, 5) statistics (label smoothing)
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
-    accumulate: ops.Custom        # total[offset:] += part over total; returns the same kind of token
     scale: ops.Custom             # total *= factor over total; returns the same kind of token
     scale_compensated: ops.Custom  # the same over a (total, compensation) pair
     rows_float32: ops.Custom      # matrix[row_ids] in float32
@@ -86,6 +90,8 @@ class FusedKernels:
     zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
     transposed_product: ops.Custom  # total[offset:] += a^T @ b over total (OpenBLAS sgemm); the same kind of token
     transposed_product_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
+    product_transposed: ops.Custom  # a @ b^T in float32, b of any float dtype (OpenBLAS sgemm)
+    accumulate_product: ops.Custom  # total[offset:] += a @ b over total, b of any float dtype; a token
 
 
 _lock = threading.Lock()
@@ -108,7 +114,6 @@ def load() -> FusedKernels:
                                         row_stats_5=custom("mf_row_stats5", _stats_shape_5, _float32),
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
-                                        accumulate=custom("mf_accumulate_inplace", _token_shape, _int64),
                                         scale=custom("mf_scale_inplace", _token_shape, _int64),
                                         scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
@@ -117,7 +122,10 @@ def load() -> FusedKernels:
                                         transposed_product=custom("mf_accumulate_transposed_product",
                                                                   _token_shape, _int64),
                                         transposed_product_compensated=custom(
-                                            "mf_accumulate_transposed_product_compensated", _token_shape, _int64))
+                                            "mf_accumulate_transposed_product_compensated", _token_shape, _int64),
+                                        product_transposed=custom("mf_product_transposed",
+                                                                  _product_transposed_shape, _float32),
+                                        accumulate_product=custom("mf_accumulate_product", _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -176,29 +184,12 @@ def _written_in_place(target, token) -> bool:
     return int(token.asnumpy()[0]) == target.data_ptr()
 
 
-def _row_offset(total, row_offset: int):
-    """The (1,) int64 element offset of row `row_offset` of `total` (the element-wise kernels)."""
-    return _offset_input(row_offset * (total.size // total.shape[0]))
-
-
 def _offset_input(offset: int):
-    """A kernel's (1,) int64 offset input (rows for the transposed products, elements for the others)."""
+    """A kernel's (1,) int64 offset input (the first row of a running sum that a product is added to)."""
     return ops.fill(ms.int64, (1,), offset)
 
 
 _NOT_IN_PLACE = "mf_loss: a running sum was handed to its kernel as a copy"
-
-
-def accumulate(total, part, row_offset: int = 0):
-    """`total` with `part` (float32) added to its rows from `row_offset` on, written over `total` (float32,
-    float16 or bfloat16, contiguous, not read by anything else afterwards; a half-precision total rounds
-    each sum)."""
-    token = _kernels.accumulate(total, part, _row_offset(total, row_offset))
-    if _written_in_place(total, token):
-        return _depend(total, token)
-    # pragma: no cover - a fresh matmul output or `zeros` is never handed over as a copy
-    stop = row_offset + part.shape[0]
-    return ops.concat((total[:row_offset], total[row_offset:stop] + part, total[stop:]), 0)
 
 
 def accumulate_transposed_product(total, a, b, row_offset: int = 0):
@@ -221,13 +212,30 @@ def accumulate_transposed_product_compensated(total, compensation, a, b, row_off
     raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
 
 
+def product_transposed(a, b):
+    """`a @ b^T` in float32 (a (n, H) float32, b (V, H) float32, float16 or bfloat16): the fused head's chunk
+    logits from a half-precision head weight as it is, converted to float32 a block at a time inside the
+    kernel (MindSpore's CPU matmul takes no bfloat16, and a float32 copy of the weight is what this avoids)."""
+    return _kernels.product_transposed(a, b)
+
+
+def accumulate_product(total, a, b, row_offset: int = 0):
+    """`total` (N, H) float32 with `a @ b` added to its rows from `row_offset` on (a (n, V) float32, b (V, H)
+    float32, float16 or bfloat16), written over `total` inside sgemm: the fused head's hidden gradient, to
+    which each chunk adds its part without a (n, H) part or a float32 copy of a half-precision weight."""
+    token = _kernels.accumulate_product(total, a, b, _offset_input(row_offset))
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
+
+
 def scale(total, factor):
     """`total * factor` (factor a float32 scalar tensor), written over `total` (float32, float16 or
     bfloat16, contiguous, not read by anything else afterwards)."""
     token = _kernels.scale(total, factor.reshape(1))
     if _written_in_place(total, token):
         return _depend(total, token)
-    return total * factor  # pragma: no cover - as in accumulate
+    return total * factor  # pragma: no cover - a fresh buffer is never handed over as a copy
 
 
 def scale_compensated(total, compensation, factor):
@@ -240,8 +248,9 @@ def scale_compensated(total, compensation, factor):
 
 
 def rows_float32(matrix, start: int, stop: int):
-    """`matrix[start:stop]` in float32 (matrix (V, H) float32, float16 or bfloat16): MindSpore's CPU slicing
-    and matmul take no bfloat16 in GRAPH mode, and a float32 copy of the whole matrix is what this avoids."""
+    """`matrix[start:stop]` in float32 (matrix (N, H) float32, float16 or bfloat16; the fused head's chunk of a
+    half-precision hidden): MindSpore's CPU slicing takes no bfloat16 in GRAPH mode, and a float32 copy of the
+    whole matrix is what this avoids."""
     return _kernels.rows_float32(matrix, Tensor(np.arange(start, stop, dtype=np.int64)))
 
 

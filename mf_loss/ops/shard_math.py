@@ -139,8 +139,8 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
 
 
 def merge_row_stats(shares, weight_sums):
-    """One share (N, K) of the columns above from the shares (S, N, K) of S adjacent slices (the fused head's
-    vocabulary tiles): each re-based from its own max to the largest, as `combine_row_stats` does for ranks.
+    """One share (N, K) of the columns above from the shares (S, N, K) of S adjacent vocabulary slices (the
+    model-parallel ranks'): each re-based from its own max to the largest.
     `weight_sums` (S,) float32: each slice's sum of class weights (its width when unweighted)."""
     slice_max = shares[:, :, ROW_MAX]
     row_max = slice_max.max(axis=0)
