@@ -898,9 +898,9 @@ extern "C" int mf_scale_compensated(int nparam, void **params, int *ndims, int64
   return scale_entry("mf_scale_compensated", true, nparam, params, ndims, shapes, dtypes);
 }
 
-// out (R, H) float32 = matrix[row_ids] (matrix (V, H) float32 / float16 / bfloat16, row_ids (R,) int64 in
-// [0, V)): a vocabulary tile of a half-precision head weight in float32, for MindSpore's CPU matmul (which
-// takes no bfloat16) without a float32 copy of the whole weight.
+// out (R, H) float32 = matrix[row_ids] (matrix (N, H) float32 / float16 / bfloat16, row_ids (R,) int64 in
+// [0, N)): a chunk of a half-precision hidden in float32 for the fused head's products, without a float32
+// copy of the whole input (GRAPH mode on CPU slices no bfloat16 tensor).
 extern "C" int mf_rows_float32(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
   (void)stream;
@@ -960,9 +960,9 @@ extern "C" int mf_zeros_float32(int nparam, void **params, int *ndims, int64_t *
 }
 
 // total[offset : offset + Vt] (rows of a (V, H) running sum) += grad^T @ rows, grad (n, Vt) and rows (n, H)
-// float32, in place, so that the fused head's per-chunk share of the weight gradient (or of a vocabulary
-// tile of it) is never written out and read back: at 2048 x 128256 x 256 in 128-row chunks each share and
-// its addition moved about 0.5 GB per chunk. A float32 total: sgemm with beta = 1 straight into it. A
+// float32, in place, so that the fused head's per-chunk share of the weight gradient is never written out
+// and read back: at 2048 x 128256 x 256 in 128-row chunks each share and its addition moved about 0.5 GB
+// per chunk. A float32 total: sgemm with beta = 1 straight into it. A
 // float16 / bfloat16 total: sgemm into a float32 block of the share (at most kProductBlockBytes per thread),
 // added to the total's rows, plain or with the compensation pair (split_into).
 // OpenBLAS runs single-threaded on blocks of the total's rows spread over parallel_rows' threads: its own

@@ -195,8 +195,8 @@ _NOT_IN_PLACE = "mf_loss: a running sum was handed to its kernel as a copy"
 def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     """`total` with `a^T @ b` added to its rows from `row_offset` on (a (n, Vt), b (n, H) float32; total (V, H)
     float32, float16 or bfloat16, contiguous, not read by anything else afterwards), written over `total`: the
-    fused head's running weight gradient, to which each chunk (or vocabulary tile) adds its share inside
-    sgemm instead of making the (Vt, H) share and adding it."""
+    fused head's running weight gradient, to which each chunk adds its share inside sgemm instead of making
+    the (Vt, H) share and adding it."""
     token = _kernels.transposed_product(total, a, b, _offset_input(row_offset))
     if _written_in_place(total, token):
         return _depend(total, token)
