@@ -4,6 +4,9 @@
                                                    after marking itself done (MindSpore's teardown crash)
     launch_worker.py nodes OUT                     report rank, world, node and cross-node collectives to OUT
     launch_worker.py nodes_forever OUT             the same, then all-reduce until killed (a node to kill)
+    launch_worker.py unformed_once MARKER          the first worker to start while MARKER does not exist writes
+                                                   MindSpore's "cluster never formed" error and exits before init()
+                                                   (the start-up failure the launcher retries); then as `none`
 """
 import json
 import os
@@ -39,6 +42,15 @@ def report_nodes(out: Path) -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[1]
+    if mode == "unformed_once" and os.environ.get("MS_ROLE") == "MS_WORKER":  # msrun's scheduler runs us too
+        try:
+            os.close(os.open(sys.argv[2], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:  # the words of a rank that gave up in init(), as MindSpore 2.10 logs them
+            print("RuntimeError: Failed to fetch the address of the rank MCCL_COLLECTIVE_RANK_MS_WORKER_1 for mccl "
+                  "collective nodes", file=sys.stderr, flush=True)
+            sys.exit(1)
     init()
     rank = get_rank()
     if mode.startswith("nodes"):

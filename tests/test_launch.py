@@ -36,6 +36,32 @@ def test_signal_before_the_rank_is_done_fails_the_job(tmp_path):
     assert result.message.startswith(f"msrun job {WORKER} failed on rank 1 (killed by signal 11)"), result.message
 
 
+@pytest.mark.distributed
+def test_a_cluster_that_never_formed_is_started_once_more(tmp_path):
+    result = launch(WORKER, ["unformed_once", str(tmp_path / "marker")], workers=2, log_dir=tmp_path / "logs",
+                    timeout=300, quiet=True)
+    assert result.ok, result.message
+    assert result.message.startswith(f"warning: the ranks of {WORKER} never formed their cluster on the first "
+                                     "start"), result.message
+    assert "Failed to fetch the address of the rank" in result.message
+    assert result.log_dir == tmp_path / "logs" / "retry"
+    assert sorted(p.name for p in (tmp_path / "logs" / "retry" / "done").iterdir()) == ["rank_0", "rank_1"]
+    assert not any((tmp_path / "logs" / "done").iterdir())  # the first start did no work
+
+
+def test_a_cluster_that_never_formed_is_told_from_the_scripts_failures(tmp_path):
+    from mf_loss.launch.logs import cluster_never_formed
+    (tmp_path / "done").mkdir()
+    (tmp_path / "worker_0.log").write_text("[WARNING] chatter\nTraceback (most recent call last):\n"
+                                           "ValueError: the script's own error\n")
+    assert cluster_never_formed(tmp_path, range(2)) is None
+    (tmp_path / "worker_1.log").write_text("[ERROR] DISTRIBUTED ... Failed to fetch the address of the rank "
+                                           "MCCL_COLLECTIVE_RANK_MS_WORKER_3 for mccl collective nodes.\n")
+    assert "MCCL_COLLECTIVE_RANK_MS_WORKER_3" in cluster_never_formed(tmp_path, range(2))
+    (tmp_path / "done" / "rank_0").write_text("done\n")  # a rank that finished its work: the cluster had formed
+    assert cluster_never_formed(tmp_path, range(2)) is None
+
+
 class JobProcesses:
     """Every process started below this test process while a job runs (psutil), to check that none is left."""
 

@@ -9,6 +9,11 @@ What stops a job, on each node:
 - `timeout` s pass.
 Then every process of the job is stopped (psutil, whole tree), and the message names the node, the rank
 and the tail of its log (of another node's rank when this machine can read that log).
+
+A single-node job whose ranks never formed their cluster (a rank gave up inside
+`mindspore.communication.init()`: seen once in about 20 CI runs here, one rank's registration with msrun's
+scheduler timed out and the others could not fetch its address) is started once more, with a warning; the
+script's own failures are never retried.
 """
 import os
 import sys
@@ -27,6 +32,7 @@ from .layout import DEFAULT_CLUSTER_TIMEOUT, NodeLayout, free_port, is_local_add
 from .processes import alive, descendants, stop, wait_for_listener
 
 POLL_S = 0.25
+RETRY_DIR = "retry"   # the logs of a job started once more because its cluster never formed
 DONE_GRACE_S = 10.0   # after a signal at the job's end, how long the other ranks may take to mark themselves done
 PEER_EVIDENCE_S = 3.0  # after a local rank fails on a multi-node job, how long to look for a remote cause first
 
@@ -74,15 +80,36 @@ def launch(script, script_args: Sequence = (), *, workers: int, log_dir=None, ti
         raise ValueError(f"port={port} and master_port={master_port} differ; port is the older name of "
                          "master_port: give one")
     master_port = master_port if master_port is not None else port
-    if master_port is None:
-        if nnodes > 1:
-            raise ValueError(f"nnodes={nnodes} needs master_port: every node must name the same port of node 0's "
-                             "scheduler")
-        master_port = free_port()
-    layout = NodeLayout(workers=workers, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                        master_port=master_port, cluster_timeout=cluster_timeout)
-    master_ip = resolve(master_addr)
+    if master_port is None and nnodes > 1:
+        raise ValueError(f"nnodes={nnodes} needs master_port: every node must name the same port of node 0's "
+                         "scheduler")
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mf_loss_msrun_"))
+
+    def layout_on(port):
+        return NodeLayout(workers=workers, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                          master_port=port if port is not None else free_port(), cluster_timeout=cluster_timeout)
+
+    started = time.monotonic()
+    result = _run(script, script_args, layout_on(master_port), log_dir, timeout, env, master_grace)
+    reason = logs.cluster_never_formed(log_dir, range(workers)) if nnodes == 1 and not result.ok else None
+    if reason is not None and time.monotonic() - started < timeout / 2:
+        # MindSpore's start-up, not the script: once more, in a sub-directory of the logs, on a fresh port when
+        # the caller named none (a node of a multi-node job cannot restart alone, so only nnodes == 1)
+        retry = _run(script, script_args, layout_on(master_port), log_dir / RETRY_DIR,
+                     timeout - (time.monotonic() - started), env, master_grace)
+        notice = (f"warning: the ranks of {script} never formed their cluster on the first start (MindSpore's "
+                  f"msrun start-up, before the script's own work: {reason}); started once more (the first "
+                  f"start's logs: {log_dir})")
+        result = LaunchResult(retry.returncode, retry.log_dir, retry.failed_rank,
+                              notice + ("\n" + retry.message if retry.message else ""), retry.failed_node)
+    return _report(result, quiet)
+
+
+def _run(script, script_args: Sequence, layout: NodeLayout, log_dir: Path, timeout: float, env: Optional[dict],
+         master_grace: float) -> LaunchResult:
+    """One start of the job on this node: msrun, the watch over its logs, the stop; the result unreported."""
+    node_rank, master_port, cluster_timeout = layout.node_rank, layout.master_port, layout.cluster_timeout
+    master_ip = resolve(layout.master_addr)
     log_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     msrun = bin_dir / "msrun"
@@ -101,9 +128,9 @@ def launch(script, script_args: Sequence = (), *, workers: int, log_dir=None, ti
     # local. Node 0's must own the port; the others' then fail to bind it, harmlessly (see _result).
     duplicate_scheduler = node_rank > 0 and is_local_address(master_ip)
     if duplicate_scheduler and not wait_for_listener(master_ip, master_port, min(cluster_timeout, timeout)):
-        return _report(LaunchResult(1, log_dir, failed_node=0, message=(
+        return LaunchResult(1, log_dir, failed_node=0, message=(
             f"msrun job {script}{layout.where} did not start: nothing listens on {master_ip}:{master_port} (node "
-            f"0's scheduler) after {min(cluster_timeout, timeout):.0f} s; start node 0 first")), quiet)
+            f"0's scheduler) after {min(cluster_timeout, timeout):.0f} s; start node 0 first"))
 
     msrun_log = log_dir / "msrun.log"
     with open(msrun_log, "w") as out:
@@ -132,8 +159,8 @@ def launch(script, script_args: Sequence = (), *, workers: int, log_dir=None, ti
         # on success too: whatever of the job is still running (a worker in its own session) goes now
         stop([p for p in known | descendants(root) if alive(p)])
         proc.wait()
-    return _report(_result(script, layout, log_dir, done_dir, proc.returncode, watch, timed_out, timeout,
-                           duplicate_scheduler), quiet)
+    return _result(script, layout, log_dir, done_dir, proc.returncode, watch, timed_out, timeout,
+                   duplicate_scheduler)
 
 
 def _look(watch: _Watch, followers: dict, layout: NodeLayout) -> None:

@@ -16,6 +16,9 @@ LOST_SCHEDULER = "Failed to send heartbeat message to meta server"
 # a worker or scheduler that gave up waiting for the others to register
 CLUSTER_NOT_BUILT = "Failed to initialize distributed job cluster"
 SCHEDULER_PORT_TAKEN = re.compile(r"Failed to call bind, url: \S+ Address already in use")
+# a rank that gave up in mindspore.communication.init() because another rank never registered its address
+# (MindSpore retries 19 x 3 s): the job's ranks never formed their cluster
+ADDRESS_NOT_FETCHED = "Failed to fetch the address of the rank"
 
 
 def mark_rank_done(rank: int) -> None:
@@ -97,6 +100,20 @@ def peer_log(log_dir: Path, node_rank: int, peer_node: int, rank: int) -> Option
 
 def first_line_with(text: str, needle: str) -> Optional[str]:
     return next((line for line in text.splitlines() if needle in line), None)
+
+
+def cluster_never_formed(log_dir: Path, ranks) -> Optional[str]:
+    """The line of a worker log that shows the job's ranks never formed their cluster (before any rank marked
+    itself done), or None."""
+    if ranks_done(Path(log_dir) / "done") > 0:
+        return None
+    for rank in ranks:
+        text = read_text(worker_log(log_dir, rank))
+        for needle in (ADDRESS_NOT_FETCHED, CLUSTER_NOT_BUILT):
+            line = first_line_with(text, needle)
+            if line is not None:
+                return line.strip()
+    return None
 
 
 def timed_out_ranks(scheduler_text: str) -> List[int]:
