@@ -1174,7 +1174,9 @@ int accumulate_product_entry(const char *kernel, int nparam, void **params, int 
     // was 10% slower than MindSpore's matmul): each span's product goes into its own float32 partial, and the
     // partials are added to total in span order afterwards, so the result does not depend on the threads.
     const int64_t partial_size = rows * hidden;
-    int64_t spans = std::max<int64_t>(1, std::min<int64_t>(kMaxSpans, kPartialBytes / (4 * partial_size)));
+    // the partials' memory: at most kPartialBytes and an eighth of a's (the chunk's logits gradient)
+    const int64_t partial_bytes = std::min<int64_t>(kPartialBytes, rows * vocab * 4 / 8);
+    int64_t spans = std::max<int64_t>(1, std::min<int64_t>(kMaxSpans, partial_bytes / (4 * partial_size)));
     spans = std::min(spans, (vocab + kWeightBlockRows - 1) / kWeightBlockRows);
     const int64_t span_rows = (vocab + spans - 1) / spans;
     spans = (vocab + span_rows - 1) / span_rows;
