@@ -976,6 +976,8 @@ namespace {
 constexpr int64_t kMinProductRows = 256;
 constexpr int64_t kProductBlockBytes = 4 << 20;
 
+bool fits_openblas(int64_t a, int64_t b, int64_t c) { return a <= INT32_MAX && b <= INT32_MAX && c <= INT32_MAX; }
+
 void openblas_single_threaded() {
   static std::once_flag once;
   std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
@@ -1012,8 +1014,7 @@ int transposed_product_entry(const char *kernel, bool compensated, int nparam, v
   const int64_t offset = static_cast<const int64_t *>(params[3 + c])[0];
   if (offset < 0 || offset > vocab - tile)
     return fail_in(kernel, "the grad's columns do not fit in total at this offset");
-  if (tile > INT32_MAX || hidden > INT32_MAX || rows > INT32_MAX)
-    return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  if (!fits_openblas(tile, hidden, rows)) return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
   openblas_single_threaded();
   const float *grad = static_cast<const float *>(params[1 + c]), *rows_in = static_cast<const float *>(params[2 + c]);
   // block [b, e) of the share (rows of grad^T) into `out` (leading dimension H), out = beta * out + share
@@ -1113,8 +1114,6 @@ const float *block_as_float32(const void *matrix, DType dtype, int64_t ld, int64
   *block_ld = width;
   return buffer.data();
 }
-
-bool fits_openblas(int64_t a, int64_t b, int64_t c) { return a <= INT32_MAX && b <= INT32_MAX && c <= INT32_MAX; }
 
 int product_transposed_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
                              const char **dtypes) {

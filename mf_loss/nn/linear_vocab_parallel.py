@@ -83,15 +83,16 @@ class LinearShard(VocabShard):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
     def operands(self, hidden, head_weight):
-        """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from,
-        head_weight in float32 or None when the kernels read it as it is). A half-precision hidden is made
+        """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from, the head
+        weight as the products take it: itself on the fused backend, whose kernels read any float dtype, a
+        float32 copy of a half-precision one on the composed backend). A half-precision hidden is made
         float32 a chunk at a time where the backend can (at H = 4096 a float32 copy of the whole input is a
         tenth of the logits); otherwise copied whole (GRAPH mode on CPU slices no half-precision tensor)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
-        weight32 = None if self.reads_half_weight(head_weight) else _float32(head_weight)
+        weight = head_weight if self.product_transposed is not None else _float32(head_weight)
         hidden_source = hidden if self.rows_float32 is not None else _float32(hidden)
-        return rows, local_vocab, vocab_start, hidden_source, weight32
+        return rows, local_vocab, vocab_start, hidden_source, weight
 
     def hidden_chunk(self, hidden_source, start: int, stop: int, previous):
         """Rows [start, stop) of hidden in float32, taken once `previous` (the last chunk's work) exists."""
@@ -109,28 +110,28 @@ class LinearShard(VocabShard):
             return ()
         return (self.zeros(hidden, True),)
 
-    def add_hidden_part(self, hidden_grad, grad, head_weight, weight32, row_offset: int):
+    def add_hidden_part(self, hidden_grad, grad, weight, row_offset: int):
         """The hidden gradient with the chunk's part `grad @ head_weight` added to its rows from `row_offset` on:
         inside sgemm, the weight read in its own dtype (fused; 54 ms against 84 ms for MindSpore's matmul alone
         at 128 x 128256 x 256), or a matmul's part kept for the concatenation (composed)."""
         if self.zeros is None:
-            return hidden_grad + (_hidden_grad_of(grad, weight32),)
-        return (self.accumulate_product(hidden_grad[0], grad, head_weight, row_offset),)
+            return hidden_grad + (_hidden_grad_of(grad, weight),)
+        return (self.accumulate_product(hidden_grad[0], grad, weight, row_offset),)
 
     def whole_hidden_grad(self, hidden_grad):
         return hidden_grad[0] if self.zeros is not None else ops.concat(hidden_grad, 0)
 
-    def chunk_logits(self, chunk, head_weight, weight32):
+    def chunk_logits(self, chunk, weight):
         """The chunk's (rows, V/mp) float32 logits: the fused kernel, which reads the weight in its own dtype
         (and ran at 62 ms against 80 ms for MindSpore's matmul at 128 x 128256 x 256 float32), or MindSpore's
         matmul on the float32 weight (composed)."""
         if self.product_transposed is not None:
-            return self.product_transposed(chunk, head_weight)
-        return _logits_of(chunk, weight32)
+            return self.product_transposed(chunk, weight)
+        return _logits_of(chunk, weight)
 
-    def chunk_stats(self, chunk, head_weight, weight32, target, vocab_start: int):
+    def chunk_stats(self, chunk, weight, target, vocab_start: int):
         """(the chunk's float32 logits, its local row statistics)."""
-        logits = self.chunk_logits(chunk, head_weight, weight32)
+        logits = self.chunk_logits(chunk, weight)
         return logits, self.local_row_stats(logits, target, self.weight, self.spec(vocab_start))
 
     def first_weight_grad(self, head_weight):
@@ -159,16 +160,16 @@ class LinearShard(VocabShard):
             return self.accumulate_transposed_product_compensated(weight_grad[0], weight_grad[1], grad, chunk, 0)
         return (self.accumulate_transposed_product(weight_grad[0], grad, chunk, 0),)
 
-    def chunk_grads(self, logits, chunk, chunk_start: int, head_weight, weight32, target, vocab_start: int,
+    def chunk_grads(self, logits, chunk, chunk_start: int, weight, target, vocab_start: int,
                     row_max, log_sum_exp, coefficients, hidden_grad, weight_grad):
         """(the hidden gradient with the chunk's rows added, the running weight-gradient sum with the chunk's
         share added) from the chunk's logits, which are consumed (the gradient is written over them), or made
         again when `logits` is None (the recomputing backward); the chunk starts at row `chunk_start`."""
         if logits is None:
-            logits = self.chunk_logits(chunk, head_weight, weight32)
+            logits = self.chunk_logits(chunk, weight)
         grad = self.scratch_logits_grad(logits, target, self.weight, self.spec(vocab_start), row_max, log_sum_exp,
                                         coefficients)
-        hidden_grad = self.add_hidden_part(hidden_grad, grad, head_weight, weight32, chunk_start)
+        hidden_grad = self.add_hidden_part(hidden_grad, grad, weight, chunk_start)
         return hidden_grad, self.add_product(weight_grad, grad, chunk)
 
     def finish_weight_grad(self, weight_grad, head_weight):
@@ -207,12 +208,12 @@ class GradByRecompute(LinearShard):
     -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
         parts = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
-            _, previous = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], vocab_start)
+            _, previous = self.chunk_stats(chunk, weight, target[start:stop], vocab_start)
             parts.append(previous)
         local = (ops.concat(parts, 0) if parts else
                  ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
@@ -221,7 +222,7 @@ class GradByRecompute(LinearShard):
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
-        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
         bounds = self.bounds(rows, local_vocab)
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
@@ -232,7 +233,7 @@ class GradByRecompute(LinearShard):
         for start, stop in bounds:
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             hidden_grad, weight_grad = self.chunk_grads(
-                None, chunk, start, head_weight, weight32, target[start:stop], vocab_start, row_max[start:stop],
+                None, chunk, start, weight, target[start:stop], vocab_start, row_max[start:stop],
                 log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), hidden_grad, weight_grad)
             previous = spent(weight_grad, hidden_grad)
         if not bounds:
@@ -249,7 +250,7 @@ class GradInForward(LinearShard):
     forward (`compensation`: the half-precision weight gradient's compensation buffer, else empty)."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
-        rows, local_vocab, vocab_start, hidden_source, weight32 = self.operands(hidden, head_weight)
+        rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
         bounds = self.bounds(rows, local_vocab)
         pieces = []   # the per-token tuple of each chunk
         hidden_grad = self.first_hidden_grad(hidden)
@@ -257,12 +258,12 @@ class GradInForward(LinearShard):
         previous = None
         for start, stop in bounds:
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
-            logits, local = self.chunk_stats(chunk, head_weight, weight32, target[start:stop], vocab_start)
+            logits, local = self.chunk_stats(chunk, weight, target[start:stop], vocab_start)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS],
                                              row_scale[start:stop], local_vocab)
-            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, start, head_weight, weight32,
+            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, start, weight,
                                                         target[start:stop], vocab_start, piece[ROW_MAX],
                                                         piece[LOG_SUM_EXP], coefficients, hidden_grad, weight_grad)
             pieces.append(piece)

@@ -189,7 +189,12 @@ def _offset_input(offset: int):
     return ops.fill(ms.int64, (1,), offset)
 
 
-_NOT_IN_PLACE = "mf_loss: a running sum was handed to its kernel as a copy"
+def _written_over(total, token):
+    """`total` once its kernel has written it in place (a running sum: always a fresh `zeros` buffer or one
+    a kernel returned, never a view, so PYNATIVE never hands it over as a copy)."""
+    if _written_in_place(total, token):
+        return _depend(total, token)
+    raise RuntimeError("mf_loss: a running sum was handed to its kernel as a copy")  # pragma: no cover
 
 
 def accumulate_transposed_product(total, a, b, row_offset: int = 0):
@@ -197,19 +202,14 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     float32, float16 or bfloat16, contiguous, not read by anything else afterwards), written over `total`: the
     fused head's running weight gradient, to which each chunk adds its share inside sgemm instead of making
     the (Vt, H) share and adding it."""
-    token = _kernels.transposed_product(total, a, b, _offset_input(row_offset))
-    if _written_in_place(total, token):
-        return _depend(total, token)
-    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - the running sums are fresh `zeros`, never views
+    return _written_over(total, _kernels.transposed_product(total, a, b, _offset_input(row_offset)))
 
 
 def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
     """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
     (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
     token = _kernels.transposed_product_compensated(total, compensation, a, b, _offset_input(row_offset))
-    if _written_in_place(total, token):
-        return _depend(total, token), _depend(compensation, token)
-    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
+    return _written_over(total, token), _depend(compensation, token)
 
 
 def product_transposed(a, b):
@@ -223,10 +223,7 @@ def accumulate_product(total, a, b, row_offset: int = 0):
     """`total` (N, H) float32 with `a @ b` added to its rows from `row_offset` on (a (n, V) float32, b (V, H)
     float32, float16 or bfloat16), written over `total` inside sgemm: the fused head's hidden gradient, to
     which each chunk adds its part without a (n, H) part or a float32 copy of a half-precision weight."""
-    token = _kernels.accumulate_product(total, a, b, _offset_input(row_offset))
-    if _written_in_place(total, token):
-        return _depend(total, token)
-    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
+    return _written_over(total, _kernels.accumulate_product(total, a, b, _offset_input(row_offset)))
 
 
 def scale(total, factor):
@@ -241,10 +238,7 @@ def scale(total, factor):
 def scale_compensated(total, compensation, factor):
     """`(total + compensation) * factor` rounded once to total's dtype, written over `total` (the
     compensation is spent)."""
-    token = _kernels.scale_compensated(total, compensation, factor.reshape(1))
-    if _written_in_place(total, token):
-        return _depend(total, token)
-    raise RuntimeError(_NOT_IN_PLACE)  # pragma: no cover - as in accumulate_transposed_product
+    return _written_over(total, _kernels.scale_compensated(total, compensation, factor.reshape(1)))
 
 
 def rows_float32(matrix, start: int, stop: int):
