@@ -142,6 +142,7 @@ def linear_cross_entropy_class():
 
 def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
     """The cell of a head row; `notes` receives what the fused loss chose (options, backend, chunk rows)."""
+    import mindspore as ms
     from mindspore import mint
 
     from .ms_cells import FrameworkLoss, FusedHeadLoss, LinearThenLoss, MaskedLoss
@@ -154,10 +155,15 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
         loss = linear_cross_entropy_class()(**({"parallel_config": parallel_config} if parallel_config else {}),
                                             **options)
         notes["linear_options"] = options
-        notes.update({attribute: getattr(loss, attribute) for attribute in ("backend", "grad_mode")
-                      if isinstance(getattr(loss, attribute, None), str)})
+        if isinstance(getattr(loss, "backend", None), str):
+            notes["backend"] = loss.backend
         core = getattr(loss, "core", None)
-        if hasattr(core, "chunk_rows"):
+        if hasattr(loss, "recomputes"):  # the design a call with this dtype takes ("auto" looks at the dtype)
+            weight_dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config["dtype"]]
+            notes["grad_mode"] = "recompute" if loss.recomputes(weight_dtype) else "forward"
+        if notes.get("grad_mode") == "recompute" and getattr(core, "head_grads", None) is not None:
+            notes["vocab_block"] = core.vocab_block(config["rows"], config["head"], config["vocab"] // mp)
+        elif hasattr(core, "chunk_rows"):
             notes["chunk_rows"] = core.chunk_rows(config["rows"], config["vocab"] // mp)
         return FusedHeadLoss(loss)
     if name == "linear_unfused":

@@ -21,10 +21,10 @@ _OUTPUT = re.compile(r"->\s*\(<Tensor\[(\w+)\],\s*\(([\d,\s]*)\)")
 LOGITS_DESIGNS = ("fused", "composed")
 HEAD_DESIGNS = ("linear_fused", "linear_fused_recompute", "linear_fused_share", "linear_unfused")
 DESIGN_NOTES = {
-    "linear_fused": "LinearCrossEntropyLoss, default grad_mode (gradient made in the forward), "
-                    "complete_hidden_grad=True: hidden's gradient summed inside the loss",
-    "linear_fused_recompute": "LinearCrossEntropyLoss, grad_mode='recompute' (chunk logits made again in the "
-                              "backward), complete_hidden_grad=True",
+    "linear_fused": "LinearCrossEntropyLoss, default grad_mode (float32: gradient made in the forward; half "
+                    "precision: recompute), complete_hidden_grad=True: hidden's gradient summed inside the loss",
+    "linear_fused_recompute": "LinearCrossEntropyLoss, grad_mode='recompute' (logits made again in the backward, "
+                              "a vocabulary block at a time), complete_hidden_grad=True",
     "linear_fused_share": "LinearCrossEntropyLoss, complete_hidden_grad=False: hidden's gradient is this rank's "
                           "share (a model's copy-to-model-parallel op sums it)",
     "linear_unfused": "matmul + CrossEntropyLoss(backend='fused'): hidden's gradient is this rank's share",
@@ -118,7 +118,7 @@ def run_rank(config: dict) -> None:
             continue
         declared = getattr(getattr(cell, "loss", None), "collectives_per_call", None)
         if declared is not None:  # what the loss says it issues, beside what the IR shows
-            notes["declared_collectives"] = declared(rows, local)
+            notes["declared_collectives"] = declared(rows, local, ms_dtype)
         prepare, run = impls.mindspore_passes(cell, args, grad_position, True, design)["fwdbwd"]
         ir_dir = tempfile.mkdtemp(prefix=f"ir_{design}_rank{rank}_", dir=config["out"])
         ms.set_context(save_graphs=1, save_graphs_path=ir_dir)

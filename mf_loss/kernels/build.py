@@ -18,11 +18,12 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cross_entropy.cc"
 LIBRARY_NAME = "libmf_cross_entropy.so"
-ABI_VERSION = 8
+ABI_VERSION = 9
 ENTRY_POINTS = ("mf_row_stats4", "mf_row_stats5", "mf_logits_grad", "mf_logits_grad_inplace", "mf_scale_inplace",
                 "mf_scale_compensated", "mf_rows_float32", "mf_zeros", "mf_zeros_float32",
                 "mf_accumulate_transposed_product", "mf_accumulate_transposed_product_compensated",
-                "mf_product_transposed", "mf_accumulate_product")
+                "mf_product_transposed", "mf_accumulate_product", "mf_head_row_stats4",
+                "mf_head_row_stats5", "mf_head_grads")
 # -ffp-contract=off: no fused multiply-adds, so results do not depend on the instruction set;
 # -fno-trapping-math: lets gcc vectorise the branch-free selects (FP exception flags are never read).
 # Never -ffast-math: inf and NaN must behave as IEEE says.

@@ -8,7 +8,8 @@
 //
 // and the fused head's helpers (scale, zeros, rows in float32, and through OpenBLAS's sgemm the
 // products with the head weight in any float dtype: a chunk's logits, its hidden-gradient part added in
-// place, the weight gradient's running sum += grad^T @ hidden rows).
+// place, the weight gradient's running sum += grad^T @ hidden rows), and the fused head whole in two
+// kernels that go through blocks of classes for all rows (mf_head_row_stats, mf_head_grads; see there).
 //
 // logits (N, Vl) float32 / float16 / bfloat16, read in place in their own dtype, maths in float32 (sums
 // in double). target is either (N,) int32 class ids LOCAL to this slice (label - vocab_start; anything
@@ -464,89 +465,117 @@ inline void load_probs_block(const void *probs, DType dt, int64_t offset, int64_
   }
 }
 
+// One row's statistics while its classes go by in segments (the whole row for the per-shard kernel, one
+// vocabulary block at a time for the fused head's kernel): the same sums and the same re-basing whatever
+// the segments (sums in double, so their order changes nothing beyond double rounding).
+struct RowState {
+  float max = -std::numeric_limits<float>::infinity();  // running max of the finite-or-inf values
+  float base = 0.0f;        // the max the exp sum is relative to (0 while everything is -inf)
+  bool nan = false;
+  bool has_target = false;  // the label's logit went by (label rows)
+  float target_x = 0.0f;    // that logit (soft-capped)
+  double sum_exp = 0.0;     // sum exp(x - base)
+  double probs_x = 0.0, probs_mass = 0.0;  // sum w t x, sum w t  (probabilities)
+  double smooth_x = 0.0, weight_sum = 0.0;  // sum w x, sum w      (label smoothing)
+};
+
+// Columns [0, n) of `row`, which are the slice's classes [first_class, first_class + n): `label` is the row's
+// class id in the slice's index space (anything outside the segment is skipped), `weight` and `probs` (the
+// row's probabilities, element offset `probs_offset`) are indexed by the slice's classes.
+template <typename T>
+void accumulate_row(RowState &state, const T *row, int64_t n, int64_t first_class, int64_t label,
+                    const StatsArgs &args, int64_t probs_offset, float *x, float *e, float *t) {
+  // the state in locals: the loops below write float buffers, which could alias a float member of `state`
+  // (the compiler would then reload it in every iteration instead of vectorising)
+  RowState s = state;
+  const bool smoothing = args.cols > 4;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min(kBlock, n - start);
+    const int64_t cls = first_class + start;
+    const float *xs = block_as_float<T>(row, start, m, args.cap, x);
+    const MaxNan bm = block_max(xs, m);
+    s.nan = s.nan || bm.nan;
+    if (bm.max > s.max) {
+      // re-base the running sum on the new max; while everything was -inf the sum is exactly 0
+      if (s.max != -std::numeric_limits<float>::infinity())
+        s.sum_exp *= std::exp(static_cast<double>(s.max) - static_cast<double>(bm.max));
+      s.max = bm.max;
+      s.base = s.max;
+    }
+    const float base = s.base;
+    for (int64_t i = 0; i < m; ++i) e[i] = exp_small(xs[i] - base);  // x - base <= 0 (NaN, +inf: below)
+    s.sum_exp += block_sum(e, m);
+    if (args.probs != nullptr) {
+      load_probs_block(args.probs, args.probs_dtype, probs_offset + start, m, t);
+      if (args.weight != nullptr) {
+        const float *w = args.weight + cls;
+        for (int64_t i = 0; i < m; ++i) t[i] = t[i] * w[i];
+      }
+      s.probs_x += block_dot(t, xs, m);
+      s.probs_mass += block_sum(t, m);
+    } else if (label >= cls && label < cls + m) {
+      s.target_x = xs[label - cls];
+      s.has_target = true;
+    }
+    if (smoothing) {
+      if (args.weight != nullptr) {
+        s.smooth_x += block_dot(args.weight + cls, xs, m);
+        s.weight_sum += block_sum(args.weight + cls, m);
+      } else {
+        s.smooth_x += block_sum(xs, m);
+        s.weight_sum += static_cast<double>(m);
+      }
+    }
+  }
+  state = s;
+}
+
+// The row's statistics (K columns) from its state once every class went by.
+void finish_row(const RowState &s, const StatsArgs &args, int64_t label, float *out) {
+  const double b = static_cast<double>(s.base);
+  float target_dot = 0.0f, mass = 0.0f;
+  bool reads_target = args.probs != nullptr;
+  if (args.probs != nullptr) {
+    // sum w t (x - base); products with x = -inf give -inf (or NaN where w t = 0), as the composed sum
+    target_dot = static_cast<float>(s.probs_x - b * s.probs_mass);
+    mass = static_cast<float>(s.probs_mass);
+  } else if (s.has_target) {
+    mass = args.weight != nullptr ? args.weight[label] : 1.0f;
+    target_dot = mass * (s.target_x - s.base);
+    reads_target = true;
+  }
+  float row_max = s.base;
+  float sum = static_cast<float>(s.sum_exp);
+  float smooth = static_cast<float>(s.smooth_x - b * s.weight_sum);
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  if (s.nan) {  // a NaN logit makes the row max NaN, and with it every statistic relative to it
+    row_max = sum = smooth = qnan;
+    if (reads_target) target_dot = qnan;
+  } else if (s.max == std::numeric_limits<float>::infinity()) {
+    sum = qnan;  // exp(inf - inf), as in the composed sum
+  }
+  out[0] = row_max;
+  out[1] = sum;
+  out[2] = target_dot;
+  out[3] = mass;
+  if (args.cols > 4) out[4] = smooth;
+}
+
+inline int64_t row_label(const StatsArgs &args, int64_t r) {
+  return args.label != nullptr ? static_cast<int64_t>(args.label[r]) : -1;
+}
+
 template <typename T>
 void row_stats(const StatsArgs &args, int64_t begin, int64_t end) {
   alignas(64) float x[kBlock];
   alignas(64) float e[kBlock];
   alignas(64) float t[kBlock];
-  const int64_t vocab = args.vocab;
-  const bool smoothing = args.cols > 4;
-  const bool probs = args.probs != nullptr;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t r = begin; r < end; ++r) {
-    const T *row = static_cast<const T *>(args.logits) + r * vocab;
-    float max = neg_inf;      // running max of the finite-or-inf values
-    float base = 0.0f;        // the max the exp sum is relative to (0 while everything is -inf)
-    bool nan = false;
-    double sum_exp = 0.0;     // sum exp(x - base)
-    double target_x = 0.0, target_mass = 0.0;  // sum w t x, sum w t          (probabilities)
-    double smooth_x = 0.0, weight_sum = 0.0;   // sum w x, sum w              (label smoothing)
-    for (int64_t start = 0; start < vocab; start += kBlock) {
-      const int64_t n = std::min(kBlock, vocab - start);
-      const float *xs = block_as_float<T>(row, start, n, args.cap, x);
-      const MaxNan bm = block_max(xs, n);
-      nan = nan || bm.nan;
-      if (bm.max > max) {
-        // re-base the running sum on the new max; while everything was -inf the sum is exactly 0
-        if (max != -std::numeric_limits<float>::infinity())
-          sum_exp *= std::exp(static_cast<double>(max) - static_cast<double>(bm.max));
-        max = bm.max;
-        base = max;
-      }
-      for (int64_t i = 0; i < n; ++i) e[i] = exp_small(xs[i] - base);  // x - base <= 0 (NaN, +inf: below)
-      sum_exp += block_sum(e, n);
-      if (probs) {
-        load_probs_block(args.probs, args.probs_dtype, r * vocab + start, n, t);
-        if (args.weight != nullptr) {
-          const float *w = args.weight + start;
-          for (int64_t i = 0; i < n; ++i) t[i] = t[i] * w[i];
-        }
-        target_x += block_dot(t, xs, n);
-        target_mass += block_sum(t, n);
-      }
-      if (smoothing) {
-        if (args.weight != nullptr) {
-          smooth_x += block_dot(args.weight + start, xs, n);
-          weight_sum += block_sum(args.weight + start, n);
-        } else {
-          smooth_x += block_sum(xs, n);
-          weight_sum += static_cast<double>(n);
-        }
-      }
-    }
-    const double b = static_cast<double>(base);
-    float target_dot = 0.0f, mass = 0.0f;
-    bool reads_target = probs;
-    if (probs) {
-      // sum w t (x - base); products with x = -inf give -inf (or NaN where w t = 0), as the composed sum
-      target_dot = static_cast<float>(target_x - b * target_mass);
-      mass = static_cast<float>(target_mass);
-    } else {
-      const int32_t y = args.label[r];
-      if (y >= 0 && y < vocab) {
-        float xy = to_float<T>(row[y]);
-        if (args.cap != 0.0f) xy = args.cap * tanh_f(xy / args.cap);
-        mass = args.weight != nullptr ? args.weight[y] : 1.0f;
-        target_dot = mass * (xy - base);
-        reads_target = true;
-      }
-    }
-    float *out = args.out + r * args.cols;
-    float row_max = base;
-    float sum = static_cast<float>(sum_exp);
-    float smooth = static_cast<float>(smooth_x - b * weight_sum);
-    const float qnan = std::numeric_limits<float>::quiet_NaN();
-    if (nan) {  // a NaN logit makes the row max NaN, and with it every statistic relative to it
-      row_max = sum = smooth = qnan;
-      if (reads_target) target_dot = qnan;
-    } else if (max == std::numeric_limits<float>::infinity()) {
-      sum = qnan;  // exp(inf - inf), as in the composed sum
-    }
-    out[0] = row_max;
-    out[1] = sum;
-    out[2] = target_dot;
-    out[3] = mass;
-    if (smoothing) out[4] = smooth;
+    RowState s;
+    const int64_t label = row_label(args, r);
+    accumulate_row<T>(s, static_cast<const T *>(args.logits) + r * args.vocab, args.vocab, 0, label, args,
+                      r * args.vocab, x, e, t);
+    finish_row(s, args, label, args.out + r * args.cols);
   }
 }
 
@@ -562,7 +591,8 @@ struct GradArgs {
   float cap;
   bool smoothing;         // subtract b * w (label smoothing on)
   bool stream;            // non-temporal stores (large outputs)
-  int64_t rows, vocab;
+  int64_t rows, vocab;    // vocab: the row's length (columns)
+  int64_t first_class;    // the class of column 0 in the label's index space (`weight` is indexed by column)
   void *out;
 };
 
@@ -612,7 +642,7 @@ void logits_grad_rows(const GradArgs &args, int64_t begin, int64_t end) {
           for (int64_t i = 0; i < n; ++i) g[i] = g[i] - q * t[i];
         }
       } else {
-        const int32_t y = args.label[r];
+        const int64_t y = static_cast<int64_t>(args.label[r]) - args.first_class;
         if (y >= start && y < start + n) {
           const float at_target = weight != nullptr ? q * weight[y] : q;
           g[y - start] = g[y - start] + (-at_target);
@@ -1234,5 +1264,247 @@ extern "C" int mf_accumulate_product(int nparam, void **params, int *ndims, int6
   return accumulate_product_entry("mf_accumulate_product", nparam, params, ndims, shapes, dtypes);
 }
 
+// ---- the fused head whole: its statistics and gradients a vocabulary block at a time ----
+//
+//   mf_head_row_stats4/5 (hidden (N, H), weight (V, H), target (N,) int32, [class weight (V,) float32],
+//                         config (2,) float32, block (1,) int64) -> stats (N, 4 or 5) float32
+//   mf_head_grads        (hidden, weight, target, [class weight], row_max, log_sum_exp, a, b, q (N,) float32,
+//                         config, block, hidden_grad (N, H) float32, weight_grad (V, H) in weight's dtype, token)
+//                         -> both gradients written over the two buffers; the token as the in-place kernels'
+//
+// Cut Cross-Entropy's order, on the CPU: the classes go by in blocks of `block`; each block's logits are made
+// for ALL rows (hidden and weight of any float dtype, one sgemm per block of rows). The forward folds them
+// into every row's running statistics (`accumulate_row`, the per-shard kernel's own step). The backward
+// writes their gradient over them (`logits_grad_rows`); its product with all rows is the block's rows of the
+// weight gradient, complete in one sgemm and rounded once to the weight's dtype (no running sum over chunks
+// of rows: a half-precision weight needs no compensation buffer), and its product with the block's weight
+// rows is added to the float32 hidden gradient. The weight is read, and a half-precision one converted, once
+// per call. What exists beside the inputs and outputs is one block: its logits (N x block float32), its
+// weight rows and their gradient in float32, and hidden in float32 when it is half precision.
+namespace {
+
+struct HeadCall {
+  const void *hidden, *weight;
+  DType hidden_dtype, weight_dtype;
+  const int32_t *label;       // (N,) class ids local to the slice
+  const float *class_weight;  // (V,) or nullptr
+  int64_t rows, vocab, width, block;
+};
+
+// hidden, weight, target, [class weight], then `fixed` parameters; returns the index after the class weight, or -1
+int parse_head(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int fixed,
+               HeadCall *head) {
+  const int with_weight = nparam - 3 - fixed;
+  if (with_weight != 0 && with_weight != 1) return -1;
+  head->hidden_dtype = parse_dtype(dtypes[0]);
+  head->weight_dtype = parse_dtype(dtypes[1]);
+  if (ndims[0] != 2 || ndims[1] != 2 || !is_float_dtype(head->hidden_dtype) || !is_float_dtype(head->weight_dtype) ||
+      shapes[0][1] != shapes[1][1])
+    return -1;
+  head->rows = shapes[0][0];
+  head->width = shapes[0][1];
+  head->vocab = shapes[1][0];
+  if (parse_dtype(dtypes[2]) != DType::kI32 || numel(ndims[2], shapes[2]) != head->rows) return -1;
+  head->hidden = params[0];
+  head->weight = params[1];
+  head->label = static_cast<const int32_t *>(params[2]);
+  head->class_weight = nullptr;
+  if (with_weight) {
+    if (parse_dtype(dtypes[3]) != DType::kF32 || numel(ndims[3], shapes[3]) != head->vocab) return -1;
+    head->class_weight = static_cast<const float *>(params[3]);
+  }
+  return 3 + with_weight;
+}
+
+// fn(first, end) over [0, n) in blocks of at least `least` handed out to the threads (each block one sgemm)
+template <typename F>
+void over_blocks(int64_t n, int64_t least, int64_t cost_per_item, F &&fn) {
+  const int64_t threads = thread_budget();
+  const int64_t per = std::max(least, (n + 4 * threads - 1) / (4 * threads));
+  const int64_t blocks = (n + per - 1) / per;
+  parallel_rows(blocks, per * cost_per_item, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t block = first_block; block < end_block; ++block) fn(block * per, std::min(n, (block + 1) * per));
+  });
+}
+
+// fn(v0, columns, logits, w, w_ld) for each block of classes [v0, v0 + columns) in order: `logits` (N, columns)
+// float32 = hidden @ weight[v0 : v0 + columns]^T (fn may write over it), `w` those weight rows in float32
+// (leading dimension w_ld); `h32` is hidden in float32 (leading dimension h_ld). rows > 0.
+template <typename F>
+void for_each_block(const HeadCall &head, const float *h32, int64_t h_ld, F &&fn) {
+  const int64_t rows = head.rows, width = head.width;
+  std::vector<float> logits(static_cast<size_t>(rows * std::min(head.block, head.vocab))), weight_buffer;
+  for (int64_t v0 = 0; v0 < head.vocab; v0 += head.block) {
+    const int64_t columns = std::min(head.block, head.vocab - v0);
+    int64_t w_ld = 0;
+    const float *w = block_as_float32(head.weight, head.weight_dtype, width, v0, v0 + columns, 0, width,
+                                      weight_buffer, &w_ld);
+    float *x = logits.data();
+    if (width == 0) {
+      std::memset(x, 0, static_cast<size_t>(rows * columns) * sizeof(float));
+    } else {
+      over_blocks(rows, 32, columns * width, [&](int64_t r0, int64_t r1) {
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0),
+                          static_cast<int>(columns), static_cast<int>(width), 1.0f, h32 + r0 * h_ld,
+                          static_cast<int>(h_ld), w, static_cast<int>(w_ld), 0.0f, x + r0 * columns,
+                          static_cast<int>(columns));
+      });
+    }
+    fn(v0, columns, x, w, w_ld);
+  }
+}
+
+// config and block of a head kernel at params[at], params[at + 1]; false when malformed
+bool read_head_options(void **params, int *ndims, int64_t **shapes, const char **dtypes, int at, float *cap,
+                       bool *smoothing, HeadCall *head) {
+  if (!read_config(params[at], ndims[at], shapes[at], dtypes[at], cap, smoothing) ||
+      !is_token(ndims[at + 1], shapes[at + 1], dtypes[at + 1]))
+    return false;
+  head->block = static_cast<const int64_t *>(params[at + 1])[0];
+  return head->block >= 1;
+}
+
+int head_row_stats_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
+                         const char **dtypes) {
+  HeadCall head{};
+  StatsArgs args{};
+  bool smoothing_unused = false;
+  const int next = parse_head(nparam, params, ndims, shapes, dtypes, 3, &head);
+  const int out = nparam - 1;
+  if (next < 0 || !read_head_options(params, ndims, shapes, dtypes, next, &args.cap, &smoothing_unused, &head) ||
+      ndims[out] != 2 || shapes[out][0] != head.rows || (shapes[out][1] != 4 && shapes[out][1] != 5) ||
+      parse_dtype(dtypes[out]) != DType::kF32)
+    return fail_in(kernel, "expects hidden (N, H) float, weight (V, H) float, target (N,) int32, [class weight (V,) "
+                           "float32], config (2,) float32, block (1,) int64 >= 1, stats (N, 4 or 5) float32");
+  if (!fits_openblas(head.rows, head.vocab, head.width))
+    return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  args.label = head.label;
+  args.weight = head.class_weight;
+  args.rows = head.rows;
+  args.vocab = head.vocab;
+  args.cols = shapes[out][1];
+  args.out = static_cast<float *>(params[out]);
+  std::vector<RowState> states(static_cast<size_t>(head.rows));
+  if (head.rows > 0) {
+    openblas_single_threaded();
+    std::vector<float> hidden_buffer;
+    int64_t h_ld = 0;
+    const float *h32 = block_as_float32(head.hidden, head.hidden_dtype, head.width, 0, head.rows, 0, head.width,
+                                        hidden_buffer, &h_ld);
+    for_each_block(head, h32, h_ld, [&](int64_t v0, int64_t columns, const float *logits, const float *, int64_t) {
+      parallel_rows(head.rows, columns, [&](int64_t b, int64_t e) {
+        alignas(64) float x[kBlock];
+        alignas(64) float ex[kBlock];
+        for (int64_t r = b; r < e; ++r)
+          accumulate_row<float>(states[r], logits + r * columns, columns, v0, row_label(args, r), args, 0, x, ex,
+                                nullptr);
+      });
+    });
+  }
+  parallel_rows(head.rows, head.vocab, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) finish_row(states[r], args, row_label(args, r), args.out + r * args.cols);
+  });
+  return 0;
+}
+
+template <typename T>
+void store_rows(void *total, int64_t first, const float *values, int64_t n) {
+  store_block<T>(static_cast<T *>(total) + first, values, n, false);
+}
+
+int head_grads_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
+                     const char **dtypes) {
+  HeadCall head{};
+  GradArgs args{};
+  const int next = parse_head(nparam, params, ndims, shapes, dtypes, 10, &head);
+  const int hg = nparam - 3, wg = nparam - 2, token = nparam - 1;
+  bool ok = next >= 0;
+  for (int i = 0; ok && i < 5; ++i)
+    ok = parse_dtype(dtypes[next + i]) == DType::kF32 && numel(ndims[next + i], shapes[next + i]) == head.rows;
+  ok = ok && read_head_options(params, ndims, shapes, dtypes, next + 5, &args.cap, &args.smoothing, &head) &&
+       parse_dtype(dtypes[hg]) == DType::kF32 && ndims[hg] == 2 && shapes[hg][0] == head.rows &&
+       shapes[hg][1] == head.width && parse_dtype(dtypes[wg]) == head.weight_dtype && ndims[wg] == 2 &&
+       shapes[wg][0] == head.vocab && shapes[wg][1] == head.width && is_token(ndims[token], shapes[token], dtypes[token]);
+  if (!ok)
+    return fail_in(kernel, "expects hidden (N, H) float, weight (V, H) float, target (N,) int32, [class weight (V,) "
+                           "float32], row_max, log_sum_exp, a, b, q (N,) float32, config (2,) float32, block (1,) "
+                           "int64 >= 1, hidden_grad (N, H) float32, weight_grad (V, H) of weight's dtype, (1,) int64 "
+                           "token");
+  if (!fits_openblas(head.rows, head.vocab, head.width))
+    return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
+  const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
+  for (int i = 0; i < 5; ++i) *row_inputs[i] = static_cast<const float *>(params[next + i]);
+  float *hidden_grad = static_cast<float *>(params[hg]);
+  void *weight_grad = params[wg];
+  const int64_t rows = head.rows, width = head.width;
+  const size_t weight_bytes = head.weight_dtype == DType::kF32 ? 4 : 2;
+  std::memset(hidden_grad, 0, static_cast<size_t>(rows * width) * sizeof(float));
+  if (rows == 0 || width == 0) {  // no rows: a zero weight gradient (H = 0: both are empty)
+    std::memset(weight_grad, 0, static_cast<size_t>(head.vocab * width) * weight_bytes);
+  } else {
+    openblas_single_threaded();
+    std::vector<float> hidden_buffer;
+    int64_t h_ld = 0;
+    const float *h32 = block_as_float32(head.hidden, head.hidden_dtype, width, 0, rows, 0, width, hidden_buffer,
+                                        &h_ld);
+    args.label = head.label;
+    args.rows = rows;
+    for_each_block(head, h32, h_ld, [&](int64_t v0, int64_t columns, float *logits, const float *w, int64_t w_ld) {
+      args.logits = logits;
+      args.out = logits;
+      args.vocab = columns;
+      args.first_class = v0;
+      args.weight = head.class_weight != nullptr ? head.class_weight + v0 : nullptr;
+      parallel_rows(rows, columns, [&](int64_t b, int64_t e) { logits_grad_rows<float>(args, b, e); });
+      // the block's rows of the weight gradient: their sum over all rows in one sgemm, rounded once
+      over_blocks(columns, 16, rows * width, [&](int64_t c0, int64_t c1) {
+        std::vector<float> buffer;
+        float *dst = static_cast<float *>(weight_grad) + (v0 + c0) * width;
+        if (head.weight_dtype != DType::kF32) {
+          buffer.resize(static_cast<size_t>((c1 - c0) * width));
+          dst = buffer.data();
+        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(c1 - c0), static_cast<int>(width),
+                          static_cast<int>(rows), 1.0f, logits + c0, static_cast<int>(columns), h32,
+                          static_cast<int>(h_ld), 0.0f, dst, static_cast<int>(width));
+        if (head.weight_dtype == DType::kF16) store_rows<Half>(weight_grad, (v0 + c0) * width, dst, (c1 - c0) * width);
+        if (head.weight_dtype == DType::kBF16) store_rows<BF16>(weight_grad, (v0 + c0) * width, dst, (c1 - c0) * width);
+      });
+      // the block's part of the hidden gradient, added in block order
+      over_blocks(rows, 32, columns * width, [&](int64_t r0, int64_t r1) {
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(r1 - r0), static_cast<int>(width),
+                          static_cast<int>(columns), 1.0f, logits + r0 * columns, static_cast<int>(columns), w,
+                          static_cast<int>(w_ld), 1.0f, hidden_grad + r0 * width, static_cast<int>(width));
+      });
+    });
+  }
+  write_address_token(params[token], params[hg]);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int mf_head_row_stats4(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return head_row_stats_entry("mf_head_row_stats4", nparam, params, ndims, shapes, dtypes);
+}
+
+// the same under the name the (N, 5) operator uses (see mf_row_stats5)
+extern "C" int mf_head_row_stats5(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return head_row_stats_entry("mf_head_row_stats5", nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int mf_head_grads(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return head_grads_entry("mf_head_grads", nparam, params, ndims, shapes, dtypes);
+}
+
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 8; }
+extern "C" int mf_kernel_abi_version() { return 9; }

@@ -51,15 +51,20 @@ class LinearCrossEntropyLoss(LossCell):
         complete_hidden_grad: True (default) sums hidden's gradient over the model-parallel ranks in the
             backward, so the caller gets the whole gradient; False returns this rank's share, for models
             whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
-        grad_mode: "forward" makes the gradient in the forward (3 matmuls; one exchange per chunk when
-            mp > 1), "recompute" makes the chunk logits again in the backward (4 matmuls; one exchange),
-            "auto" is "forward" except for reduction="none", which needs "recompute". A PYNATIVE call that
-            nothing differentiates makes only the statistics, whatever the mode.
-        weight_grad_sum: how a float16 / bfloat16 head_weight's gradient is summed over the chunks (fused
-            backend; a float32 weight's is a float32 sum): "compensated" (default) in the weight's dtype with
-            a compensation buffer of that dtype (2 bytes per weight element beyond the gradient), which gives
-            the float32 sum rounded once; "plain" in the weight's dtype alone (no extra memory; each chunk's
-            share is rounded as it is added, as Liger's and Cut Cross-Entropy's defaults do).
+        grad_mode: "forward" makes the gradient in the forward, a chunk of rows at a time (3 matmuls; one
+            exchange per chunk when mp > 1), "recompute" makes the logits again in the backward (4 matmuls;
+            one exchange; on the fused backend a vocabulary block at a time for all rows, so that a
+            half-precision head_weight's gradient is complete before it is rounded, once), "auto" is
+            "forward" for a float32 head_weight and "recompute" for a float16 / bfloat16 one on the fused
+            backend (the leaner and exact choice there; its extra matmul is the price), and "recompute" for
+            reduction="none", which needs it. A PYNATIVE call that nothing differentiates makes only the
+            statistics, whatever the mode.
+        weight_grad_sum: with grad_mode="forward" (fused backend), how a float16 / bfloat16 head_weight's
+            gradient is summed over the chunks (a float32 weight's is a float32 sum): "compensated" (what None
+            gives) in the weight's dtype with a compensation buffer of that dtype (2 bytes per weight element
+            beyond the gradient), which gives the float32 sum rounded once; "plain" in the weight's dtype alone
+            (no extra memory; each chunk's share is rounded as it is added, as Liger's default does). Naming
+            one makes "auto" take "forward" for a half-precision weight too; with "recompute" it is an error.
     Inputs:
         hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
         head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
@@ -74,7 +79,7 @@ class LinearCrossEntropyLoss(LossCell):
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
                  logit_softcap=None, empty_mean="zero", backend="auto", chunk_size=None,
-                 complete_hidden_grad=True, grad_mode="auto", weight_grad_sum="compensated", **kwargs):
+                 complete_hidden_grad=True, grad_mode="auto", weight_grad_sum=None, **kwargs):
         if parallel_mode_is_semi_auto():
             raise ValueError("LinearCrossEntropyLoss runs in the explicit vocab-parallel mode (parallel_mode="
                              "'stand_alone' under msrun), not in semi_auto/auto parallel mode")
@@ -88,9 +93,9 @@ class LinearCrossEntropyLoss(LossCell):
         check_chunk_size(chunk_size)
         if not isinstance(complete_hidden_grad, (bool, np.bool_)):
             raise TypeError(f"complete_hidden_grad must be a bool, got {complete_hidden_grad!r}")
-        if weight_grad_sum not in WEIGHT_GRAD_SUMS:
-            raise ValueError(f"weight_grad_sum must be one of {', '.join(map(repr, WEIGHT_GRAD_SUMS))}, got "
-                             f"{weight_grad_sum!r}")
+        if weight_grad_sum is not None and weight_grad_sum not in WEIGHT_GRAD_SUMS:
+            raise ValueError(f"weight_grad_sum must be None or one of {', '.join(map(repr, WEIGHT_GRAD_SUMS))}, "
+                             f"got {weight_grad_sum!r}")
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {', '.join(map(repr, GRAD_MODES))}, got {grad_mode!r}")
         unreduced = self.reduction == "none" and not self.per_token
@@ -98,13 +103,20 @@ class LinearCrossEntropyLoss(LossCell):
             raise ValueError("grad_mode='forward' needs a scalar loss (reduction 'mean' or 'sum', or "
                              "calculate_per_token_loss); reduction='none' needs grad_mode='recompute' or 'auto'")
         self.grad_mode = "recompute" if grad_mode == "recompute" or unreduced else "forward"
+        if weight_grad_sum is not None and self.grad_mode == "recompute":
+            raise ValueError(f"weight_grad_sum={weight_grad_sum!r} applies to grad_mode='forward' (a sum over chunks "
+                             "of rows); grad_mode='recompute' (asked, or needed by reduction='none') rounds each "
+                             "block of the weight gradient once, complete")
+        # "auto" recomputes for a half-precision weight on the fused backend, unless a forward-mode sum was asked
+        self.auto_mode = grad_mode == "auto" and weight_grad_sum is None
         weights = class_weight_array(weight)
         # every rank looks up the weight of any class for the denominator, which needs no logits
         self.class_weight = None if weights is None else Tensor(weights)
         core_args = dict(weight=weights, label_smoothing=self.options.label_smoothing,
                          z_loss_weight=self.options.z_loss_weight, logit_softcap=self.options.logit_softcap,
                          backend=self.options.backend, chunk_size=chunk_size,
-                         complete_hidden_grad=bool(complete_hidden_grad), weight_grad_sum=weight_grad_sum)
+                         complete_hidden_grad=bool(complete_hidden_grad),
+                         weight_grad_sum=weight_grad_sum or "compensated")
         self.core = (GradInForward if self.grad_mode == "forward" else GradByRecompute)(self.layout, **core_args)
         # a PYNATIVE call that nothing differentiates makes the statistics only (its backward, were there one,
         # would recompute): the forward-mode core would make a gradient nobody reads
@@ -115,12 +127,18 @@ class LinearCrossEntropyLoss(LossCell):
     def backend(self):
         return self.core.backend
 
-    def collectives_per_call(self, rows: int, local_vocab: int) -> dict:
+    def recomputes(self, weight_dtype) -> bool:
+        """Whether a call with a head weight of `weight_dtype` takes the recomputing design (grad_mode)."""
+        if self.grad_mode == "recompute":
+            return True
+        return self.auto_mode and self.backend == "fused" and weight_dtype != ms.float32
+
+    def collectives_per_call(self, rows: int, local_vocab: int, weight_dtype=ms.float32) -> dict:
         """All-reduces one forward and backward issue on this layout (none when mp = 1), for the README and
         the benchmark: {"forward": n, "backward": n}."""
         if self.layout.mp_size == 1:
             return {"forward": 0, "backward": 0}
-        forward = 1 if self.grad_mode == "recompute" else max(len(self.core.bounds(rows, local_vocab)), 1)
+        forward = 1 if self.recomputes(weight_dtype) else max(len(self.core.bounds(rows, local_vocab)), 1)
         return {"forward": forward, "backward": 1 if self.core.complete_hidden_grad else 0}
 
     def compute(self, hidden, head_weight, label, input_mask=None):
@@ -155,7 +173,7 @@ class LinearCrossEntropyLoss(LossCell):
         # a counted label outside [0, V) makes the loss NaN, never a silently wrong number
         row_scale = F.out_of_range_nan(_select(counted, row_scale, _zeros_like(row_scale)),
                                        ops.logical_and(counted, outside))
-        gradient_in_forward = self.grad_mode == "forward" and not _eager_without_grad()
+        gradient_in_forward = not self.recomputes(head_weight.dtype) and not _eager_without_grad()
         core = self.core if gradient_in_forward else self.statistics_core
         out = core(hidden, head_weight, target, row_scale, counted)
         rows_out = out[1:7]

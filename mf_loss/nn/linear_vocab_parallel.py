@@ -82,6 +82,14 @@ class LinearShard(VocabShard):
     def bounds(self, rows: int, local_vocab: int):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
+    def vocab_block(self, rows: int, width: int, local_vocab: int) -> int:
+        """Classes per block of the recomputing kernels (`chunking.vocab_block`) for (rows, width) hidden: a
+        block holds as many float32 values as a chunk of chunk_size rows would, or HEAD_BLOCK_BYTES' worth."""
+        if self.chunk_size is not None:
+            return chunking.vocab_block(rows, width, local_vocab, self.chunk_size * local_vocab, 1)
+        return chunking.vocab_block(rows, width, local_vocab, chunking.HEAD_BLOCK_BYTES // 4,
+                                    chunking.MIN_BLOCK_CLASSES)
+
     def operands(self, hidden, head_weight):
         """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from, the head
         weight as the products take it: itself on the fused backend, whose kernels read any float dtype, a
@@ -205,28 +213,45 @@ def _from_float32(tensor, dtype):
 
 class GradByRecompute(LinearShard):
     """construct(hidden (N, H), head_weight (Vl, H), target (N,) int32, row_scale (N,), active (N,) bool)
-    -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the chunk logits again."""
+    -> (objective, then the per-token tuple of `vocab_parallel`); the backward makes the logits again.
+
+    Fused backend: the statistics and the gradients are each ONE kernel call that goes through the classes in
+    blocks, a block's logits for all rows at a time (`fused.head_row_stats`, `fused.head_grads`: Cut
+    Cross-Entropy's order), so the weight gradient's rows are complete in one product over all rows and
+    rounded once (a half-precision weight needs no compensation buffer) and one block of logits is alive.
+    Composed backend: chunks of rows, each chunk's logits made by MindSpore's matmul, in the forward and again
+    in the backward."""
 
     def construct(self, hidden, head_weight, target, row_scale, active):
         rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
-        parts = []
-        previous = None
-        for start, stop in self.bounds(rows, local_vocab):
-            chunk = self.hidden_chunk(hidden_source, start, stop, previous)
-            _, previous = self.chunk_stats(chunk, weight, target[start:stop], vocab_start)
-            parts.append(previous)
-        local = (ops.concat(parts, 0) if parts else
-                 ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
+        if self.head_row_stats is not None:
+            local = self.head_row_stats(hidden, head_weight, target, self.weight, self.spec(vocab_start),
+                                        self.vocab_block(rows, hidden.shape[1], local_vocab))
+        else:
+            parts = []
+            previous = None
+            for start, stop in self.bounds(rows, local_vocab):
+                chunk = self.hidden_chunk(hidden_source, start, stop, previous)
+                _, previous = self.chunk_stats(chunk, weight, target[start:stop], vocab_start)
+                parts.append(previous)
+            local = (ops.concat(parts, 0) if parts else
+                     ops.zeros((0, shard_math.num_stat_columns(self.label_smoothing)), ms.float32))
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         rows_out = self.finish(local, gathered, rank_widths, active, local_vocab)
         return ((row_scale * rows_out[TOKEN_LOSS]).sum(),) + rows_out
 
     def bprop(self, hidden, head_weight, target, row_scale, active, out, dout):
         rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
-        bounds = self.bounds(rows, local_vocab)
         row_max, log_sum_exp, target_mass = out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS]
         upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[0] * row_scale, _zeros_like(row_scale))
         a, b, q = self.coefficients(row_max, log_sum_exp, target_mass, upstream, local_vocab)
+        if self.head_grads is not None:
+            hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.weight,
+                                                       self.spec(vocab_start), row_max, log_sum_exp, (a, b, q),
+                                                       self.vocab_block(rows, hidden.shape[1], local_vocab))
+            return (self.finish_hidden_grad(hidden_grad, hidden), weight_grad, _zeros_like(target),
+                    _zeros_like(row_scale), _zeros_like(active))
+        bounds = self.bounds(rows, local_vocab)
         hidden_grad = self.first_hidden_grad(hidden)
         weight_grad = self.first_weight_grad(head_weight)
         previous = None
@@ -253,6 +278,7 @@ class GradInForward(LinearShard):
         rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
         bounds = self.bounds(rows, local_vocab)
         pieces = []   # the per-token tuple of each chunk
+        bounds = self.bounds(rows, local_vocab)
         hidden_grad = self.first_hidden_grad(hidden)
         weight_grad = self.first_weight_grad(head_weight)
         previous = None

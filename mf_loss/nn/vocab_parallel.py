@@ -72,6 +72,8 @@ class VocabShard(nn.Cell):
         self.accumulate_transposed_product_compensated = kernels.accumulate_transposed_product_compensated
         self.product_transposed = kernels.product_transposed
         self.accumulate_product = kernels.accumulate_product
+        self.head_row_stats = kernels.head_row_stats
+        self.head_grads = kernels.head_grads
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None

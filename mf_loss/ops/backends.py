@@ -55,7 +55,9 @@ class Backend:
     gradient); `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in
     place (the weight-gradient sum, a chunk at a time), and for a half-precision running sum that keeps what
     rounding each addition loses, `accumulate_transposed_product_compensated(total, compensation, a, b,
-    row_offset)` and `scale_compensated(total, compensation, factor)` (`mf_loss.ops.fused`)."""
+    row_offset)` and `scale_compensated(total, compensation, factor)`; the whole head at once, a vocabulary block at
+    a time (the recomputing design): `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
+    `head_grads(..., row_max, log_sum_exp, coefficients, block)` (`mf_loss.ops.fused`)."""
 
     name: str
     local_row_stats: Callable
@@ -70,6 +72,8 @@ class Backend:
     accumulate_transposed_product_compensated: Optional[Callable] = None
     product_transposed: Optional[Callable] = None
     accumulate_product: Optional[Callable] = None
+    head_row_stats: Optional[Callable] = None
+    head_grads: Optional[Callable] = None
 
 
 def _multiply(total, factor):
@@ -100,7 +104,8 @@ def _fused(inplace: bool) -> Backend:
                    scale_compensated=fused.scale_compensated,
                    accumulate_transposed_product=fused.accumulate_transposed_product,
                    accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated,
-                   product_transposed=fused.product_transposed, accumulate_product=fused.accumulate_product)
+                   product_transposed=fused.product_transposed, accumulate_product=fused.accumulate_product,
+                   head_row_stats=fused.head_row_stats, head_grads=fused.head_grads)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

@@ -15,6 +15,31 @@ MIN_AUTO_ROWS = 16
 MAX_AUTO_CHUNKS = 16
 
 
+# The fused head's recomputing kernels (`fused.head_row_stats`, `fused.head_grads`) go through the classes in
+# blocks, each block's float32 logits made for all rows at once inside one kernel call: no unrolled loop, so
+# no limit on the number of blocks, and the block can be small. Without a chunk_size a block holds this much
+# (its logits, and its weight rows and their gradient in float32): 0.06x the bfloat16 logits at 4096 x 32000.
+HEAD_BLOCK_BYTES = 16 << 20
+# fewer classes per block make the products with all rows slow (sgemm of a narrow matrix)
+MIN_BLOCK_CLASSES = 64
+
+
+def vocab_block(rows: int, width: int, local_vocab: int, elements: int, least: int) -> int:
+    """Classes per block of the fused head's recomputing kernels: the block's float32 logits of all `rows` rows
+    and its `width`-wide weight rows and their gradient hold about `elements` float32 values (as many as a
+    chunk of a caller's chunk_size rows of logits would, else HEAD_BLOCK_BYTES' worth), at least `least`
+    classes (MIN_BLOCK_CLASSES when chosen automatically) and 1, at most local_vocab. Plain statements, as in
+    chunk_bounds: GRAPH mode broadens values joined from two branches and then fails to compile."""
+    columns = elements // (rows + 2 * width + 1)
+    if columns < least:
+        columns = least
+    if columns > local_vocab:
+        columns = local_vocab
+    if columns < 1:
+        columns = 1
+    return columns
+
+
 def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
     least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine) and rows / MAX_AUTO_CHUNKS, at most

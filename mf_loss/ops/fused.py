@@ -34,7 +34,8 @@ from .backends import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
 __all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product",
-           "accumulate_transposed_product", "accumulate_transposed_product_compensated", "load", "local_row_stats",
+           "accumulate_transposed_product", "accumulate_transposed_product_compensated", "head_grads",
+           "head_row_stats", "load", "local_row_stats",
            "logits_grad", "logits_grad_inplace", "product_transposed", "rows_float32", "scale", "scale_compensated",
            "zeros"]
 
@@ -92,6 +93,9 @@ class FusedKernels:
     transposed_product_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
     product_transposed: ops.Custom  # a @ b^T in float32, b of any float dtype (OpenBLAS sgemm)
     accumulate_product: ops.Custom  # total[offset:] += a @ b over total, b of any float dtype; a token
+    head_row_stats_4: ops.Custom    # the fused head's (N, 4) statistics from hidden and the head weight
+    head_row_stats_5: ops.Custom    # the same, (N, 5)
+    head_grads: ops.Custom          # both gradients of the fused head over two fresh buffers; a token
 
 
 _lock = threading.Lock()
@@ -125,7 +129,10 @@ def load() -> FusedKernels:
                                             "mf_accumulate_transposed_product_compensated", _token_shape, _int64),
                                         product_transposed=custom("mf_product_transposed",
                                                                   _product_transposed_shape, _float32),
-                                        accumulate_product=custom("mf_accumulate_product", _token_shape, _int64))
+                                        accumulate_product=custom("mf_accumulate_product", _token_shape, _int64),
+                                        head_row_stats_4=custom("mf_head_row_stats4", _stats_shape_4, _float32),
+                                        head_row_stats_5=custom("mf_head_row_stats5", _stats_shape_5, _float32),
+                                        head_grads=custom("mf_head_grads", _token_shape, _int64))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -184,9 +191,9 @@ def _written_in_place(target, token) -> bool:
     return int(token.asnumpy()[0]) == target.data_ptr()
 
 
-def _offset_input(offset: int):
-    """A kernel's (1,) int64 offset input (the first row of a running sum that a product is added to)."""
-    return ops.fill(ms.int64, (1,), offset)
+def _int64_input(value: int):
+    """A kernel's (1,) int64 input: the first row of a running sum that a product is added to, a block size."""
+    return ops.fill(ms.int64, (1,), value)
 
 
 def _written_over(total, token):
@@ -202,13 +209,13 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     float32, float16 or bfloat16, contiguous, not read by anything else afterwards), written over `total`: the
     fused head's running weight gradient, to which each chunk adds its share inside sgemm instead of making
     the (Vt, H) share and adding it."""
-    return _written_over(total, _kernels.transposed_product(total, a, b, _offset_input(row_offset)))
+    return _written_over(total, _kernels.transposed_product(total, a, b, _int64_input(row_offset)))
 
 
 def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
     """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
     (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
-    token = _kernels.transposed_product_compensated(total, compensation, a, b, _offset_input(row_offset))
+    token = _kernels.transposed_product_compensated(total, compensation, a, b, _int64_input(row_offset))
     return _written_over(total, token), _depend(compensation, token)
 
 
@@ -223,7 +230,33 @@ def accumulate_product(total, a, b, row_offset: int = 0):
     """`total` (N, H) float32 with `a @ b` added to its rows from `row_offset` on (a (n, V) float32, b (V, H)
     float32, float16 or bfloat16), written over `total` inside sgemm: the fused head's hidden gradient, to
     which each chunk adds its part without a (n, H) part or a float32 copy of a half-precision weight."""
-    return _written_over(total, _kernels.accumulate_product(total, a, b, _offset_input(row_offset)))
+    return _written_over(total, _kernels.accumulate_product(total, a, b, _int64_input(row_offset)))
+
+
+def _head_inputs(hidden, head_weight, target, weight, spec: ShardSpec):
+    local_target = _kernel_target(target, spec.vocab_start)
+    inputs = (hidden, head_weight, local_target)
+    return inputs if weight is None else inputs + (weight,)
+
+
+def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, block: int):
+    """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
+    made `block` classes at a time for all rows without the logits: hidden (N, H) and head_weight (V/mp, H) of
+    any float dtype, target (N,) class ids (kernel source, "the fused head whole")."""
+    kernel = _kernels.head_row_stats_5 if spec.label_smoothing > 0 else _kernels.head_row_stats_4
+    return kernel(*_head_inputs(hidden, head_weight, target, weight, spec), _config(spec), _int64_input(block))
+
+
+def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients, block: int):
+    """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
+    `logits_grad` would give, made `block` classes at a time without the logits: each block's rows of the
+    weight gradient are complete in one product over all rows, rounded once."""
+    a, b, q = coefficients
+    hidden_grad = _kernels.zeros_float32(hidden)
+    weight_grad = _kernels.zeros(_depend(head_weight, hidden_grad))
+    token = _kernels.head_grads(*_head_inputs(hidden, head_weight, target, weight, spec), row_max, log_sum_exp, a, b,
+                                q, _config(spec), _int64_input(block), hidden_grad, weight_grad)
+    return _written_over(hidden_grad, token), _depend(weight_grad, token)
 
 
 def scale(total, factor):
