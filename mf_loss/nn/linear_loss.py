@@ -47,7 +47,9 @@ class LinearCrossEntropyLoss(LossCell):
 
     Args: every argument of `CrossEntropyLoss` but `inplace_backward` (the chunk logits are always written
     over by their gradient where the backend can), and:
-        chunk_size: rows per chunk; None chooses it from a memory budget (`mf_loss.ops.chunking`).
+        chunk_size: rows per chunk; None chooses it from a memory budget (`mf_loss.ops.chunking`). The fused
+            backend's recomputing kernels go through blocks of classes instead, each holding as many float32
+            values as such a chunk would (None: about 16 MiB).
         complete_hidden_grad: True (default) sums hidden's gradient over the model-parallel ranks in the
             backward, so the caller gets the whole gradient; False returns this rank's share, for models
             whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
