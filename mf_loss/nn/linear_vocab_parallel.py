@@ -278,7 +278,6 @@ class GradInForward(LinearShard):
         rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
         bounds = self.bounds(rows, local_vocab)
         pieces = []   # the per-token tuple of each chunk
-        bounds = self.bounds(rows, local_vocab)
         hidden_grad = self.first_hidden_grad(hidden)
         weight_grad = self.first_weight_grad(head_weight)
         previous = None

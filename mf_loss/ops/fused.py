@@ -234,9 +234,9 @@ def accumulate_product(total, a, b, row_offset: int = 0):
 
 
 def _head_inputs(hidden, head_weight, target, weight, spec: ShardSpec):
-    local_target = _kernel_target(target, spec.vocab_start)
-    inputs = (hidden, head_weight, local_target)
-    return inputs if weight is None else inputs + (weight,)
+    """The head kernels' leading inputs: hidden, then what the per-shard kernels take with the head weight in
+    the logits' place."""
+    return (hidden,) + _kernel_inputs(head_weight, target, weight, spec)
 
 
 def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, block: int):
