@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def mindspore_dtype(name: str):
+    """The MindSpore dtype of a benchmark dtype name (MindSpore imported only when asked)."""
+    import mindspore as ms
+    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[name]
+
+
 @dataclass(frozen=True)
 class Implementation:
     label: str
@@ -142,7 +148,6 @@ def linear_cross_entropy_class():
 
 def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
     """The cell of a head row; `notes` receives what the fused loss chose (options, backend, chunk rows)."""
-    import mindspore as ms
     from mindspore import mint
 
     from .ms_cells import FrameworkLoss, FusedHeadLoss, LinearThenLoss, MaskedLoss
@@ -159,8 +164,7 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
             notes["backend"] = loss.backend
         core = getattr(loss, "core", None)
         if hasattr(loss, "recomputes"):  # the design a call with this dtype takes ("auto" looks at the dtype)
-            weight_dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config["dtype"]]
-            notes["grad_mode"] = "recompute" if loss.recomputes(weight_dtype) else "forward"
+            notes["grad_mode"] = "recompute" if loss.recomputes(mindspore_dtype(config["dtype"])) else "forward"
         if notes.get("grad_mode") == "recompute" and getattr(core, "head_grads", None) is not None:
             notes["vocab_block"] = core.vocab_block(config["rows"], config["head"], config["vocab"] // mp)
         elif hasattr(core, "chunk_rows"):
@@ -212,7 +216,7 @@ def _mindspore_steps(config) -> Steps:
     name = config["impl"]
     graph = IMPLS[name].graph
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE, device_target="CPU")
-    ms_dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[config["dtype"]]
+    ms_dtype = mindspore_dtype(config["dtype"])
     arrays = make_inputs(config)
     label = Tensor(arrays.pop("label"))
     mask = Tensor(np.ones(config["rows"], np.float32))

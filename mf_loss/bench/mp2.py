@@ -95,7 +95,7 @@ def run_rank(config: dict) -> None:
     rank = get_rank()
     rows, vocab, dtype, head = config["rows"], config["vocab"], config["dtype"], config.get("head", 0)
     local = vocab // MP
-    ms_dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[dtype]
+    ms_dtype = impls.mindspore_dtype(dtype)
     arrays = impls.make_inputs(config)  # one seed: the same labels and hidden state on both ranks
     label, mask = Tensor(arrays["label"]), Tensor(np.ones(rows, np.float32))
     if head:

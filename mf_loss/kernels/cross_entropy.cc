@@ -1269,8 +1269,8 @@ extern "C" int mf_accumulate_product(int nparam, void **params, int *ndims, int6
 //   mf_head_row_stats4/5 (hidden (N, H), weight (V, H), target (N,) int32, [class weight (V,) float32],
 //                         config (2,) float32, block (1,) int64) -> stats (N, 4 or 5) float32
 //   mf_head_grads        (hidden, weight, target, [class weight], row_max, log_sum_exp, a, b, q (N,) float32,
-//                         config, block, hidden_grad (N, H) float32, weight_grad (V, H) in weight's dtype, token)
-//                         -> both gradients written over the two buffers; the token as the in-place kernels'
+//                         config, block) -> hidden_grad (N, H) float32, weight_grad (V, H) in weight's dtype
+//                         (two outputs, every element written)
 //
 // Cut Cross-Entropy's order, on the CPU: the classes go by in blocks of `block`; each block's logits are made
 // for ALL rows (hidden and weight of any float dtype, one sgemm per block of rows). The forward folds them
@@ -1438,20 +1438,19 @@ int head_grads_entry(const char *kernel, int nparam, void **params, int *ndims, 
                      const char **dtypes) {
   HeadCall head{};
   GradArgs args{};
-  const int next = parse_head(nparam, params, ndims, shapes, dtypes, 10, &head);
-  const int hg = nparam - 3, wg = nparam - 2, token = nparam - 1;
+  const int next = parse_head(nparam, params, ndims, shapes, dtypes, 9, &head);
+  const int hg = nparam - 2, wg = nparam - 1;
   bool ok = next >= 0;
   for (int i = 0; ok && i < 5; ++i)
     ok = parse_dtype(dtypes[next + i]) == DType::kF32 && numel(ndims[next + i], shapes[next + i]) == head.rows;
   ok = ok && read_head_options(params, ndims, shapes, dtypes, next + 5, &args.cap, &args.smoothing, &head) &&
        parse_dtype(dtypes[hg]) == DType::kF32 && ndims[hg] == 2 && shapes[hg][0] == head.rows &&
        shapes[hg][1] == head.width && parse_dtype(dtypes[wg]) == head.weight_dtype && ndims[wg] == 2 &&
-       shapes[wg][0] == head.vocab && shapes[wg][1] == head.width && is_token(ndims[token], shapes[token], dtypes[token]);
+       shapes[wg][0] == head.vocab && shapes[wg][1] == head.width;
   if (!ok)
     return fail_in(kernel, "expects hidden (N, H) float, weight (V, H) float, target (N,) int32, [class weight (V,) "
                            "float32], row_max, log_sum_exp, a, b, q (N,) float32, config (2,) float32, block (1,) "
-                           "int64 >= 1, hidden_grad (N, H) float32, weight_grad (V, H) of weight's dtype, (1,) int64 "
-                           "token");
+                           "int64 >= 1; outputs hidden_grad (N, H) float32, weight_grad (V, H) of weight's dtype");
   if (!fits_openblas(head.rows, head.vocab, head.width))
     return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
   const float **row_inputs[5] = {&args.row_max, &args.log_sum_exp, &args.a, &args.b, &args.q};
@@ -1496,7 +1495,6 @@ int head_grads_entry(const char *kernel, int nparam, void **params, int *ndims, 
       parallel_sgemm(false, false, rows, width, columns, logits, columns, w, w_ld, 1.0f, hidden_grad, width);
     });
   }
-  write_address_token(params[token], params[hg]);
   return 0;
 }
 

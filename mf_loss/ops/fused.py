@@ -71,6 +71,14 @@ def _rows_shape(matrix_shape, row_ids_shape):
     return (row_ids_shape[0], matrix_shape[1])
 
 
+def _head_grads_shapes(hidden_shape, weight_shape, *others):
+    return hidden_shape, weight_shape
+
+
+def _head_grads_dtypes(hidden_dtype, weight_dtype, *others):
+    return ms.float32, weight_dtype
+
+
 def _product_transposed_shape(a_shape, b_shape):
     return (a_shape[0], b_shape[0])
 
@@ -95,7 +103,7 @@ class FusedKernels:
     accumulate_product: ops.Custom  # total[offset:] += a @ b over total, b of any float dtype; a token
     head_row_stats_4: ops.Custom    # the fused head's (N, 4) statistics from hidden and the head weight
     head_row_stats_5: ops.Custom    # the same, (N, 5)
-    head_grads: ops.Custom          # both gradients of the fused head over two fresh buffers; a token
+    head_grads: ops.Custom          # both gradients of the fused head (two outputs)
 
 
 _lock = threading.Lock()
@@ -132,7 +140,7 @@ def load() -> FusedKernels:
                                         accumulate_product=custom("mf_accumulate_product", _token_shape, _int64),
                                         head_row_stats_4=custom("mf_head_row_stats4", _stats_shape_4, _float32),
                                         head_row_stats_5=custom("mf_head_row_stats5", _stats_shape_5, _float32),
-                                        head_grads=custom("mf_head_grads", _token_shape, _int64))
+                                        head_grads=custom("mf_head_grads", _head_grads_shapes, _head_grads_dtypes))
             except (TypeError, ValueError, RuntimeError) as err:
                 # e.g. $MS_CUSTOM_AOT_WHITE_LIST set to a directory that does not hold the cache
                 raise FusedKernelUnavailable(
@@ -252,11 +260,8 @@ def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, lo
     `logits_grad` would give, made `block` classes at a time without the logits: each block's rows of the
     weight gradient are complete in one product over all rows, rounded once."""
     a, b, q = coefficients
-    hidden_grad = _kernels.zeros_float32(hidden)
-    weight_grad = _kernels.zeros(_depend(head_weight, hidden_grad))
-    token = _kernels.head_grads(*_head_inputs(hidden, head_weight, target, weight, spec), row_max, log_sum_exp, a, b,
-                                q, _config(spec), _int64_input(block), hidden_grad, weight_grad)
-    return _written_over(hidden_grad, token), _depend(weight_grad, token)
+    return _kernels.head_grads(*_head_inputs(hidden, head_weight, target, weight, spec), row_max, log_sum_exp, a, b,
+                               q, _config(spec), _int64_input(block))
 
 
 def scale(total, factor):
