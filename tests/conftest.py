@@ -11,6 +11,11 @@ import mindspore as ms  # noqa: E402
 
 import msrun_jobs  # noqa: E402
 
+# PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; the tests' many
+# tiny ops run several times faster on the calling thread (same kernels, same numbers). It only takes effect
+# before the first eager op of the process, hence here, at import time, for every test module.
+ms.set_context(pynative_synchronize=True)
+
 
 @pytest.fixture(autouse=True)
 def _scratch_dir_and_mode(tmp_path, monkeypatch):

@@ -37,17 +37,6 @@ MP_SIZES = (1, 2, 3, 4, 8)
 BACKENDS = ("composed", "fused")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _synchronous_pynative():
-    # PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; for the
-    # hundreds of tiny ops of a simulated step, running them on the calling thread is 10-30x faster on
-    # these 2 shared cores (same kernels, same numbers). The setting is global: restored afterwards.
-    previous = ms.get_context("pynative_synchronize")
-    ms.set_context(pynative_synchronize=True)
-    yield
-    ms.set_context(pynative_synchronize=previous)
-
-
 @functools.lru_cache(maxsize=None)
 def steps(backend):
     """The per-shard steps of `backend` ("composed", "fused" or "fused_inplace")."""
