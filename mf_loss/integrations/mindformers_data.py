@@ -92,7 +92,7 @@ def corpus_mindrecord(settings: CorpusRecordSettings = CorpusRecordSettings(), c
         input_ids, labels, loss_mask, tokenizer_key = record_rows(settings)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=root))
         try:
-            _write(staging / FILE_NAME, input_ids, labels, loss_mask)
+            write_mindrecord(staging / FILE_NAME, input_ids, labels, loss_mask)
             (staging / "settings.json").write_text(json.dumps(
                 {**asdict(settings), "format": FORMAT_VERSION, "tokenizer_cache": tokenizer_key}, indent=1) + "\n")
             os.replace(staging, directory)
@@ -101,7 +101,8 @@ def corpus_mindrecord(settings: CorpusRecordSettings = CorpusRecordSettings(), c
     return path
 
 
-def _write(path: Path, input_ids, labels, loss_mask) -> None:
+def write_mindrecord(path: Path, input_ids, labels, loss_mask) -> None:
+    """One MindRecord file of int32 rows: columns input_ids, labels, loss_mask."""
     from mindspore.mindrecord import FileWriter
     length = input_ids.shape[1]
     writer = FileWriter(str(path), shard_num=1, overwrite=True)

@@ -103,7 +103,9 @@ def prepare_run(config_path, overrides=(), output_dir: Optional[str] = None, ste
     for name in ("log", "checkpoint", "strategy"):  # MindFormers' own outputs of an earlier run
         shutil.rmtree(run_dir / name, ignore_errors=True)
     tree["output_dir"] = str(run_dir)
-    tree["train_dataset"]["data_loader"]["dataset_dir"] = str(corpus_mindrecord(settings_of(tree, source)))
+    loader = tree["train_dataset"]["data_loader"]
+    if not loader.get("dataset_dir"):  # a YAML that names its own data keeps it
+        loader["dataset_dir"] = str(corpus_mindrecord(settings_of(tree, source)))
     path = run_dir / RUN_CONFIG
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
@@ -113,6 +115,7 @@ def train_command(config_path, overrides=(), *, steps: Optional[int] = None, out
                   port: Optional[int] = None, timeout: float = 900.0, out=sys.stdout) -> Path:
     """Train as the YAML says (one process, or msrun ranks); returns the run directory."""
     from ..train.run import TrainError, check_port, worker_env
+    from . import mindformers  # noqa: F401  (without MindFormers: an ImportError saying what to run, first)
     started = time.perf_counter()
     run_config = prepare_run(config_path, overrides, output_dir, steps)
     run_dir = run_config.parent
