@@ -258,7 +258,7 @@ class LossCurve(Callback):
     mean; the global batch's mean when the ranks count equally many tokens, as MindFormers' gradient mean assumes);
     counted_tokens is the global batch's tokens (global_batch_size x seq_length)."""
 
-    def __init__(self, path: str = None, global_batch_size: int = 1, seq_length: int = 1, **kwargs):
+    def __init__(self, path: str = None, global_batch_size: int = 1, seq_length: int = 1):
         super().__init__()
         self.path = path
         self.tokens = int(global_batch_size) * int(seq_length)

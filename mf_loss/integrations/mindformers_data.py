@@ -42,10 +42,11 @@ class CorpusRecordSettings:
     def from_block(cls, block, source: str) -> "CorpusRecordSettings":
         from ..config_loader import ConfigError
         block = dict(block or {})
-        known = {k for k in asdict(cls())}
+        known = set(asdict(cls()))
         unknown = sorted(set(block) - known)
         if unknown:
-            raise ConfigError(f"{source}: {BLOCK}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"{source}: {BLOCK}: unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
         settings = cls(**block)
         if settings.seq_length < 1 or settings.rows < 1 or not 0.0 <= settings.ignored_fraction <= 1.0:
             raise ConfigError(f"{source}: {BLOCK}: seq_length and rows must be >= 1 and ignored_fraction in [0, 1], "

@@ -147,15 +147,19 @@ def summarize(run_dir: Path, tree: dict, workers: int, seconds: float) -> dict:
     from ..train.curve import read_curve
     curve = read_curve(run_dir / "loss.csv")
     losses = [row["loss"] for row in curve]
+    after_first = sorted(row["step_time_s"] for row in curve[1:])
+    step_time = after_first[len(after_first) // 2] if after_first else None
     summary = {"config": str(run_dir / RUN_CONFIG), "ranks": workers, "steps": len(curve),
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "median_step_time_s": step_time,
                "loss": tree["model"]["model_config"].get("loss", {}).get("type"),
                "model": tree["model"]["arch"]["type"], "total_time_s": seconds,
                "loss_csv": str(run_dir / "loss.csv")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [f"run {run_dir.name}: MindFormers' Trainer, {summary['model']} with {summary['loss']}, "
              f"{workers} data-parallel rank(s)",
-             f"steps: {len(curve)}",
+             f"steps: {len(curve)}" + (f", {step_time:.3f} s each (median after the first, which compiles)"
+                                        if step_time else ""),
              f"loss: {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "loss: no steps",
              f"time: {seconds:.1f} s in all (start-up, data, compilation, training)",
              f"outputs: {run_dir}/loss.csv, summary.json, log/ (MindFormers'), logs/ (msrun's)"]
