@@ -230,3 +230,30 @@ def test_corpus_mindrecord_block_errors_name_the_key():
         settings_of({"corpus_mindrecord": {"seq_lenght": 64}}, "x.yaml")
     with pytest.raises(ConfigError, match="ignored_fraction in"):
         settings_of({"corpus_mindrecord": {"ignored_fraction": 2}}, "x.yaml")
+
+
+# ------------------------------------------------------------------------------------------- the CPU wrapper
+
+def test_the_cpu_wrapper_skips_the_update_when_a_gradient_is_not_finite():
+    """MindFormers' MFTrainOneStepCell checks overflow with an Ascend-only kernel; ours, on CPU, with IsFinite
+    over the gradients: a step whose gradient holds inf reports overflow and leaves the weights as they were."""
+    from mindspore import Tensor, nn
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Dense(3, 2)
+
+        def construct(self, x):
+            return (self.dense(x) ** 2).mean()
+
+    net = Net()
+    step = integration.CPUTrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1),
+                                           use_clip_grad=True)
+    assert step.on_cpu
+    before = net.dense.weight.asnumpy().copy()
+    loss, overflow = step(Tensor(np.array([[1.0, np.inf, 0.0]], np.float32)))[:2]
+    assert bool(overflow.asnumpy()) and (net.dense.weight.asnumpy() == before).all()
+    loss, overflow = step(Tensor(np.array([[1.0, 2.0, 0.0]], np.float32)))[:2]
+    assert not bool(overflow.asnumpy()) and np.isfinite(float(loss.asnumpy()))
+    assert not (net.dense.weight.asnumpy() == before).all()

@@ -29,6 +29,7 @@ import copy
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # MindFormers writes its logs to $LOCAL_DEFAULT_PATH/log, by default ./output/log in whatever directory the
@@ -266,11 +267,9 @@ class LossCurve(Callback):
         self.started = None
 
     def on_train_step_begin(self, run_context):
-        import time
         self.started = time.perf_counter()
 
     def on_train_step_end(self, run_context):
-        import time
         from mindformers.tools.utils import get_output_root_path, get_real_rank
         from ..train.curve import CurveWriter
         elapsed = time.perf_counter() - self.started
