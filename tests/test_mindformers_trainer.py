@@ -65,6 +65,7 @@ def train(output_dir: Path, name: str, data_path: Path, overrides, steps: int, t
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     curve = read_curve(output_dir / name / "loss.csv")
     assert [row["step"] for row in curve] == list(range(1, steps + 1)), result.stdout[-3000:]
+    assert f"step {steps}/{steps}" in result.stdout  # the progress shown live (TrainCallBack's stop_step)
     return curve
 
 

@@ -254,16 +254,18 @@ class CPUTrainOneStepCell(MFTrainOneStepCell):
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK, alias=ALIAS_PREFIX + "LossCurve")
 class LossCurve(Callback):
     """Writes the loss curve of MindFormers' Trainer, one row per step, to `path` (default
-    <output_dir>/loss.csv), on rank 0. Reads the runner wrapper's outputs (loss, overflow, loss scale, learning
-    rate, global norm). With data-parallel ranks the loss is the mean of the ranks' losses (each its own rows'
-    mean; the global batch's mean when the ranks count equally many tokens, as MindFormers' gradient mean assumes);
+    <output_dir>/loss.csv), and the same steps as progress events to progress.jsonl beside it (what mf_loss's
+    launcher shows live), on rank 0. Reads the runner wrapper's outputs (loss, overflow, loss scale, learning rate,
+    global norm). With data-parallel ranks the loss is the mean of the ranks' losses (each its own rows' mean; the
+    global batch's mean when the ranks count equally many tokens, as MindFormers' gradient mean assumes);
     counted_tokens is the global batch's tokens (global_batch_size x seq_length)."""
 
     def __init__(self, path: str = None, global_batch_size: int = 1, seq_length: int = 1):
         super().__init__()
         self.path = path
         self.tokens = int(global_batch_size) * int(seq_length)
-        self.writer = None
+        self.writer = self.events = None
+        self.total_steps = None
         self.started = None
 
     def on_train_step_begin(self, run_context):
@@ -272,6 +274,7 @@ class LossCurve(Callback):
     def on_train_step_end(self, run_context):
         from mindformers.tools.utils import get_output_root_path, get_real_rank
         from ..train.curve import CurveWriter
+        from ..train.progress import EventLog
         elapsed = time.perf_counter() - self.started
         params = run_context.original_args()
         outputs = params.net_outputs
@@ -285,16 +288,32 @@ class LossCurve(Callback):
             path = Path(self.path or Path(get_output_root_path()) / "loss.csv")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = CurveWriter(path, [])
+            self.events = EventLog(path.with_name("progress.jsonl"))
+            self.total_steps = _planned_steps(params)
         learning_rate = float(np.asarray(outputs[3].asnumpy()).reshape(-1)[0])
         norm = outputs[4] if len(outputs) > 4 and outputs[4] is not None else None
-        self.writer.append({"step": int(params.cur_step_num), "loss": loss, "counted_tokens": self.tokens,
+        step = int(params.cur_step_num)
+        self.writer.append({"step": step, "loss": loss, "counted_tokens": self.tokens,
                             "learning_rate": learning_rate,
                             "grad_norm": float(norm.asnumpy()) if norm is not None else float("nan"),
                             "step_time_s": elapsed, "tokens_per_s": self.tokens / elapsed})
+        self.events.step(step, self.total_steps, loss, self.tokens / elapsed)
 
     def on_train_end(self, run_context):
         if self.writer is not None:
             self.writer.close()
+            self.events.close()
+
+
+def _planned_steps(params) -> int:
+    """The steps a training will run: the epochs' batches, or fewer where a callback (MindFormers' TrainCallBack)
+    stops it at its stop_step."""
+    steps = int(params.epoch_num) * int(params.batch_num)
+    for callback in getattr(params, "list_callback", None) or ():
+        stop = getattr(callback, "stop_step", None)
+        if isinstance(stop, int) and stop > 0:
+            steps = min(steps, stop)
+    return steps
 
 
 REGISTERED_LOSSES = register_losses()

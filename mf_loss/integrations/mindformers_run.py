@@ -9,8 +9,9 @@ model and loss, one process or data-parallel msrun ranks.
 corpus MindRecord (mindformers_data, cached), writes the YAML it runs to <output_dir>/<trainer.model_name>/
 config.yaml (dataset_dir and output_dir filled in) and starts `use_parallel ? parallel_config.data_parallel : 1`
 ranks. Each rank runs `run_mindformer`, what MindFormers' run_mindformer.py main does, after importing
-mf_loss.integrations.mindformers (its registrations). Outputs in the run directory: config.yaml, loss.csv (the
-`mf_loss.LossCurve` callback), summary.json/.txt, logs/ (msrun's, one per rank), MindFormers' log/ and checkpoint/.
+mf_loss.integrations.mindformers (its registrations). Outputs in the run directory: config.yaml, loss.csv and
+progress.jsonl (the `mf_loss.LossCurve` callback; the parent shows the steps as they come), summary.json/.txt,
+logs/ (msrun's, one per rank), MindFormers' log/ and checkpoint/.
 
 Run as a script (msrun's workers) it drops its own directory from sys.path (mindformers.py there would shadow the
 real MindFormers package) and puts the directory holding the `mf_loss` package there instead.
@@ -114,7 +115,8 @@ def prepare_run(config_path, overrides=(), output_dir: Optional[str] = None, ste
 def train_command(config_path, overrides=(), *, steps: Optional[int] = None, output_dir: Optional[str] = None,
                   port: Optional[int] = None, timeout: float = 900.0, out=sys.stdout) -> Path:
     """Train as the YAML says (one process, or msrun ranks); returns the run directory."""
-    from ..train.run import TrainError, check_port, worker_env
+    from ..train.progress import ProgressView
+    from ..train.run import TrainError, _Follower, check_port, worker_env
     from . import mindformers  # noqa: F401  (without MindFormers: an ImportError saying what to run, first)
     started = time.perf_counter()
     run_config = prepare_run(config_path, overrides, output_dir, steps)
@@ -124,18 +126,25 @@ def train_command(config_path, overrides=(), *, steps: Optional[int] = None, out
     if port is not None:
         check_port(port)
     print(f"MindFormers' Trainer on {workers} rank(s) (data parallel): {run_config}", file=out, flush=True)
-    if workers == 1:
-        run_mindformer(run_config)
-    else:
-        from ..launch import launch
-        print(f"starting {workers} ranks with msrun (start-up takes ~30-60 s); logs in {run_dir / 'logs'}",
-              file=out, flush=True)
-        result = launch(str(WORKER), ["--config", str(run_config)], workers=workers, log_dir=str(run_dir / "logs"),
-                        timeout=timeout, env=worker_env(), port=port, quiet=True)
-        if not result.ok:
-            raise TrainError(result.message)
-        if result.message:
-            print(result.message, file=out, flush=True)
+    view = ProgressView(out)
+    follower = _Follower(run_dir / "progress.jsonl", view)  # the LossCurve callback's events
+    follower.start()
+    try:
+        if workers == 1:
+            run_mindformer(run_config)
+        else:
+            from ..launch import launch
+            print(f"starting {workers} ranks with msrun (start-up takes ~30-60 s); logs in {run_dir / 'logs'}",
+                  file=out, flush=True)
+            result = launch(str(WORKER), ["--config", str(run_config)], workers=workers,
+                            log_dir=str(run_dir / "logs"), timeout=timeout, env=worker_env(), port=port, quiet=True)
+            if not result.ok:
+                raise TrainError(result.message)
+            if result.message:
+                print(result.message, file=out, flush=True)
+    finally:
+        follower.stop()
+        view.close()
     summary = summarize(run_dir, tree, workers, time.perf_counter() - started)
     print((run_dir / "summary.txt").read_text().rstrip(), file=out, flush=True)
     if not summary["steps"]:
