@@ -92,11 +92,11 @@ class TrainStep(nn.Cell):
         """Global L2 norm of the summed gradients in `flat`: the split parameters' squares over the mp group."""
         squares = ops.zeros((1,), ms.float32)
         for start, stop, paddings in self.split_ranges:
-            squares = squares + _squares(flat[start:stop], paddings)
+            squares = squares + _squares(flat, start, stop, paddings)
         if self.mp_reduce is not None:
             squares = self.mp_reduce(squares)
         for start, stop, paddings in self.replicated_ranges:
-            squares = squares + _squares(flat[start:stop], paddings)
+            squares = squares + _squares(flat, start, stop, paddings)
         return ops.sqrt(squares[0])
 
 
@@ -104,7 +104,9 @@ SUM_ROW = 1024  # the width of the rows _squares sums; fixed, so the order of ev
 
 
 def _row_paddings(length: int) -> tuple:
-    """The zeros _squares appends at each level to sum `length` values in rows of SUM_ROW, down to one row."""
+    """The zeros _squares appends at each level after the first to sum the row sums of `length` values in rows of
+    SUM_ROW, down to one row."""
+    length = -(-length // SUM_ROW)
     paddings = []
     while length > SUM_ROW:
         paddings.append(-length % SUM_ROW)
@@ -112,18 +114,34 @@ def _row_paddings(length: int) -> tuple:
     return tuple(paddings)
 
 
-def _squares(values, paddings):
-    """The sum of squares of the 1-D `values`, in an order independent of threads and timing: rows of SUM_ROW values
-    (the last one padded with zeros, which add exactly) are summed each by one thread, then the vector of row sums
-    the same way, until at most SUM_ROW values are left, which are summed in sequence. (MindSpore's CPU sum of a
-    whole vector is sequential below 200000 values; at or above, it adds partial sums of blocks whose split it
-    tunes by timing, in the order its threads finish.)"""
-    values = values * values
+def _squares(flat, start: int, stop: int, paddings: tuple):
+    """The sum of squares of flat[start:stop] in an order independent of threads and timing: each row of SUM_ROW
+    values (and the shorter rest) is summed by one thread; the vector of row sums is summed the same way (padded
+    with zeros, which add exactly) until at most SUM_ROW values are left, which are summed in sequence.
+    (MindSpore's CPU sum of a whole vector is sequential below 200000 values; at or above, it adds partial sums of
+    blocks whose split it tunes by timing, in the order its threads finish.)"""
+    full = start + (stop - start) // SUM_ROW * SUM_ROW
+    if full == stop:
+        sums = _row_squares(flat, start, stop)
+    elif full == start:
+        sums = _rest_squares(flat, start, stop)
+    else:
+        sums = ops.concat([_row_squares(flat, start, full), _rest_squares(flat, full, stop)])
     for padding in paddings:
         if padding:
-            values = ops.concat([values, ops.zeros((padding,), values.dtype)])
-        values = values.reshape(-1, SUM_ROW).sum(axis=1)
-    return values.sum()
+            sums = ops.concat([sums, ops.zeros((padding,), sums.dtype)])
+        sums = sums.reshape(-1, SUM_ROW).sum(axis=1)
+    return sums.sum()
+
+
+def _row_squares(flat, start: int, stop: int):
+    rows = flat[start:stop].reshape(-1, SUM_ROW)
+    return (rows * rows).sum(axis=1)
+
+
+def _rest_squares(flat, start: int, stop: int):
+    rest = flat[start:stop]
+    return (rest * rest).sum().reshape(1)
 
 
 def _runs(offsets, is_split) -> tuple:
