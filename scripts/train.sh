@@ -2,7 +2,8 @@
 # The main job: trains a small language model with a vocabulary-parallel output layer and this loss on
 # dp=2 x mp=2 msrun ranks (override with --config configs/<file>.yaml and other `mf-loss train` flags).
 # A MindFormers YAML (model.arch.type naming our MindFormers Llama, e.g. configs/mindformers_llama.yaml) trains
-# MindFormers' Llama instead, in the MindFormers environment that scripts/mindformers_env.sh builds on first use.
+# MindFormers' Llama instead, in the MindFormers environment that scripts/mindformers_env.sh builds on first use;
+# one with MindFormers' dataset section (configs/mindformers_trainer.yaml) runs MindFormers' own Trainer.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/env.sh")"

@@ -65,6 +65,7 @@ def test_the_trainer_without_mindformers_says_what_to_run(tmp_path):
 
 def test_train_sh_tells_mindformers_configs_apart():
     assert is_mindformers_config(ROOT / "configs" / "mindformers_llama.yaml")
+    assert is_mindformers_config(ROOT / "configs" / "mindformers_trainer.yaml")  # MindFormers' own Trainer
     assert not is_mindformers_config(ROOT / "configs" / "dp2_mp2.yaml")
     assert not is_mindformers_config(ROOT / "configs" / "mindformers_tiny_lm.yaml")  # our own trainer's
     assert not is_mindformers_config(ROOT / "configs" / "no_such_file.yaml")

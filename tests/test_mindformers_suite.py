@@ -13,6 +13,7 @@ from mindformers_env import ROOT, build_environment
 pytestmark = [pytest.mark.mindformers, pytest.mark.distributed, pytest.mark.slow]
 
 INNER = ["tests/test_mindformers_optional.py", "tests/test_mindformers.py", "tests/test_mindformers_distributed.py",
+         "tests/test_mindformers_trainer.py",
          # what a user without MindFormers sees: checked in the main environment, where it runs
          "--deselect", "tests/test_mindformers_optional.py::test_the_trainer_without_mindformers_says_what_to_run"]
 INNER_TIMEOUT = 900

@@ -2,7 +2,9 @@
 
 `mf_loss.integrations.mindformers` (needs MindFormers: `bash scripts/mindformers_env.sh` builds an environment
 with it) registers our losses and a vocabulary-parallel Llama in MindFormers' registries;
-`mf_loss.integrations.mindformers_train` trains that Llama from a MindFormers YAML on dp x mp msrun ranks.
+`mf_loss.integrations.mindformers_train` trains that Llama from a MindFormers YAML on dp x mp msrun ranks;
+`mf_loss.integrations.mindformers_run` runs MindFormers' own Trainer on it (data-parallel ranks), with the corpus
+as a MindRecord from `mf_loss.integrations.mindformers_data`.
 This module itself imports nothing heavy: scripts/train.sh asks it which trainer a YAML file is for.
 """
 from pathlib import Path

@@ -3,7 +3,8 @@
     python -m mf_loss.integrations.mindformers_train --config configs/mindformers_llama.yaml [--steps N]
         [--set key.path=value ...] [--resume] [--output-dir DIR] [--port P] [--timeout S]
 
-(`bash scripts/train.sh --config configs/mindformers_llama.yaml` runs this with the MindFormers environment.)
+(`bash scripts/train.sh --config configs/mindformers_llama.yaml` runs this with the MindFormers environment; a YAML
+for MindFormers' own Trainer, with a `train_dataset_task` block, goes to mindformers_run instead.)
 The model, the optimizer and the learning-rate schedule are built by MindFormers from the YAML (`build_network`,
 `build_optim`, `build_lr`); the loss by name from the `loss` block. Each rank runs stand-alone (no MindSpore
 auto-parallel): model-parallel ranks hold their rows of the output layer, data-parallel ranks their rows of the
@@ -40,7 +41,8 @@ from ..train.checkpoints import (checkpoint_dir, load_rank_checkpoint, read_late
                                  training_state)
 from ..train.curve import CurveWriter, resumed_curve
 from ..train.run import TrainError, fresh_run_dir
-from . import MINDFORMERS_MODEL_TYPES
+from . import MINDFORMERS_MODEL_TYPES, mindformers_run
+from .mindformers_run import uses_mindformers_trainer
 
 WORKER = Path(__file__).resolve().parent / "mindformers_worker.py"
 PAD_ID = 0
@@ -506,6 +508,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"runner_config.stop_step={args.steps}"] if args.steps else [])
     try:
+        if uses_mindformers_trainer(args.config):  # MindFormers' own Trainer: mindformers_run
+            if args.resume:
+                raise ConfigError(f"{args.config}: --resume: not supported with MindFormers' own Trainer; set its "
+                                  "resume_training and load_checkpoint keys")
+            mindformers_run.train_command(args.config, args.overrides, steps=args.steps, output_dir=args.output_dir,
+                                          port=args.port, timeout=args.timeout)
+            return 0
         train_command(args.config, overrides, resume=args.resume, output_dir=args.output_dir, port=args.port,
                       timeout=args.timeout)
     except ConfigError as error:

@@ -137,8 +137,8 @@ def run_dir_for(config: Config, output_dir: Optional[str] = None) -> Path:
 def fresh_run_dir(run_dir: Path) -> None:
     """A new (not resumed) run starts from an empty run directory."""
     if run_dir.exists():
-        for name in ("loss.csv", "loss.png", "throughput.png", "memory.json", "progress.jsonl", "summary.json",
-                     "summary.txt"):
+        for name in ("loss.csv", "step_times.csv", "loss.png", "throughput.png", "memory.json", "progress.jsonl",
+                     "summary.json", "summary.txt"):
             (run_dir / name).unlink(missing_ok=True)
         for name in ("checkpoints", "logs"):
             shutil.rmtree(run_dir / name, ignore_errors=True)

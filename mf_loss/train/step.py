@@ -10,6 +10,10 @@ One step on data-parallel rank d, model-parallel rank r:
   with max_grad_norm, the gradients are scaled down to that global L2 norm when above it; the norm counts each
   replicated parameter once and sums the squares of the model-parallel-split ones over the model-parallel group;
   the optimizer steps.
+Every rank computes the same numbers in the same order, run after run: MindSpore's CPU sum of a whole long
+vector (200000 elements or more) adds partial sums of blocks whose split it tunes by timing and in the order
+the threads finish, so the norm sums rows of a fixed width (one thread per row) and then the short vector of
+row sums (`_squares`).
 Replicated parameters get the same gradient on every model-parallel rank (the model sums the hidden state's
 gradient over that group), so they stay identical everywhere.
 """
@@ -51,7 +55,10 @@ class TrainStep(nn.Cell):
         self.shapes = tuple(tuple(p.shape) for p in self.weights)
         sizes = [int(np.prod(s)) for s in self.shapes]
         self.offsets = tuple(int(o) for o in np.cumsum([0] + sizes))
-        self.split_ranges, self.replicated_ranges = _runs(self.offsets, [n in split for n in names])
+        split_runs, replicated_runs = _runs(self.offsets, [n in split for n in names])
+        # (start, stop, paddings): each run's slice of the flat buffer and how _squares sums it
+        self.split_ranges = tuple((a, b, _row_paddings(b - a)) for a, b in split_runs)
+        self.replicated_ranges = tuple((a, b, _row_paddings(b - a)) for a, b in replicated_runs)
         self.dp_reduce = ops.AllReduce(ops.ReduceOp.SUM, dp_group) if dp_group else None
         self.mp_reduce = ops.AllReduce(ops.ReduceOp.SUM, mp_group) if mp_group and self.split_ranges else None
         self.max_grad_norm = max_grad_norm
@@ -84,15 +91,57 @@ class TrainStep(nn.Cell):
     def _norm(self, flat):
         """Global L2 norm of the summed gradients in `flat`: the split parameters' squares over the mp group."""
         squares = ops.zeros((1,), ms.float32)
-        for start, stop in self.split_ranges:
-            part = flat[start:stop]
-            squares = squares + (part * part).sum()
+        for start, stop, paddings in self.split_ranges:
+            squares = squares + _squares(flat, start, stop, paddings)
         if self.mp_reduce is not None:
             squares = self.mp_reduce(squares)
-        for start, stop in self.replicated_ranges:
-            part = flat[start:stop]
-            squares = squares + (part * part).sum()
+        for start, stop, paddings in self.replicated_ranges:
+            squares = squares + _squares(flat, start, stop, paddings)
         return ops.sqrt(squares[0])
+
+
+SUM_ROW = 1024  # the width of the rows _squares sums; fixed, so the order of every addition is fixed too
+
+
+def _row_paddings(length: int) -> tuple:
+    """The zeros _squares appends at each level after the first to sum the row sums of `length` values in rows of
+    SUM_ROW, down to one row."""
+    length = -(-length // SUM_ROW)
+    paddings = []
+    while length > SUM_ROW:
+        paddings.append(-length % SUM_ROW)
+        length = (length + paddings[-1]) // SUM_ROW
+    return tuple(paddings)
+
+
+def _squares(flat, start: int, stop: int, paddings: tuple):
+    """The sum of squares of flat[start:stop] in an order independent of threads and timing: each row of SUM_ROW
+    values (and the shorter rest) is summed by one thread; the vector of row sums is summed the same way (padded
+    with zeros, which add exactly) until at most SUM_ROW values are left, which are summed in sequence.
+    (MindSpore's CPU sum of a whole vector is sequential below 200000 values; at or above, it adds partial sums of
+    blocks whose split it tunes by timing, in the order its threads finish.)"""
+    full = start + (stop - start) // SUM_ROW * SUM_ROW
+    if full == stop:
+        sums = _row_squares(flat, start, stop)
+    elif full == start:
+        sums = _rest_squares(flat, start, stop)
+    else:
+        sums = ops.concat([_row_squares(flat, start, full), _rest_squares(flat, full, stop)])
+    for padding in paddings:
+        if padding:
+            sums = ops.concat([sums, ops.zeros((padding,), sums.dtype)])
+        sums = sums.reshape(-1, SUM_ROW).sum(axis=1)
+    return sums.sum()
+
+
+def _row_squares(flat, start: int, stop: int):
+    rows = flat[start:stop].reshape(-1, SUM_ROW)
+    return (rows * rows).sum(axis=1)
+
+
+def _rest_squares(flat, start: int, stop: int):
+    rest = flat[start:stop]
+    return (rest * rest).sum().reshape(1)
 
 
 def _runs(offsets, is_split) -> tuple:

@@ -333,7 +333,8 @@ def _summarize(config, run_dir, curve, memory_log, extra) -> dict:
         "min_loss": min(losses) if losses else None,
         "counted_tokens": int(sum(row["counted_tokens"] for row in curve)),
         "checkpoint": str(checkpoint_dir(run_dir) / "latest.json"),
-        "outputs": [str(run_dir / name) for name in ("loss.csv", "loss.png", "throughput.png", "memory.json")],
+        "outputs": [str(run_dir / name) for name in ("loss.csv", "step_times.csv", "loss.png", "throughput.png",
+                                                     "memory.json")],
         **extra}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     tps, share = summary["steady_tokens_per_s"], summary["loss_share_of_step"]
@@ -353,7 +354,8 @@ def _summarize(config, run_dir, curve, memory_log, extra) -> dict:
         "peak resident memory per rank (MiB): " + ", ".join(f"rank {r}: {m:,.0f}"
                                                             for r, m in enumerate(summary["peak_rss_mib_per_rank"])),
         f"time: {extra['train_time_s']:.1f} s training, {extra['total_time_s']:.1f} s in this process",
-        f"outputs: {run_dir}/loss.csv, loss.png, throughput.png, memory.json, summary.json, checkpoints/",
+        f"outputs: {run_dir}/loss.csv, step_times.csv, loss.png, throughput.png, memory.json, summary.json, "
+        "checkpoints/",
     ]
     if config.ignored:
         lines.append("MindFormers keys accepted and not used: " + ", ".join(config.ignored))
