@@ -17,6 +17,25 @@ import msrun_jobs  # noqa: E402
 ms.set_context(pynative_synchronize=True)
 
 
+# The quick tier (`bash scripts/test.sh --quick`, pytest -m quick): in-process checks, a few minutes in all,
+# chosen so that a slip in the loss's math fails at least one of them (which one catches what: the test names).
+QUICK = (
+    "test_mp_in_one_process.py",
+    "test_single_device.py::test_core_cases_against_numpy",
+    "test_single_device.py::test_ignored_rows_get_exact_zero_gradient_and_do_not_count",
+    "test_single_device.py::test_masked_nan_row_does_not_poison_loss_or_gradient",
+    "test_structure.py",
+    "test_packaging.py::test_library_requirements_name_no_tool_package",
+    "test_config.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/", 1)[-1].startswith(QUICK):
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture(autouse=True)
 def _scratch_dir_and_mode(tmp_path, monkeypatch):
     # MindSpore writes rank_0/ and analyze_fail.ir into the working directory on compile errors.
