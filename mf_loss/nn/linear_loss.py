@@ -8,10 +8,9 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, ops
-from mindspore.graph.api import _pynative_executor
 
 from .. import functional as F
-from ..ops.backends import run_in_jit
+from ..ops.modes import eager_without_grad
 from ..options import check_chunk_size, class_weight_array
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
@@ -26,14 +25,6 @@ _cast = ops.Cast()
 _stop = ops.stop_gradient
 
 GRAD_MODES = ("auto", "forward", "recompute")
-
-
-def _eager_without_grad() -> bool:
-    """True for a PYNATIVE call that nothing differentiates (an evaluation loop); False in GRAPH mode, where
-    the compiler drops whatever the outputs do not need."""
-    if run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
-        return False
-    return not _pynative_executor.requires_grad()
 
 
 def _validate_linear_call(hidden, head_weight, label, input_mask=None):
@@ -175,7 +166,7 @@ class LinearCrossEntropyLoss(LossCell):
         # a counted label outside [0, V) makes the loss NaN, never a silently wrong number
         row_scale = F.out_of_range_nan(_select(counted, row_scale, _zeros_like(row_scale)),
                                        ops.logical_and(counted, outside))
-        gradient_in_forward = not self.recomputes(head_weight.dtype) and not _eager_without_grad()
+        gradient_in_forward = not self.recomputes(head_weight.dtype) and not eager_without_grad()
         core = self.core if gradient_in_forward else self.statistics_core
         out = core(hidden, head_weight, target, row_scale, counted)
         rows_out = out[1:7]

@@ -29,13 +29,6 @@ from ..kernels.build import FusedKernelUnavailable
 from ..options import check_backend
 from . import shard_math
 
-try:  # True while MindSpore compiles a graph (GRAPH mode, ms.jit), False when running eagerly. Callers test
-    # it in an `if ...:  # @jit.cond: True` line, which MindSpore's parser takes as a constant branch.
-    from mindspore.graph.api import _run_in_jit as run_in_jit
-except ImportError:  # pragma: no cover - other MindSpore layouts
-    def run_in_jit():
-        return False
-
 _auto_warned = False
 
 

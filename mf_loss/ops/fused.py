@@ -30,7 +30,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..kernels.build import FusedKernelUnavailable, build
-from .backends import run_in_jit
+from .modes import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
 __all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product",
