@@ -378,7 +378,7 @@ def loss_values_and_grads(backend, options, inputs, mode):
     if options.get("weight") == "random":
         options["weight"] = np.random.default_rng(7).uniform(0.3, 2.0, inputs[0].shape[-1]).astype(np.float32)
     loss = mf_loss.CrossEntropyLoss(backend=backend, **options)
-    assert loss.class_index_core.backend == backend
+    assert loss.core.backend == backend
 
     def objective(logits, label, mask):
         out = loss(logits, label, mask)
@@ -440,7 +440,7 @@ def test_inplace_backward_option_matches_out_of_place(name, options, target, dty
     results = {}
     for inplace in (False, True):
         loss = mf_loss.CrossEntropyLoss(backend="fused", inplace_backward=inplace, **options)
-        assert loss.class_index_core.inplace is inplace and loss.probability_core.inplace is inplace
+        assert loss.core.inplace is inplace
 
         def objective(x, y, m):
             return loss(x, y, m)
@@ -465,7 +465,7 @@ def test_inplace_backward_errors():
         mf_loss.CrossEntropyLoss(backend="composed", inplace_backward=True)
     with pytest.raises(TypeError, match="inplace_backward must be a bool, got 'yes'"):
         mf_loss.CrossEntropyLoss(inplace_backward="yes")
-    assert mf_loss.CrossEntropyLoss(backend="auto", inplace_backward=True).class_index_core.inplace
+    assert mf_loss.CrossEntropyLoss(backend="auto", inplace_backward=True).core.inplace
 
 
 def test_inplace_kernel_overwrites_plain_logits_and_never_loses_a_view():

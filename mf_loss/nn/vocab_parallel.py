@@ -67,13 +67,12 @@ class VocabShard(nn.Cell):
         self.scale = kernels.scale
         self.rows_float32 = kernels.rows_float32
         self.zeros = kernels.zeros
-        self.scale_compensated = kernels.scale_compensated
         self.accumulate_transposed_product = kernels.accumulate_transposed_product
-        self.accumulate_transposed_product_compensated = kernels.accumulate_transposed_product_compensated
         self.product_transposed = kernels.product_transposed
         self.accumulate_product = kernels.accumulate_product
         self.head_row_stats = kernels.head_row_stats
         self.head_grads = kernels.head_grads
+        self.head_kernels = kernels.head_kernels
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None

@@ -26,7 +26,6 @@ from typing import Callable, Optional
 import mindspore as ms
 
 from ..kernels.build import FusedKernelUnavailable
-from ..options import check_backend
 from . import shard_math
 
 _auto_warned = False
@@ -46,10 +45,7 @@ class Backend:
     `product_transposed(a, b)`, `a @ b^T` in float32 with b (the head weight) in any float dtype (a chunk's
     logits); `accumulate_product(total, a, b, row_offset)`, `total[row_offset:] += a @ b` in place (the hidden
     gradient); `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in
-    place (the weight-gradient sum, a chunk at a time), and for a half-precision running sum that keeps what
-    rounding each addition loses, `accumulate_transposed_product_compensated(total, compensation, a, b,
-    row_offset)` and `scale_compensated(total, compensation, factor)`; the whole head at once, a vocabulary block at
-    a time (the recomputing design): `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
+    place (the weight-gradient sum, a chunk at a time); the whole head at once, a vocabulary block at a time (the recomputing design): `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
     `head_grads(..., row_max, log_sum_exp, coefficients, block)` (`mf_loss.ops.fused`)."""
 
     name: str
@@ -58,11 +54,10 @@ class Backend:
     scratch_logits_grad: Callable
     scale: Callable
     inplace: bool = False
+    head_kernels: bool = False   # whether the head steps below are there
     rows_float32: Optional[Callable] = None
     zeros: Optional[Callable] = None
-    scale_compensated: Optional[Callable] = None
     accumulate_transposed_product: Optional[Callable] = None
-    accumulate_transposed_product_compensated: Optional[Callable] = None
     product_transposed: Optional[Callable] = None
     accumulate_product: Optional[Callable] = None
     head_row_stats: Optional[Callable] = None
@@ -92,19 +87,17 @@ def _fused(inplace: bool) -> Backend:
                          "backend='composed' (or 'auto')")
     fused.load()
     return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, fused.scale, inplace=bool(inplace),
+                   fused.logits_grad_inplace, fused.scale, inplace=bool(inplace), head_kernels=True,
                    rows_float32=fused.rows_float32, zeros=fused.zeros,
-                   scale_compensated=fused.scale_compensated,
                    accumulate_transposed_product=fused.accumulate_transposed_product,
-                   accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated,
                    product_transposed=fused.product_transposed, accumulate_product=fused.accumulate_product,
                    head_row_stats=fused.head_row_stats, head_grads=fused.head_grads)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:
-    """The per-shard steps for `backend` ("auto", "fused" or "composed"); see the module docstring."""
+    """The per-shard steps for `backend` ("auto", "fused" or "composed", checked by `mf_loss.options`); see the
+    module docstring."""
     global _auto_warned
-    check_backend(backend, inplace)
     if backend == "composed":
         return COMPOSED
     if backend == "fused":

@@ -33,11 +33,9 @@ from ..kernels.build import FusedKernelUnavailable, build
 from .modes import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product",
-           "accumulate_transposed_product", "accumulate_transposed_product_compensated", "head_grads",
-           "head_row_stats", "load", "local_row_stats",
-           "logits_grad", "logits_grad_inplace", "product_transposed", "rows_float32", "scale", "scale_compensated",
-           "zeros"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product", "accumulate_transposed_product",
+           "head_grads", "head_row_stats", "load", "local_row_stats", "logits_grad", "logits_grad_inplace",
+           "product_transposed", "rows_float32", "scale", "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -93,12 +91,10 @@ class FusedKernels:
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
     scale: ops.Custom             # total *= factor over total; returns the same kind of token
-    scale_compensated: ops.Custom  # the same over a (total, compensation) pair
     rows_float32: ops.Custom      # matrix[row_ids] in float32
     zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
     zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
     transposed_product: ops.Custom  # total[offset:] += a^T @ b over total (OpenBLAS sgemm); the same kind of token
-    transposed_product_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
     product_transposed: ops.Custom  # a @ b^T in float32, b of any float dtype (OpenBLAS sgemm)
     accumulate_product: ops.Custom  # total[offset:] += a @ b over total, b of any float dtype; a token
     head_row_stats_4: ops.Custom    # the fused head's (N, 4) statistics from hidden and the head weight
@@ -127,14 +123,11 @@ def load() -> FusedKernels:
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
                                         scale=custom("mf_scale_inplace", _token_shape, _int64),
-                                        scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
                                         zeros=custom("mf_zeros", _same_as_logits, _same_as_logits),
                                         zeros_float32=custom("mf_zeros_float32", _same_as_logits, _float32),
                                         transposed_product=custom("mf_accumulate_transposed_product",
                                                                   _token_shape, _int64),
-                                        transposed_product_compensated=custom(
-                                            "mf_accumulate_transposed_product_compensated", _token_shape, _int64),
                                         product_transposed=custom("mf_product_transposed",
                                                                   _product_transposed_shape, _float32),
                                         accumulate_product=custom("mf_accumulate_product", _token_shape, _int64),
@@ -220,13 +213,6 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     return _written_over(total, _kernels.transposed_product(total, a, b, _int64_input(row_offset)))
 
 
-def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
-    """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
-    (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
-    token = _kernels.transposed_product_compensated(total, compensation, a, b, _int64_input(row_offset))
-    return _written_over(total, token), _depend(compensation, token)
-
-
 def product_transposed(a, b):
     """`a @ b^T` in float32 (a (n, H) float32, b (V, H) float32, float16 or bfloat16): the fused head's chunk
     logits from a half-precision head weight as it is, converted to float32 a block at a time inside the
@@ -271,12 +257,6 @@ def scale(total, factor):
     if _written_in_place(total, token):
         return _depend(total, token)
     return total * factor  # pragma: no cover - a fresh buffer is never handed over as a copy
-
-
-def scale_compensated(total, compensation, factor):
-    """`(total + compensation) * factor` rounded once to total's dtype, written over `total` (the
-    compensation is spent)."""
-    return _written_over(total, _kernels.scale_compensated(total, compensation, factor.reshape(1)))
 
 
 def rows_float32(matrix, start: int, stop: int):
