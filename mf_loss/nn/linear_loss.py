@@ -14,10 +14,10 @@ from ..ops.modes import eager_without_grad
 from ..options import HeadOptions
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
-from .linear_vocab_parallel import OBJECTIVE, LinearVocabParallel
+from .linear_vocab_parallel import LinearVocabParallel
+from .outputs import OBJECTIVE, PER_TOKEN_START, PER_TOKEN_STOP, TOKEN_LOSS
 from .loss import LossCell
 from .semi_auto import parallel_mode_is_semi_auto
-from .vocab_parallel import TOKEN_LOSS
 
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
@@ -136,7 +136,7 @@ class LinearCrossEntropyLoss(LossCell):
             out = self.core.statistics(hidden, head_weight, target, row_scale, counted)
         else:
             out = self.core(hidden, head_weight, target, row_scale, counted)
-        rows_out = out[1:7]
+        rows_out = out[PER_TOKEN_START:PER_TOKEN_STOP]
         loss = F.out_of_range_nan(rows_out[TOKEN_LOSS], ops.logical_and(counted, outside))
         token_loss = _select(counted, loss * mask, _zeros_like(loss))
         loss, denominator, z_loss = self.finish(token_loss, denominator, rows_out, counted, mask, leading_shape)

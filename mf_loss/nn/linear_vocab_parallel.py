@@ -37,19 +37,14 @@ from mindspore import ops
 
 from ..ops import chunking, shard_math
 from ..parallel.comm import ModelParallelSum
-from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
-                             VocabShard, rows_after)
+from .outputs import (HIDDEN_GRAD, LOCAL_NONFINITE, LOG_SUM_EXP, OBJECTIVE, RANK_WIDTHS, ROW_MAX, TARGET_MASS,
+                      TOKEN_LOSS, WEIGHT_GRAD, in_head_output)
+from .vocab_parallel import VocabShard
 
 _cast = ops.Cast()
 _depend = ops.Depend()
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
-_logits_of = ops.MatMul(transpose_b=True)   # (n, H) x (Vl, H)^T
-_hidden_grad_of = ops.MatMul()              # (n, Vl) x (Vl, H)
-_weight_grad_of = ops.MatMul(transpose_a=True)  # (n, Vl)^T x (n, H)
-# positions in the core's output: the objective, the per-token tuple of vocab_parallel (1 + its positions), then
-# the gradients made in the forward (empty when the forward made none)
-OBJECTIVE, HIDDEN_GRAD, WEIGHT_GRAD = 0, 7, 8
 
 
 def spent(weight_grad, hidden_grad):
@@ -57,11 +52,6 @@ def spent(weight_grad, hidden_grad):
     that matmul is needed only at the end, and GRAPH mode put it off to a later chunk, keeping this chunk's
     logits (the gradient written over them) alive meanwhile (two chunks' logits at once)."""
     return _depend(weight_grad[0], hidden_grad[-1])
-
-
-def _float32(tensor):
-    """An input in float32, without the copy a same-dtype Cast makes (weight-sized buffers)."""
-    return tensor if tensor.dtype == ms.float32 else _cast(tensor, ms.float32)
 
 
 def _from_float32(tensor, dtype):
@@ -93,20 +83,19 @@ class LinearVocabParallel(VocabShard):
         "auto" with a half-precision weight on the fused backend (its recomputing kernels round each block of
         the weight gradient once and hold one block of logits: the leaner design there)."""
         if self.grad_mode == "auto":
-            return self.head_kernels and weight_dtype != ms.float32
+            return self.class_blocks and weight_dtype != ms.float32
         return self.grad_mode == "recompute"
 
     def reads_half_weight(self, head_weight) -> bool:
-        """Whether the kernels read the head weight in its own (half-precision) dtype (see the class docstring)."""
-        return self.head_kernels and head_weight.dtype != ms.float32
+        """Whether the products read a half-precision head weight as it is (see the class docstring)."""
+        return self.head_operands(head_weight, head_weight)[1].dtype != ms.float32
 
     def chunk_rows(self, rows: int, local_vocab: int) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
         # the fused steps keep one float32 chunk of logits (the gradient is written over it); the composed
         # ops hold a few chunk-sized temporaries at once (exp, probabilities, gradient, selects)
-        buffers = 1 if self.head_kernels else 6
-        return chunking.auto_chunk_rows(rows, local_vocab, buffers=buffers)
+        return chunking.auto_chunk_rows(rows, local_vocab, buffers=self.chunk_buffers)
 
     def bounds(self, rows: int, local_vocab: int):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
@@ -119,54 +108,12 @@ class LinearVocabParallel(VocabShard):
         return chunking.vocab_block(rows, width, local_vocab, chunking.HEAD_BLOCK_BYTES // 4,
                                     chunking.MIN_BLOCK_CLASSES)
 
-    # ---- the head steps of the chunk loop ----
-
-    def operands(self, hidden, head_weight):
-        """(rows, V/mp, the first class of this rank's slice, what `hidden_chunk` takes the chunks from, the head
-        weight as the products take it: itself on the fused backend, whose kernels read any float dtype, a
-        float32 copy of a half-precision one on the composed backend). A half-precision hidden is made
-        float32 a chunk at a time where the backend can (at H = 4096 a float32 copy of the whole input is a
-        tenth of the logits); otherwise copied whole (GRAPH mode on CPU slices no half-precision tensor)."""
-        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        weight = head_weight if self.head_kernels else _float32(head_weight)
-        hidden_source = hidden if self.head_kernels else _float32(hidden)
-        return rows, local_vocab, vocab_start, hidden_source, weight
-
     def hidden_chunk(self, hidden_source, start: int, stop: int, previous):
-        """Rows [start, stop) of hidden in float32, taken once `previous` (the last chunk's work) exists."""
-        if hidden_source.dtype == ms.float32:
-            return rows_after(hidden_source, start, stop, previous)
+        """Rows [start, stop) of hidden in float32, taken once `previous` (the last chunk's work) exists: the
+        Depend goes on the input, else GRAPH mode makes every chunk's slice up front (`rows_after`)."""
         if previous is not None:
             hidden_source = _depend(hidden_source, previous)
-        return self.rows_float32(hidden_source, start, stop)
-
-    def chunk_logits(self, chunk, weight):
-        """The chunk's (rows, V/mp) float32 logits: the fused kernel, which reads the weight in its own dtype,
-        or MindSpore's matmul on the float32 weight (composed)."""
-        if self.head_kernels:
-            return self.product_transposed(chunk, weight)
-        return _logits_of(chunk, weight)
-
-    def first_sums(self, hidden, head_weight):
-        """The running sums of (hidden's, head_weight's) gradient before any chunk, tuples. Fused: fresh float32
-        zero buffers that each chunk's part is added into in place, inside the sgemm that makes it (no (N, H)
-        concatenation beside the parts; no (V/mp, H) share written out and read back). Composed: no part yet
-        (the hidden parts are concatenated at the end; the first weight share becomes the sum: a ZerosLike to
-        add into would be folded into a constant by GRAPH mode and keep its sum from one call to the next)."""
-        if not self.head_kernels:
-            return (), ()
-        return (self.zeros(hidden, True),), (self.zeros(head_weight, True),)
-
-    def add_chunk_grads(self, hidden_grad, weight_grad, grad, chunk, weight, row_offset: int):
-        """The running sums with the chunk's parts added: `grad @ head_weight` to hidden's rows from `row_offset`
-        on, `grad^T @ chunk` to the weight's (grad: the chunk's logits gradient)."""
-        if not self.head_kernels:
-            share = _weight_grad_of(grad, chunk)
-            return (hidden_grad + (_hidden_grad_of(grad, weight),),
-                    (share,) if not weight_grad else (weight_grad[0] + share,))
-        return ((self.accumulate_product(hidden_grad[0], grad, weight, row_offset),),
-                (self.accumulate_transposed_product(weight_grad[0], grad, chunk, 0),))
+        return self.hidden_rows(hidden_source, start, stop)
 
     def chunk_grads(self, logits, chunk, target, weight, spec, row_max, log_sum_exp, target_mass, upstream,
                     row_offset: int, hidden_grad, weight_grad):
@@ -176,9 +123,6 @@ class LinearVocabParallel(VocabShard):
         grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
         return self.add_chunk_grads(hidden_grad, weight_grad, grad, chunk, weight, row_offset)
 
-    def whole_hidden_grad(self, hidden_grad):
-        return hidden_grad[0] if self.head_kernels else ops.concat(hidden_grad, 0)
-
     def chunk_loop(self, hidden, head_weight, target, active, upstream=None, saved=None):
         """The chunk loop, one chunk of rows at a time (see the module docstring), three ways:
         - `upstream` None: the statistics only -> this rank's (N, K) statistics (exchanged by the caller, once);
@@ -187,8 +131,10 @@ class LinearVocabParallel(VocabShard):
         - `saved` the forward's (row_max, log_sum_exp, target_mass), `upstream` the per-row upstream gradient
           (the replay in the backward) -> (hidden's gradient, the weight's).
         The gradients are float32; the weight's is a tuple of one running sum."""
-        rows, local_vocab, vocab_start, hidden_source, weight = self.operands(hidden, head_weight)
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
+        hidden_source, weight = self.head_operands(hidden, head_weight)
         hidden_grad, weight_grad = self.first_sums(hidden, head_weight)
         shares = []   # the statistics-only pass: each chunk's local statistics
         pieces = []   # the forward design: each chunk's per-token tuple
@@ -239,7 +185,7 @@ class LinearVocabParallel(VocabShard):
         """construct's outputs without a gradient made in the forward (empty in its places): the forward of the
         recomputing designs, and what a PYNATIVE call that nothing differentiates runs (no backward follows)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        if self.head_kernels:
+        if self.class_blocks:
             _, vocab_start = self.vocab(local_vocab)
             local = self.head_row_stats(hidden, head_weight, target, self.weight, self.spec(vocab_start),
                                         self.vocab_block(rows, hidden.shape[1], local_vocab))
@@ -259,9 +205,10 @@ class LinearVocabParallel(VocabShard):
             hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
             return (hidden_grad, _from_float32(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)) + \
                 inputs_grads
-        saved = (out[1 + ROW_MAX], out[1 + LOG_SUM_EXP], out[1 + TARGET_MASS])
-        upstream = _select(active, dout[1 + TOKEN_LOSS] + dout[OBJECTIVE] * row_scale, _zeros_like(row_scale))
-        if self.head_kernels:
+        saved = (out[in_head_output(ROW_MAX)], out[in_head_output(LOG_SUM_EXP)], out[in_head_output(TARGET_MASS)])
+        upstream = _select(active, dout[in_head_output(TOKEN_LOSS)] + dout[OBJECTIVE] * row_scale,
+                           _zeros_like(row_scale))
+        if self.class_blocks:
             rows, local_vocab = hidden.shape[0], head_weight.shape[0]
             _, vocab_start = self.vocab(local_vocab)
             coefficients = self.coefficients(saved[0], saved[1], saved[2], upstream, local_vocab)

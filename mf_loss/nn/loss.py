@@ -14,8 +14,8 @@ from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
 from .diagnostics import LossDiagnostics, NonFiniteLossError
 from .semi_auto import SemiAutoCrossEntropy, parallel_mode_is_semi_auto
-from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
-                             VocabParallelCrossEntropy)
+from .outputs import LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS
+from .vocab_parallel import VocabParallelCrossEntropy
 
 __all__ = ["CrossEntropyLoss", "LossCell", "NonFiniteLossError"]
 
@@ -52,7 +52,7 @@ class LossCell(nn.Cell):
     def finish(self, token_loss, denominator, rows, counted, mask, leading_shape):
         """Records the checks and reduces: the tail of every call. `rows` is a core's per-token tuple;
         returns (loss, denominator, z_loss), the fields of `LossOutput` (a plain tuple in the graph: see
-        vocab_parallel's note on NamedTuples)."""
+        nn.outputs' note on NamedTuples)."""
         row_max, log_sum_exp = _stop(rows[ROW_MAX]), _stop(rows[LOG_SUM_EXP])
         if self.check_for_nan:
             self.diagnostics.record_nonfinite(token_loss, row_max + log_sum_exp, counted,

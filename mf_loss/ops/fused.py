@@ -34,8 +34,9 @@ from .modes import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
 __all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product", "accumulate_transposed_product",
-           "head_grads", "head_row_stats", "load", "local_row_stats", "logits_grad", "logits_grad_inplace",
-           "product_transposed", "rows_float32", "scale", "zeros"]
+           "add_chunk_grads", "chunk_logits", "first_sums", "head_grads", "head_operands", "head_row_stats",
+           "hidden_rows", "load", "local_row_stats", "logits_grad", "logits_grad_inplace", "product_transposed",
+           "rows_float32", "scale", "whole_hidden_grad", "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -287,3 +288,41 @@ def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_su
     if _written_in_place(logits, token):
         return _depend(logits, token)
     return logits_grad(logits, target, weight, spec, row_max, log_sum_exp, coefficients)
+
+
+# ---- the fused head's steps (the chunk loop's; shard_math has the composed backend's) ----
+
+def head_operands(hidden, head_weight):
+    """(what the chunks of hidden are taken from, the head weight as the products take it): both as they are,
+    any float dtype (the kernels convert blocks of them; at H = 4096 a float32 copy of a half-precision hidden
+    was a tenth of the logits)."""
+    return hidden, head_weight
+
+
+def hidden_rows(source, start: int, stop: int):
+    """Rows [start, stop) of hidden in float32 (GRAPH mode on CPU slices no half-precision tensor)."""
+    if source.dtype == ms.float32:
+        return source[start:stop]
+    return rows_float32(source, start, stop)
+
+
+def chunk_logits(chunk, weight):
+    return product_transposed(chunk, weight)
+
+
+def first_sums(hidden, head_weight):
+    """The running sums of (hidden's, head_weight's) gradient before any chunk: fresh float32 zero buffers that
+    each chunk's part is added into in place, inside the sgemm that makes it (no (N, H) concatenation beside
+    the parts; no (V/mp, H) share written out and read back)."""
+    return (zeros(hidden, True),), (zeros(head_weight, True),)
+
+
+def add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset: int):
+    """The running sums with the chunk's parts added in place: `grad @ weight` to hidden's rows from
+    `row_offset` on, `grad^T @ chunk` to the weight's (grad: the chunk's logits gradient)."""
+    return ((accumulate_product(hidden_sum[0], grad, weight, row_offset),),
+            (accumulate_transposed_product(weight_sum[0], grad, chunk, 0),))
+
+
+def whole_hidden_grad(hidden_sum):
+    return hidden_sum[0]
