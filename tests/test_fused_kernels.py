@@ -28,6 +28,7 @@ from mf_loss.kernels import build as kernel_build
 from mf_loss.ops import backends, fused
 from mf_loss.ops import shard_math as composed
 from mf_loss.ops.shard_math import ShardSpec
+from mf_loss.options import LossOptions
 
 pytestmark = pytest.mark.kernel
 
@@ -498,10 +499,11 @@ def test_select_names_and_errors():
     assert chosen.name == "fused" and chosen.local_row_stats is fused.local_row_stats
     assert chosen.logits_grad is fused.logits_grad and not chosen.inplace
     assert backends.select("auto").name == "fused"  # CPU and a compiler here
+    # the choice is checked once, by the options the cells build (mf_loss.options), not again by select
     with pytest.raises(ValueError, match="backend must be one of"):
-        backends.select("fast")
+        LossOptions(backend="fast")
     with pytest.raises(ValueError, match="inplace_backward=True needs the fused kernels"):
-        backends.select("composed", inplace=True)
+        LossOptions(backend="composed", inplace_backward=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         chosen.name = "composed"
 
