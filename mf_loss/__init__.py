@@ -5,10 +5,11 @@ build, `parallel/` the layout and the one exchange, `functional.py` the function
 cells (`CrossEntropyLoss`, `LinearCrossEntropyLoss`), `options.py` and `registry.py`. The tools beside it
 (`launch/`, `train/`, `bench/`, `integrations/`, `cli.py`) use the library; the library never imports them.
 """
-from .functional import LossOutput, cross_entropy, linear_cross_entropy
+from .functional import LossOutput
 from .nn.diagnostics import NonFiniteLossError
 from .nn.linear_loss import LinearCrossEntropyLoss
 from .nn.loss import CrossEntropyLoss
+from .nn.one_call import cross_entropy, linear_cross_entropy
 from .parallel.config import ParallelConfig, default_dpmp_config
 from .registry import get_loss_class, register_loss
 

@@ -3,8 +3,8 @@
 A configuration is laid out like a MindFormers model config (`parallel_config`, `model.model_config`,
 `runner_config`, `optimizer`, `lr_schedule`, ...) plus a `loss` block. Every key is checked: an unknown
 key is reported with the closest valid name, a wrong type or value with the key's path, always with the
-file and line it came from. The loss block's keys are the loss class's constructor arguments; their values
-are checked by `mf_loss.options.LossOptions` (the loss's own validation), once. MindFormers blocks that
+file and line it came from. The loss block's keys are the loss class's options; their values are checked by
+the class's options (`mf_loss.options`: the loss's own validation), once. MindFormers blocks that
 this project does not use (`parallel`, `trainer`, `callbacks`, ...) are accepted as they are and listed in
 `Config.ignored`. The library part (`build_loss`) does not depend on the training job.
 
@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import yaml
 
-from .options import LossOptions
+from .options import option_names
 from .registry import get_loss_class, registered_losses
 
 _MISSING = object()
@@ -149,10 +149,6 @@ SCHEMA = {
         "layer_decay", "lr_scale", "lr_scale_factor", "remote_save_url", "model_name", "use_legacy")},
 }
 
-# Loss arguments whose default (None) says nothing about their type.
-_LOSS_ARG_TYPES = {"weight": list, "logit_softcap": float, "chunk_size": int}
-
-
 # ---------------------------------------------------------------------------------------------- checking
 
 class _Checker:
@@ -236,24 +232,22 @@ class _Checker:
         if "parallel_config" in value:
             self.fail(f"{path}.parallel_config", "the loss takes its layout from the top-level parallel_config "
                                                  "block; remove it here")
-        params = loss_parameters(cls)
-        self.known(path, value, ["type", *params])
-        options = {f.name for f in fields(LossOptions)}
+        options_class = cls.OPTIONS
+        self.known(path, value, ["type", *option_names(options_class)])
+        float_fields = {f.name for f in fields(options_class) if f.type in (float, Optional[float])}
         out = {"type": cls.__name__}
-        for key, given in value.items():
-            default = params[key]
-            expected = _LOSS_ARG_TYPES.get(key) or (type(default) if default is not None else object)
-            # LossOptions checks its own fields (below); the other arguments are checked by type here.
-            out[key] = given if key in options or given is None else self.typed(given, expected, f"{path}.{key}")
-        given_options = {key: out[key] for key in options & set(out)}
+        for key, given in value.items():  # YAML 1.1 reads '1e-3' as a string
+            out[key] = _as_type(given, float) if key in float_fields and isinstance(given, str) and \
+                _FLOAT_TEXT.match(given.strip()) else given
+        given_options = {key: out[key] for key in out if key != "type"}
         for key, given in given_options.items():  # one key at a time first: the error names its line
-            self.loss_options(f"{path}.{key}", {key: given})
-        self.loss_options(path, given_options)    # then together: some options exclude others
+            self.loss_options(f"{path}.{key}", options_class, {key: given})
+        self.loss_options(path, options_class, given_options)    # then together: some options exclude others
         return out
 
-    def loss_options(self, path: str, options: dict) -> None:
+    def loss_options(self, path: str, options_class, options: dict) -> None:
         try:
-            LossOptions(**options)
+            options_class(**options)
         except (TypeError, ValueError) as error:
             self.fail(path, str(error))
 

@@ -3,8 +3,8 @@
 A call is: validate the shapes (`check_logits_call`, `check_linear_call`) -> count the tokens
 (`count_tokens`) -> a vocab-parallel core gives per-token losses (`nn.vocab_parallel`,
 `nn.linear_vocab_parallel`) -> the diagnostics record -> `reduce_tokens`. `CrossEntropyLoss` and
-`LinearCrossEntropyLoss` are thin cells holding the options, a core and these steps; `cross_entropy` and
-`linear_cross_entropy` are the one-call forms (like torch.nn.functional), returning a named `LossOutput`.
+`LinearCrossEntropyLoss` are thin cells holding the options, a core and these steps, standing on this module
+(which imports no cell); `nn.one_call` has the one-call forms returning a named `LossOutput`.
 
 The validation functions are plain Python on shapes and dtypes: MindSpore runs them at compile time in
 GRAPH mode, so they raise there too.
@@ -128,30 +128,3 @@ def reduce_tokens(token_loss, denominator, *, reduction: str, per_token: bool, e
         return total
     nonempty, divisor = safe_denominator(denominator)
     return _select(nonempty, total / divisor, ops.fill(ms.float32, (), float("nan") if empty_mean_nan else 0.0))
-
-
-# ---- one-call forms ----
-
-_cells = {}
-
-
-def _cached(cls, options: dict):
-    """One loss cell per class and options (cells hold the per-rank weight slice and the counters)."""
-    key = (cls.__name__, tuple(sorted((k, repr(v)) for k, v in options.items())))
-    if key not in _cells:
-        _cells[key] = cls(**options)
-    return _cells[key]
-
-
-def cross_entropy(logits, label, input_mask=None, **options) -> LossOutput:
-    """`CrossEntropyLoss(**options)` as a function returning the named `LossOutput` (loss, denominator,
-    z-loss term); the cell is built once per set of options. For eager use (PYNATIVE) or a whole `ms.jit`
-    step; inside a cell's construct hold a `CrossEntropyLoss` instead."""
-    from .nn.loss import CrossEntropyLoss
-    return _cached(CrossEntropyLoss, options).outputs(logits, label, input_mask)
-
-
-def linear_cross_entropy(hidden, head_weight, label, input_mask=None, **options) -> LossOutput:
-    """`LinearCrossEntropyLoss(**options)` as a function returning `LossOutput` (see `cross_entropy`)."""
-    from .nn.linear_loss import LinearCrossEntropyLoss
-    return _cached(LinearCrossEntropyLoss, options).outputs(hidden, head_weight, label, input_mask)

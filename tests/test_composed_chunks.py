@@ -40,7 +40,7 @@ class Objective(nn.Cell):
 
 def chunked_loss(options, device_target="CPU"):
     loss = CrossEntropyLoss(backend="composed", chunk_size=CHUNK, **options)
-    for core in (loss.class_index_core, loss.probability_core):
+    for core in (loss.core,):
         core.device_target = device_target  # which device's slicing the chunk loop plans for
     return loss
 
@@ -51,7 +51,7 @@ def check(options, target="index", dtype="float32", device_target="CPU"):
     if dtype != "float32":
         logits = rounded(logits, dtype)
     loss = chunked_loss(options, device_target)
-    core = loss.probability_core if target == "probs" else loss.class_index_core
+    core = loss.core
     bounds = core.bounds(Tensor(logits).astype(MS_DTYPES[dtype]))
     assert len(bounds) == -(-ROWS // CHUNK) and bounds[-1] == (35, 40), bounds
     upstream = rng.uniform(0.5, 1.5, ROWS).astype(np.float32) if options.get("reduction") == "none" else None
@@ -90,7 +90,7 @@ def test_chunked_composed_probability_targets():
 def test_half_precision_logits_are_chunked_where_the_device_slices_them(dtype):
     loss = chunked_loss({})
     half = Tensor(np.zeros((ROWS, VOCAB), np.float32)).astype(MS_DTYPES[dtype])
-    assert loss.class_index_core.bounds(half) == [(0, ROWS)]  # CPU: whole
+    assert loss.core.bounds(half) == [(0, ROWS)]  # CPU: whole
     check(OPTION_SETS["weights_smoothing_zloss"], dtype=dtype, device_target="Ascend")
 
 
@@ -100,4 +100,4 @@ def test_chunk_size_is_checked_and_ignored_by_the_fused_kernels():
     with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
         CrossEntropyLoss(chunk_size=2.5)
     fused = CrossEntropyLoss(backend="fused", chunk_size=CHUNK)
-    assert fused.class_index_core.bounds(Tensor(np.zeros((ROWS, VOCAB), np.float32))) == [(0, ROWS)]
+    assert fused.core.bounds(Tensor(np.zeros((ROWS, VOCAB), np.float32))) == [(0, ROWS)]

@@ -114,9 +114,9 @@ def test_unknown_key_without_a_close_name_lists_the_valid_ones(tmp_path):
     ({"parallel_config": {"data_parallel": "two"}}, "parallel_config.data_parallel", "expected an int, got 'two' (str)"),
     ({"parallel_config": {"model_parallel": True}}, "parallel_config.model_parallel", "expected an int, got True (bool)"),
     ({"parallel_config": {"model_parallel": 1.5}}, "parallel_config.model_parallel", "expected an int, got 1.5 (float)"),
+    # the loss options' own messages (the loader does not check these a second time)
     ({"loss": {"calculate_per_token_loss": "yes please"}}, "loss.calculate_per_token_loss",
-     "expected a bool (true/false), got 'yes please' (str)"),
-    # LossOptions' own messages (the loader does not check these a second time)
+     "calculate_per_token_loss must be a bool, got 'yes please'"),
     ({"loss": {"ignore_index": "none"}}, "loss.ignore_index", "ignore_index must be an int, got 'none'"),
     ({"loss": {"label_smoothing": "lots"}}, "loss.label_smoothing", "label_smoothing must be a float in [0, 1], got 'lots'"),
     ({"lr_schedule": {"learning_rate": [1]}}, "lr_schedule.learning_rate", "expected a number, got [1] (list)"),
@@ -154,7 +154,7 @@ def test_loss_values_are_checked_by_the_loss_options(tmp_path):
     assert "loss: inplace_backward=True needs the fused kernels" in message and "got backend='composed'" in message
     config = load_config(write_config(tmp_path, {"loss": {"type": "CrossEntropyLoss", "backend": "fused",
                                                           "inplace_backward": True}}))
-    assert build_loss(config).class_index_core.inplace
+    assert build_loss(config).core.inplace
 
 
 def test_unknown_loss_type_gets_a_suggestion(tmp_path):
@@ -383,3 +383,19 @@ def test_several_nodes_need_the_master_port(tmp_path):
     with pytest.raises(TrainError, match="--nnodes > 1 needs --master-port"):
         train_command(str(CONFIGS / "dp2_mp2.yaml"), nnodes=2, node_rank=1, output_dir=str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_loader_checks_a_loss_block_with_the_class_options(tmp_path):
+    """The loader has no type table of its own: each loss class's options (mf_loss.options) check its block."""
+    message = load_error(write_config(tmp_path, {"loss": {"type": "LinearCrossEntropyLoss", "grad_mode": "fast"}}))
+    assert "loss.grad_mode" in message and "grad_mode must be one of 'auto', 'forward', 'recompute'" in message
+    message = load_error(write_config(tmp_path, {"loss": {"type": "LinearCrossEntropyLoss", "chunk_size": 0}}))
+    assert "loss.chunk_size" in message and "chunk_size must be None or a positive int" in message
+    message = load_error(write_config(tmp_path, {"loss": {"weight": ["heavy"]}}))
+    assert "loss.weight" in message and "weight must be numbers" in message
+    message = load_error(write_config(tmp_path, {"loss": {"type": "LinearCrossEntropyLoss",
+                                                          "inplace_backward": True}}))
+    assert "unknown key 'loss.inplace_backward'" in message
+    config = load_config(write_config(tmp_path, {"loss": {"type": "LinearCrossEntropyLoss", "logit_softcap": "3e1",
+                                                          "calculate_per_token_loss": True}}))
+    assert config["loss"]["logit_softcap"] == 30.0

@@ -2,9 +2,9 @@
 
 The kernels read the weight in its own dtype (a chunk's logits: `product_transposed`; its hidden-gradient part:
 `accumulate_product`, blocks of the weight converted to float32 for sgemm). grad_mode="forward" sums the
-weight gradient over the chunks in the weight's dtype: with a compensation buffer ("compensated", the default)
-it is the float32 sum rounded once; "plain" rounds every addition. grad_mode="recompute" (what "auto" takes
-for a half-precision weight) makes each vocabulary block's rows of it complete and rounds them once. Checked against float64 NumPy on the rounded inputs, with class weights,
+weight gradient over the chunks in one float32 running sum, rounded once to the weight's dtype at the end.
+grad_mode="recompute" (what "auto" takes for a half-precision weight) makes each vocabulary block's rows of it
+complete and rounds them once. Checked against float64 NumPy on the rounded inputs, with class weights,
 label smoothing, z-loss and a softcap, an upstream gradient other than 1, in both modes and both gradient
 strategies, twice in a row on one cell (the running sums are fresh buffers each call); the two product
 kernels alone against float64 NumPy, with shapes that leave partial blocks.
@@ -12,8 +12,7 @@ kernels alone against float64 NumPy, with shapes that leave partial blocks.
 Tolerances: the loss at 2e-6 relative (float32 maths on rounded inputs). A gradient element is right when it
 is within one unit in the last place of the dtype of the exact value (the float32 result rounded once is
 within half of one, plus float32 matmul noise), or within 1e-5 of the gradient's largest element (float32
-noise on elements near 0, and float16's subnormals below 6.1e-5, where a unit is 2^-24 and a compensation
-term cannot be kept).
+noise on elements near 0, and float16's subnormals below 6.1e-5, where a unit is 2^-24).
 """
 import numpy as np
 import pytest
@@ -22,10 +21,9 @@ import mindspore as ms
 from mindspore import Tensor
 
 from mf_loss import LinearCrossEntropyLoss
-from mf_loss.ops import chunking
 from cases import MS_DTYPES, class_weights, linear_inputs, rounded
 from reference import numpy_cross_entropy
-from test_weight_grad_sum import UPSTREAM, ScaledLoss
+from test_head_running_sum import UPSTREAM, ScaledLoss
 
 pytestmark = pytest.mark.kernel
 ROWS, HIDDEN, VOCAB, CHUNK = 37, 16, 203, 10
@@ -65,13 +63,12 @@ def reference(h, w, label, mask):
     return UPSTREAM * outputs[0], UPSTREAM * grad @ w64, UPSTREAM * grad.T @ h64
 
 
-def run_twice(mode, grad_mode, dtype, weight_grad_sum):
+def run_twice(mode, grad_mode, dtype):
     """[(loss, d hidden, d head_weight) in float64] of two calls of one jitted/eager step."""
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
         h, w, label, mask = half_inputs(dtype)
-        loss = LinearCrossEntropyLoss(chunk_size=CHUNK, grad_mode=grad_mode, backend="fused",
-                                      weight_grad_sum=weight_grad_sum if grad_mode == "forward" else None, **OPTIONS)
+        loss = LinearCrossEntropyLoss(chunk_size=CHUNK, grad_mode=grad_mode, backend="fused", **OPTIONS)
         step = ms.value_and_grad(ScaledLoss(loss), grad_position=(0, 1))
         if mode == "graph":
             step = ms.jit(step)
@@ -91,7 +88,7 @@ def run_twice(mode, grad_mode, dtype, weight_grad_sum):
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_weight_gradient_is_the_exact_one_rounded(dtype, mode, grad_mode):
-    results, (expected_loss, expected_hidden, expected_weight) = run_twice(mode, grad_mode, dtype, "compensated")
+    results, (expected_loss, expected_hidden, expected_weight) = run_twice(mode, grad_mode, dtype)
     for call, (value, hidden_grad, weight_grad) in enumerate(results):
         what = f"{dtype} {mode}/{grad_mode}, call {call + 1}"
         np.testing.assert_allclose(value, expected_loss, rtol=2e-6, err_msg=what)
@@ -102,55 +99,13 @@ def test_half_weight_gradient_is_the_exact_one_rounded(dtype, mode, grad_mode):
         assert exactly_rounded > 0.99, exactly_rounded
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_plain_sum_rounds_each_addition(mode):
-    """"plain" keeps no compensation: still close (a few units), measurably less exact than "compensated"."""
-    plain, (_, _, expected_weight) = run_twice(mode, "forward", "bfloat16", "plain")
-    compensated, _ = run_twice(mode, "forward", "bfloat16", "compensated")
-    exact = round_to(expected_weight, "bfloat16")
-    chunks = len(chunking.chunk_bounds(ROWS, CHUNK))
-    scale = np.abs(expected_weight).max()
-    assert np.all(np.abs(plain[0][2] - expected_weight) <= chunks * spacing(scale, "bfloat16"))
-    assert np.mean(plain[0][2] == exact) < np.mean(compensated[0][2] == exact)
-    np.testing.assert_array_equal(plain[0][1], compensated[0][1])  # d hidden does not depend on the option
-
-
-# ---- the kernels of the running sum, alone (PYNATIVE) ----
+# ---- the kernel that takes a chunk of a half-precision hidden, alone (PYNATIVE) ----
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_compensated_running_sum_kernels(dtype):
-    """50 float32 parts of mixed signs and scales added into rows of a half-precision sum (as products with the
-    identity, which are exact: the parts themselves): "compensated" is the float64 sum rounded once (within one
-    unit where float32 itself rounds); then scaled by 3 the same way; "plain" is further off; rows outside the
-    parts stay 0; rows_float32 is the rows' exact float32 values."""
+def test_rows_float32_are_the_rows_exact_values(dtype):
     from mf_loss.ops import fused
     fused.load()
     rng = np.random.default_rng(11)
-    shape, rows = (64, 48), 40
-    parts = [(rng.standard_normal((rows, shape[1])) * 10.0 ** rng.integers(-3, 2)).astype(np.float32)
-             for _ in range(50)]
-    offsets = rng.integers(0, shape[0] - rows + 1, len(parts))
-    like = Tensor(np.zeros(shape, np.float32)).astype(MS_DTYPES[dtype])
-    total, compensation = fused.zeros(like), fused.zeros(like)
-    plain = fused.zeros(like)
-    exact = np.zeros(shape)
-    identity = Tensor(np.eye(rows, dtype=np.float32))
-    for part, offset in zip(parts, offsets):
-        total, compensation = fused.accumulate_transposed_product_compensated(total, compensation, identity,
-                                                                             Tensor(part), int(offset))
-        plain = fused.accumulate_transposed_product(plain, identity, Tensor(part), int(offset))
-        exact[offset:offset + rows] += part
-    got = total.astype(ms.float32).asnumpy().astype(np.float64)
-    assert_within_one_unit(got, exact, dtype, "compensated sum")
-    assert np.mean(got == round_to(exact, dtype)) > 0.99
-    got_plain = plain.astype(ms.float32).asnumpy().astype(np.float64)
-    assert np.mean(got_plain == round_to(exact, dtype)) < np.mean(got == round_to(exact, dtype))
-    scaled = fused.scale_compensated(total, compensation, Tensor(3.0, ms.float32))
-    assert_within_one_unit(scaled.astype(ms.float32).asnumpy().astype(np.float64), 3 * exact, dtype, "scaled sum")
-    untouched = np.ones(shape[0], bool)
-    for offset in offsets:
-        untouched[offset:offset + rows] = False
-    assert not got[untouched].any()
     matrix = Tensor(rng.standard_normal((30, 7)).astype(np.float32)).astype(MS_DTYPES[dtype])
     tile = fused.rows_float32(matrix, 11, 23)
     assert tile.dtype == ms.float32 and tile.shape == (12, 7)

@@ -410,12 +410,13 @@ def test_functional_form_registry_and_collectives():
 
 
 def test_auto_grad_mode_follows_the_weight_dtype():
-    """"auto": forward for a float32 weight, recompute for a half-precision one on the fused backend (unless a
-    forward-mode weight_grad_sum is named), forward on the composed backend."""
+    """"auto": forward for a float32 weight, recompute for a half-precision one on the fused backend, forward on
+    the composed backend; recompute for reduction="none"."""
     fused_auto = LinearCrossEntropyLoss(backend="fused")
     assert not fused_auto.recomputes(ms.float32)
     assert fused_auto.recomputes(ms.bfloat16) and fused_auto.recomputes(ms.float16)
-    assert not LinearCrossEntropyLoss(backend="fused", weight_grad_sum="plain").recomputes(ms.bfloat16)
+    assert not LinearCrossEntropyLoss(backend="fused", grad_mode="forward").recomputes(ms.bfloat16)
+    assert LinearCrossEntropyLoss(backend="composed", reduction="none").recomputes(ms.float32)
     assert not LinearCrossEntropyLoss(backend="composed").recomputes(ms.bfloat16)
     assert LinearCrossEntropyLoss(backend="composed", grad_mode="recompute").recomputes(ms.float32)
 
@@ -453,11 +454,6 @@ ERRORS = [
      "grad_mode='forward' needs a scalar loss (reduction 'mean' or 'sum', or calculate_per_token_loss); "
      "reduction='none' needs grad_mode='recompute' or 'auto'"),
     (dict(complete_hidden_grad="yes"), TypeError, "complete_hidden_grad must be a bool, got 'yes'"),
-    (dict(weight_grad_sum="kahan"), ValueError,
-     "weight_grad_sum must be None or one of 'compensated', 'plain', got 'kahan'"),
-    (dict(weight_grad_sum="plain", reduction="none"), ValueError,
-     "weight_grad_sum='plain' applies to grad_mode='forward' (a sum over chunks of rows); grad_mode='recompute' "
-     "(asked, or needed by reduction='none') rounds each block of the weight gradient once, complete"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(backend="gpu"), ValueError, "backend must be one of"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing must be a float in [0, 1], got 1.5"),

@@ -54,16 +54,16 @@ def test_half_precision_head_keeps_no_float32_copy_of_the_weight(tmp_path):
     # 2048 x 32000 x 1024 bfloat16 (125 MiB of logits; the weight is 62.5 MiB): a float32 copy of the weight and a
     # float32 sum of its gradient would be 2x the logits on their own (2.26x in all at c40a4d1). The kernels read
     # the weight in its dtype. The default for a half-precision weight (the recomputing kernels: one block of
-    # classes, hidden and its gradient in float32) measured 0.27x on 2026-11-30; grad_mode="forward" with its
-    # compensated sum 0.95x (its buffer is 0.5x; "plain" 0.45x; 1.40x / 0.89x with float32 vocabulary tiles of
-    # the weight, at 5df2e7f). The unfused step (float32 casts, logits, gradient): 4.57x.
+    # classes, hidden and its gradient in float32) measured 0.27x on 2026-11-30; grad_mode="forward", whose weight
+    # gradient is one float32 running sum (1.0x of these bfloat16 logits at H 1024) rounded once at the end,
+    # 1.46x on 2026-12-05. The unfused step (float32 casts, logits, gradient): 4.57x.
     rows = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused,linear_unfused", "--shapes", "2048x32000",
                       dtype="bfloat16")
     assert rows["linear_fused"] < 0.4, rows
     assert rows["linear_unfused"] > 3.0, rows
     forward = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused", "--shapes", "2048x32000",
                          "--linear-option", "grad_mode=forward", dtype="bfloat16")
-    assert forward["linear_fused"] < 1.15, forward
+    assert forward["linear_fused"] < 1.6, forward
 
 
 def test_fused_head_adds_the_hidden_gradient_in_place(tmp_path):

@@ -109,7 +109,7 @@ def _mf_loss_cell(name):
     backend = "composed" if name.startswith("composed") else "fused"
     inplace = name.startswith("fused_inplace")
     loss = mf_loss.CrossEntropyLoss(backend=backend, inplace_backward=inplace)
-    core = getattr(loss, "class_index_core", None)
+    core = getattr(loss, "core", None)
     used = (getattr(core, "backend", backend), getattr(core, "inplace", inplace))
     if used != (backend, inplace):
         raise RuntimeError(f"asked for backend={backend} inplace={inplace}, got {used[0]} {used[1]}")
@@ -153,7 +153,7 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
         core = getattr(loss, "core", None)
         if hasattr(loss, "recomputes"):  # the design a call with this dtype takes ("auto" looks at the dtype)
             notes["grad_mode"] = "recompute" if loss.recomputes(mindspore_dtype(config["dtype"])) else "forward"
-        if notes.get("grad_mode") == "recompute" and getattr(core, "head_grads", None) is not None:
+        if notes.get("grad_mode") == "recompute" and getattr(core, "class_blocks", False):
             notes["vocab_block"] = core.vocab_block(config["rows"], config["head"], config["vocab"] // mp)
         elif hasattr(core, "chunk_rows"):
             notes["chunk_rows"] = core.chunk_rows(config["rows"], config["vocab"] // mp)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cross_entropy.cc"
 LIBRARY_NAME = "libmf_cross_entropy.so"
-ABI_VERSION = 9
+# The one place the ABI number is written: compiled in (-DMF_KERNEL_ABI_VERSION), returned by the library's
+# mf_kernel_abi_version() and checked when it is loaded. Raise it when an entry point changes its parameters.
+ABI_VERSION = 10
 ENTRY_POINTS = ("mf_row_stats4", "mf_row_stats5", "mf_logits_grad", "mf_logits_grad_inplace", "mf_scale_inplace",
-                "mf_scale_compensated", "mf_rows_float32", "mf_zeros", "mf_zeros_float32",
-                "mf_accumulate_transposed_product", "mf_accumulate_transposed_product_compensated",
-                "mf_product_transposed", "mf_accumulate_product", "mf_head_row_stats4",
-                "mf_head_row_stats5", "mf_head_grads")
+                "mf_rows_float32", "mf_zeros", "mf_zeros_float32", "mf_accumulate_transposed_product",
+                "mf_product_transposed", "mf_accumulate_product", "mf_head_row_stats4", "mf_head_row_stats5",
+                "mf_head_grads")
 # -ffp-contract=off: no fused multiply-adds, so results do not depend on the instruction set;
 # -fno-trapping-math: lets gcc vectorise the branch-free selects (FP exception flags are never read).
 # Never -ffast-math: inf and NaN must behave as IEEE says.
@@ -101,7 +102,8 @@ def openblas_flags() -> tuple:
 
 def build_command(compiler: str, output: str) -> list:
     include, *link = openblas_flags()
-    return [compiler, *BASE_FLAGS, *isa_flags(), include, "-o", output, str(SOURCE), *link]
+    return [compiler, *BASE_FLAGS, f"-DMF_KERNEL_ABI_VERSION={ABI_VERSION}", *isa_flags(), include, "-o", output,
+            str(SOURCE), *link]
 
 
 def _compiler_identity(compiler: str) -> str:

@@ -815,49 +815,16 @@ extern "C" int mf_row_stats5(int nparam, void **params, int *ndims, int64_t **sh
 
 namespace {
 
-// ---- the fused head's running weight gradient (element-wise, in place) ----
+// ---- the fused head's running sums (element-wise, in place) ----
 //
-// The weight gradient is summed over row chunks in place, so that no second (V/mp, H)
-// buffer exists next to the running total. A float32 total is a plain sum. A float16 / bfloat16 total (a
-// half-precision head weight, whose gradient comes back in its dtype) is summed with a compensation term
-// of the same dtype (`comp`): the pair (total, comp) holds the running float32 sum to about 16 (bfloat16)
-// or 22 (float16) significant bits, and `total` alone is always that sum rounded once to nearest, so the
-// gradient is what a float32 sum rounded at the end gives, at half the bytes of a float32 sum.
-// Every in-place entry point's last parameter is a (1,) int64 token that receives the address written
-// (PYNATIVE checks it; in GRAPH mode it orders the write before the buffer's next use).
-
-// The compensated pair's update of element i: `sum` (float32) into (high = sum rounded, low = the rest
-// rounded). Half-precision elements as their raw bits (uint16_t arrays: the loops vectorise; through the
-// one-member structs gcc vectorised them at a third of the speed).
-template <typename T>
-inline void split_into(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, int64_t i, float sum) {
-  const uint16_t high = from_float<T>(sum).bits;
-  total[i] = high;
-  comp[i] = from_float<T>(sum - to_float(T{high})).bits;  // exact in float32: `high` is `sum` rounded
-}
-
-template <typename T>
-void add_span(T *__restrict__ total, const float *__restrict__ part, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) total[i] = from_float<T>(to_float(total[i]) + part[i]);
-}
-
-template <typename T>
-void add_compensated_span(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, const float *__restrict__ part,
-                          int64_t n) {
-  // total + comp is exact in float32 (|comp| <= half an ulp of total, both of 8 or 11 significant bits)
-  for (int64_t i = 0; i < n; ++i)
-    split_into<T>(total, comp, i, (to_float(T{total[i]}) + to_float(T{comp[i]})) + part[i]);
-}
+// The gradients are summed over row chunks in float32 buffers, in place, so that no second (V/mp, H) or (N, H)
+// buffer exists next to the running total. Every in-place entry point's last parameter is a (1,) int64 token
+// that receives the address written (PYNATIVE checks it; in GRAPH mode it orders the write before the
+// buffer's next use).
 
 template <typename T>
 void scale_span(T *__restrict__ total, float factor, int64_t n) {
   for (int64_t i = 0; i < n; ++i) total[i] = from_float<T>(to_float(total[i]) * factor);
-}
-
-template <typename T>
-void scale_compensated_span(uint16_t *__restrict__ total, uint16_t *__restrict__ comp, float factor, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    split_into<T>(total, comp, i, (to_float(T{total[i]}) + to_float(T{comp[i]})) * factor);
 }
 
 template <typename T>
@@ -866,39 +833,28 @@ void scale_by(void *total_ptr, float factor, int64_t n) {
   parallel_elements(n, [=](int64_t b, int64_t e) { scale_span(total + b, factor, e - b); });
 }
 
-template <typename T>
-void scale_compensated(void *total_ptr, void *comp_ptr, float factor, int64_t n) {
-  uint16_t *total = static_cast<uint16_t *>(total_ptr), *comp = static_cast<uint16_t *>(comp_ptr);
-  parallel_elements(n, [=](int64_t b, int64_t e) { scale_compensated_span<T>(total + b, comp + b, factor, e - b); });
-}
-
 inline bool is_float_dtype(DType d) { return d == DType::kF32 || d == DType::kF16 || d == DType::kBF16; }
 
 inline bool is_token(int ndim, const int64_t *shape, const char *dtype) {
   return std::strcmp(dtype, "int64") == 0 && numel(ndim, shape) == 1;
 }
 
-// params: total, [comp], factor (1,) float32, token.
-int scale_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims, int64_t **shapes,
-                const char **dtypes) {
-  const int c = compensated ? 1 : 0;
-  const DType total_dtype = nparam == 3 + c ? parse_dtype(dtypes[0]) : DType::kOther;
-  if (nparam != 3 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
-      (compensated && (parse_dtype(dtypes[1]) != total_dtype || numel(ndims[1], shapes[1]) != numel(ndims[0], shapes[0]))) ||
-      parse_dtype(dtypes[1 + c]) != DType::kF32 || numel(ndims[1 + c], shapes[1 + c]) != 1 ||
-      !is_token(ndims[2 + c], shapes[2 + c], dtypes[2 + c]))
-    return fail_in(kernel, "expects a float total, [its compensation], (1,) float32 factor, (1,) int64 token");
+// params: total, factor (1,) float32, token.
+int scale_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const DType total_dtype = nparam == 3 ? parse_dtype(dtypes[0]) : DType::kOther;
+  if (nparam != 3 || !is_float_dtype(total_dtype) || parse_dtype(dtypes[1]) != DType::kF32 ||
+      numel(ndims[1], shapes[1]) != 1 || !is_token(ndims[2], shapes[2], dtypes[2]))
+    return fail_in(kernel, "expects a float total, (1,) float32 factor, (1,) int64 token");
   const int64_t n = numel(ndims[0], shapes[0]);
-  const float factor = static_cast<const float *>(params[1 + c])[0];
-  void *comp = compensated ? params[1] : nullptr;
+  const float factor = static_cast<const float *>(params[1])[0];
   if (total_dtype == DType::kF32) {
     scale_by<float>(params[0], factor, n);
   } else if (total_dtype == DType::kF16) {
-    comp ? scale_compensated<Half>(params[0], comp, factor, n) : scale_by<Half>(params[0], factor, n);
+    scale_by<Half>(params[0], factor, n);
   } else {
-    comp ? scale_compensated<BF16>(params[0], comp, factor, n) : scale_by<BF16>(params[0], factor, n);
+    scale_by<BF16>(params[0], factor, n);
   }
-  write_address_token(params[2 + c], params[0]);
+  write_address_token(params[2], params[0]);
   return 0;
 }
 
@@ -912,20 +868,13 @@ void rows_to_float(const void *matrix, const int64_t *row_ids, int64_t rows, int
 
 }  // namespace
 
-// total *= factor[0] in place (and its compensation): the fused head's weight gradient, made in the forward
+// total *= factor[0] in place: the fused head's gradients, made in the forward
 // for an upstream gradient of 1, is scaled by the real one in the backward without a second buffer.
 extern "C" int mf_scale_inplace(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  return scale_entry("mf_scale_inplace", false, nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int mf_scale_compensated(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                    void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return scale_entry("mf_scale_compensated", true, nparam, params, ndims, shapes, dtypes);
+  return scale_entry("mf_scale_inplace", nparam, params, ndims, shapes, dtypes);
 }
 
 // out (R, H) float32 = matrix[row_ids] (matrix (N, H) float32 / float16 / bfloat16, row_ids (R,) int64 in
@@ -992,9 +941,7 @@ extern "C" int mf_zeros_float32(int nparam, void **params, int *ndims, int64_t *
 // total[offset : offset + Vt] (rows of a (V, H) running sum) += grad^T @ rows, grad (n, Vt) and rows (n, H)
 // float32, in place, so that the fused head's per-chunk share of the weight gradient is never written out
 // and read back: at 2048 x 128256 x 256 in 128-row chunks each share and its addition moved about 0.5 GB
-// per chunk. A float32 total: sgemm with beta = 1 straight into it. A
-// float16 / bfloat16 total: sgemm into a float32 block of the share (at most kProductBlockBytes per thread),
-// added to the total's rows, plain or with the compensation pair (split_into).
+// per chunk: sgemm with beta = 1 straight into the float32 total.
 // OpenBLAS runs single-threaded on blocks of the total's rows spread over parallel_rows' threads: its own
 // thread pool spins after each call (about 2^28 cycles by default) and took a core from the MindSpore
 // matmul that follows (1.46x the unfused step's time against 1.04x without the spin). The blocks are at least
@@ -1013,75 +960,38 @@ void openblas_single_threaded() {
   std::call_once(once, [] { scipy_openblas_set_num_threads(1); });
 }
 
-// n float32 values added to a half-precision total from element `first` on, with its compensation if any
-template <typename T>
-void add_half_block(void *total, void *comp, int64_t first, const float *block, int64_t n) {
-  if (comp != nullptr) {
-    add_compensated_span<T>(static_cast<uint16_t *>(total) + first, static_cast<uint16_t *>(comp) + first, block, n);
-  } else {
-    add_span(static_cast<T *>(total) + first, block, n);
-  }
-}
-
-int transposed_product_entry(const char *kernel, bool compensated, int nparam, void **params, int *ndims,
-                             int64_t **shapes, const char **dtypes) {
-  // params: total, [comp], grad, rows, offset (1,) int64 (total's first row), token
-  const int c = compensated ? 1 : 0;
-  const DType total_dtype = nparam == 5 + c ? parse_dtype(dtypes[0]) : DType::kOther;
-  if (nparam != 5 + c || !is_float_dtype(total_dtype) || (compensated && total_dtype == DType::kF32) ||
-      ndims[0] != 2 || ndims[1 + c] != 2 || ndims[2 + c] != 2 ||
-      (compensated && (parse_dtype(dtypes[1]) != total_dtype || ndims[1] != 2 || shapes[1][0] != shapes[0][0] ||
-                       shapes[1][1] != shapes[0][1])) ||
-      parse_dtype(dtypes[1 + c]) != DType::kF32 || parse_dtype(dtypes[2 + c]) != DType::kF32 ||
-      shapes[1 + c][0] != shapes[2 + c][0] || shapes[2 + c][1] != shapes[0][1] ||
-      !is_token(ndims[3 + c], shapes[3 + c], dtypes[3 + c]) || !is_token(ndims[4 + c], shapes[4 + c], dtypes[4 + c]))
-    return fail_in(kernel, compensated ? "expects a float16/bfloat16 total (V, H), its compensation (same dtype and "
-                                         "shape), grad (n, Vt) and rows (n, H) float32, (1,) int64 offset, (1,) "
-                                         "int64 token"
-                                       : "expects total (V, H) float, grad (n, Vt) and rows (n, H) float32, (1,) "
-                                         "int64 offset, (1,) int64 token");
-  const int64_t vocab = shapes[0][0], hidden = shapes[0][1], rows = shapes[1 + c][0], tile = shapes[1 + c][1];
-  const int64_t offset = static_cast<const int64_t *>(params[3 + c])[0];
+int transposed_product_entry(const char *kernel, int nparam, void **params, int *ndims, int64_t **shapes,
+                             const char **dtypes) {
+  // params: total, grad, rows, offset (1,) int64 (total's first row), token
+  if (nparam != 5 || parse_dtype(dtypes[0]) != DType::kF32 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2 ||
+      parse_dtype(dtypes[1]) != DType::kF32 || parse_dtype(dtypes[2]) != DType::kF32 ||
+      shapes[1][0] != shapes[2][0] || shapes[2][1] != shapes[0][1] || !is_token(ndims[3], shapes[3], dtypes[3]) ||
+      !is_token(ndims[4], shapes[4], dtypes[4]))
+    return fail_in(kernel, "expects total (V, H) float32, grad (n, Vt) and rows (n, H) float32, (1,) int64 offset, "
+                           "(1,) int64 token");
+  const int64_t vocab = shapes[0][0], hidden = shapes[0][1], rows = shapes[1][0], tile = shapes[1][1];
+  const int64_t offset = static_cast<const int64_t *>(params[3])[0];
   if (offset < 0 || offset > vocab - tile)
     return fail_in(kernel, "the grad's columns do not fit in total at this offset");
   if (!fits_openblas(tile, hidden, rows)) return fail_in(kernel, "a dimension exceeds OpenBLAS's 32-bit sizes");
   openblas_single_threaded();
-  const float *grad = static_cast<const float *>(params[1 + c]), *rows_in = static_cast<const float *>(params[2 + c]);
-  // block [b, e) of the share (rows of grad^T) into `out` (leading dimension H), out = beta * out + share
-  auto product = [=](int64_t b, int64_t e, float beta, float *out) {
-    scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(e - b), static_cast<int>(hidden),
-                      static_cast<int>(rows), 1.0f, grad + b, static_cast<int>(tile), rows_in,
-                      static_cast<int>(hidden), beta, out, static_cast<int>(hidden));
-  };
+  const float *grad = static_cast<const float *>(params[1]), *rows_in = static_cast<const float *>(params[2]);
   if (rows > 0 && hidden > 0 && tile > 0) {
     const int64_t threads = thread_budget();
     const int64_t per_block = std::max(kMinProductRows, (tile + 8 * threads - 1) / (8 * threads));
     const int64_t blocks = (tile + per_block - 1) / per_block;
-    // fn(b, e) over the blocks [b, e) of the tile's rows, one block per hand-out
-    auto over_blocks = [&](auto &&fn) {
-      parallel_rows(blocks, per_block * rows * hidden, [&](int64_t first_block, int64_t end_block) {
-        for (int64_t block = first_block; block < end_block; ++block)
-          fn(block * per_block, std::min(tile, (block + 1) * per_block));
-      });
-    };
-    if (total_dtype == DType::kF32) {
-      float *total = static_cast<float *>(params[0]) + offset * hidden;
-      over_blocks([&](int64_t b, int64_t e) { product(b, e, 1.0f, total + b * hidden); });
-    } else {
-      void *comp = compensated ? params[1] : nullptr;
-      const int64_t step = std::max<int64_t>(1, std::min(per_block, kProductBlockBytes / (4 * hidden)));
-      over_blocks([&](int64_t b, int64_t e) {
-        std::vector<float> block(static_cast<size_t>(std::min(step, e - b) * hidden));
-        for (int64_t r = b; r < e; r += step) {
-          const int64_t stop = std::min(e, r + step), first = (offset + r) * hidden, n = (stop - r) * hidden;
-          product(r, stop, 0.0f, block.data());
-          total_dtype == DType::kF16 ? add_half_block<Half>(params[0], comp, first, block.data(), n)
-                                     : add_half_block<BF16>(params[0], comp, first, block.data(), n);
-        }
-      });
-    }
+    float *total = static_cast<float *>(params[0]) + offset * hidden;
+    // rows [b, e) of the share (rows of grad^T) added into the total's, one block per hand-out
+    parallel_rows(blocks, per_block * rows * hidden, [&](int64_t first_block, int64_t end_block) {
+      for (int64_t block = first_block; block < end_block; ++block) {
+        const int64_t b = block * per_block, e = std::min(tile, b + per_block);
+        scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(e - b), static_cast<int>(hidden),
+                          static_cast<int>(rows), 1.0f, grad + b, static_cast<int>(tile), rows_in,
+                          static_cast<int>(hidden), 1.0f, total + b * hidden, static_cast<int>(hidden));
+      }
+    });
   }
-  write_address_token(params[4 + c], params[0]);
+  write_address_token(params[4], params[0]);
   return 0;
 }
 
@@ -1091,15 +1001,7 @@ extern "C" int mf_accumulate_transposed_product(int nparam, void **params, int *
                                                 const char **dtypes, void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  return transposed_product_entry("mf_accumulate_transposed_product", false, nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int mf_accumulate_transposed_product_compensated(int nparam, void **params, int *ndims, int64_t **shapes,
-                                                            const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
-  return transposed_product_entry("mf_accumulate_transposed_product_compensated", true, nparam, params, ndims, shapes,
-                                  dtypes);
+  return transposed_product_entry("mf_accumulate_transposed_product", nparam, params, ndims, shapes, dtypes);
 }
 
 // ---- the fused head's other two products, with a head weight of any float dtype ----
@@ -1523,4 +1425,7 @@ extern "C" int mf_head_grads(int nparam, void **params, int *ndims, int64_t **sh
 }
 
 // Version tag, so that a stale library is never taken for the current source.
-extern "C" int mf_kernel_abi_version() { return 9; }
+#ifndef MF_KERNEL_ABI_VERSION
+#error "MF_KERNEL_ABI_VERSION is set by mf_loss/kernels/build.py (its ABI_VERSION)"
+#endif
+extern "C" int mf_kernel_abi_version() { return MF_KERNEL_ABI_VERSION; }

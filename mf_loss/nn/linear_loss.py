@@ -8,33 +8,21 @@ import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, ops
-from mindspore.graph.api import _pynative_executor
 
 from .. import functional as F
-from ..ops.backends import run_in_jit
-from ..options import check_chunk_size, class_weight_array
+from ..ops.modes import eager_without_grad
+from ..options import HeadOptions
 from ..parallel.config import default_dpmp_config
 from ..registry import register_loss
-from .linear_vocab_parallel import OBJECTIVE, WEIGHT_GRAD_SUMS, GradByRecompute, GradInForward
-from .loss import LOSS_ARGS, LossCell
+from .linear_vocab_parallel import LinearVocabParallel
+from .outputs import OBJECTIVE, PER_TOKEN_START, PER_TOKEN_STOP, TOKEN_LOSS
+from .loss import LossCell
 from .semi_auto import parallel_mode_is_semi_auto
-from .vocab_parallel import TOKEN_LOSS
 
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
 _cast = ops.Cast()
 _stop = ops.stop_gradient
-
-GRAD_MODES = ("auto", "forward", "recompute")
-
-
-def _eager_without_grad() -> bool:
-    """True for a PYNATIVE call that nothing differentiates (an evaluation loop); False in GRAPH mode, where
-    the compiler drops whatever the outputs do not need."""
-    if run_in_jit() or ms.get_context("mode") == ms.GRAPH_MODE:  # @jit.cond: True
-        return False
-    return not _pynative_executor.requires_grad()
-
 
 def _validate_linear_call(hidden, head_weight, label, input_mask=None):
     F.check_linear_call(hidden.shape, hidden.dtype, head_weight.shape, head_weight.dtype, label.shape, label.dtype,
@@ -43,9 +31,10 @@ def _validate_linear_call(hidden, head_weight, label, input_mask=None):
 
 @register_loss
 class LinearCrossEntropyLoss(LossCell):
+    OPTIONS = HeadOptions  # what the YAML loader checks a loss block of this class with
     """The fused lm head + vocab-parallel cross entropy, with `CrossEntropyLoss`'s options and outputs.
 
-    Args: every argument of `CrossEntropyLoss` but `inplace_backward` (the chunk logits are always written
+    Args: every argument of `CrossEntropyLoss` (`layout` included) but `inplace_backward` (the chunk logits are always written
     over by their gradient where the backend can), and:
         chunk_size: rows per chunk; None chooses it from a memory budget (`mf_loss.ops.chunking`). The fused
             backend's recomputing kernels go through blocks of classes instead, each holding as many float32
@@ -53,20 +42,13 @@ class LinearCrossEntropyLoss(LossCell):
         complete_hidden_grad: True (default) sums hidden's gradient over the model-parallel ranks in the
             backward, so the caller gets the whole gradient; False returns this rank's share, for models
             whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
-        grad_mode: "forward" makes the gradient in the forward, a chunk of rows at a time (3 matmuls; one
-            exchange per chunk when mp > 1), "recompute" makes the logits again in the backward (4 matmuls;
-            one exchange; on the fused backend a vocabulary block at a time for all rows, so that a
-            half-precision head_weight's gradient is complete before it is rounded, once), "auto" is
-            "forward" for a float32 head_weight and "recompute" for a float16 / bfloat16 one on the fused
-            backend (the leaner and exact choice there; its extra matmul is the price), and "recompute" for
-            reduction="none", which needs it. A PYNATIVE call that nothing differentiates makes only the
-            statistics, whatever the mode.
-        weight_grad_sum: with grad_mode="forward" (fused backend), how a float16 / bfloat16 head_weight's
-            gradient is summed over the chunks (a float32 weight's is a float32 sum): "compensated" (what None
-            gives) in the weight's dtype with a compensation buffer of that dtype (2 bytes per weight element
-            beyond the gradient), which gives the float32 sum rounded once; "plain" in the weight's dtype alone
-            (no extra memory; each chunk's share is rounded as it is added, as Liger's default does). Naming
-            one makes "auto" take "forward" for a half-precision weight too; with "recompute" it is an error.
+        grad_mode: "forward" makes the gradient in the forward, a chunk of rows at a time (3 products; one
+            exchange per chunk when mp > 1; the weight gradient one float32 running sum, rounded once to the
+            weight's dtype), "recompute" makes the logits again in the backward (4 products; one exchange; on the
+            fused backend a vocabulary block at a time for all rows, on the composed backend the forward's chunk
+            loop replayed with the per-row upstream gradient), "auto" is "recompute" for a float16 / bfloat16
+            head_weight on the fused backend (the leaner and exact choice there; its extra product is the
+            price) and for reduction="none", which needs it, else "forward". See `nn.linear_vocab_parallel`.
     Inputs:
         hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
         head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
@@ -81,59 +63,32 @@ class LinearCrossEntropyLoss(LossCell):
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
                  logit_softcap=None, empty_mean="zero", backend="auto", chunk_size=None,
-                 complete_hidden_grad=True, grad_mode="auto", weight_grad_sum=None, **kwargs):
+                 complete_hidden_grad=True, grad_mode="auto", layout=None, **kwargs):
         if parallel_mode_is_semi_auto():
             raise ValueError("LinearCrossEntropyLoss runs in the explicit vocab-parallel mode (parallel_mode="
                              "'stand_alone' under msrun), not in semi_auto/auto parallel mode")
-        super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
-                         known_args=LOSS_ARGS + ("chunk_size", "complete_hidden_grad", "grad_mode", "weight_grad_sum"),
-                         kwargs=kwargs,
-                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                         z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
-                         backend=backend)
-        self.return_z_loss = bool(return_z_loss)
-        check_chunk_size(chunk_size)
-        if not isinstance(complete_hidden_grad, (bool, np.bool_)):
-            raise TypeError(f"complete_hidden_grad must be a bool, got {complete_hidden_grad!r}")
-        if weight_grad_sum is not None and weight_grad_sum not in WEIGHT_GRAD_SUMS:
-            raise ValueError(f"weight_grad_sum must be None or one of {', '.join(map(repr, WEIGHT_GRAD_SUMS))}, "
-                             f"got {weight_grad_sum!r}")
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {', '.join(map(repr, GRAD_MODES))}, got {grad_mode!r}")
-        unreduced = self.reduction == "none" and not self.per_token
-        if grad_mode == "forward" and unreduced:
-            raise ValueError("grad_mode='forward' needs a scalar loss (reduction 'mean' or 'sum', or "
-                             "calculate_per_token_loss); reduction='none' needs grad_mode='recompute' or 'auto'")
-        self.grad_mode = "recompute" if grad_mode == "recompute" or unreduced else "forward"
-        if weight_grad_sum is not None and self.grad_mode == "recompute":
-            raise ValueError(f"weight_grad_sum={weight_grad_sum!r} applies to grad_mode='forward' (a sum over chunks "
-                             "of rows); grad_mode='recompute' (asked, or needed by reduction='none') rounds each "
-                             "block of the weight gradient once, complete")
-        # "auto" recomputes for a half-precision weight on the fused backend, unless a forward-mode sum was asked
-        self.auto_mode = grad_mode == "auto" and weight_grad_sum is None
-        weights = class_weight_array(weight)
+        options = HeadOptions(check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
+                              calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num,
+                              ignore_index=ignore_index, weight=weight, reduction=reduction,
+                              label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
+                              return_z_loss=return_z_loss, logit_softcap=logit_softcap, empty_mean=empty_mean,
+                              backend=backend, chunk_size=chunk_size, complete_hidden_grad=complete_hidden_grad,
+                              grad_mode=grad_mode)
+        super().__init__(options, parallel_config, kwargs, layout)
         # every rank looks up the weight of any class for the denominator, which needs no logits
-        self.class_weight = None if weights is None else Tensor(weights)
-        core_args = dict(weight=weights, label_smoothing=self.options.label_smoothing,
-                         z_loss_weight=self.options.z_loss_weight, logit_softcap=self.options.logit_softcap,
-                         backend=self.options.backend, chunk_size=chunk_size,
-                         complete_hidden_grad=bool(complete_hidden_grad),
-                         weight_grad_sum=weight_grad_sum or "compensated")
-        self.core = (GradInForward if self.grad_mode == "forward" else GradByRecompute)(self.layout, **core_args)
-        # a PYNATIVE call that nothing differentiates makes the statistics only (its backward, were there one,
-        # would recompute): the forward-mode core would make a gradient nobody reads
-        self.statistics_core = (GradByRecompute(self.layout, **core_args) if self.grad_mode == "forward"
-                                else self.core)
+        self.class_weight = None if options.weight is None else Tensor(options.weight)
+        self.core = LinearVocabParallel(self.layout, weight=options.weight, label_smoothing=label_smoothing,
+                                        z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, backend=backend,
+                                        chunk_size=chunk_size, complete_hidden_grad=complete_hidden_grad,
+                                        grad_mode="recompute" if options.unreduced else grad_mode)
 
     @property
     def backend(self):
         return self.core.backend
 
     def recomputes(self, weight_dtype) -> bool:
-        """Whether a call with a head weight of `weight_dtype` takes the recomputing design (grad_mode)."""
-        if self.grad_mode == "recompute":
-            return True
-        return self.auto_mode and self.backend == "fused" and weight_dtype != ms.float32
+        """Whether a call with a head weight of `weight_dtype` makes its gradient in the backward (grad_mode)."""
+        return self.core.recomputes(weight_dtype)
 
     def collectives_per_call(self, rows: int, local_vocab: int, weight_dtype=ms.float32) -> dict:
         """All-reduces one forward and backward issue on this layout (none when mp = 1), for the README and
@@ -175,10 +130,13 @@ class LinearCrossEntropyLoss(LossCell):
         # a counted label outside [0, V) makes the loss NaN, never a silently wrong number
         row_scale = F.out_of_range_nan(_select(counted, row_scale, _zeros_like(row_scale)),
                                        ops.logical_and(counted, outside))
-        gradient_in_forward = not self.recomputes(head_weight.dtype) and not _eager_without_grad()
-        core = self.core if gradient_in_forward else self.statistics_core
-        out = core(hidden, head_weight, target, row_scale, counted)
-        rows_out = out[1:7]
+        evaluation = eager_without_grad()
+        gradient_in_forward = not self.recomputes(head_weight.dtype) and not evaluation
+        if evaluation:
+            out = self.core.statistics(hidden, head_weight, target, row_scale, counted)
+        else:
+            out = self.core(hidden, head_weight, target, row_scale, counted)
+        rows_out = out[PER_TOKEN_START:PER_TOKEN_STOP]
         loss = F.out_of_range_nan(rows_out[TOKEN_LOSS], ops.logical_and(counted, outside))
         token_loss = _select(counted, loss * mask, _zeros_like(loss))
         loss, denominator, z_loss = self.finish(token_loss, denominator, rows_out, counted, mask, leading_shape)

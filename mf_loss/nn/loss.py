@@ -8,14 +8,14 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .. import functional as F
-from ..options import LossOptions, check_chunk_size, class_weight_array, reject_typos
+from ..options import LossOptions, option_names, reject_typos
 from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
 from .diagnostics import LossDiagnostics, NonFiniteLossError
 from .semi_auto import SemiAutoCrossEntropy, parallel_mode_is_semi_auto
-from .vocab_parallel import (LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS,
-                             VocabParallelCrossEntropy)
+from .outputs import LOCAL_NONFINITE, LOG_SUM_EXP, RANK_WIDTHS, ROW_MAX, TARGET_MASS, TOKEN_LOSS
+from .vocab_parallel import VocabParallelCrossEntropy
 
 __all__ = ["CrossEntropyLoss", "LossCell", "NonFiniteLossError"]
 
@@ -24,37 +24,35 @@ _zeros_like = ops.ZerosLike()
 _cast = ops.Cast()
 _stop = ops.stop_gradient
 
-LOSS_ARGS = ("parallel_config", "check_for_nan_in_loss_and_grad", "calculate_per_token_loss", "seq_split_num",
-             "ignore_index", "weight", "reduction", "label_smoothing", "z_loss_weight", "return_z_loss",
-             "logit_softcap", "empty_mean", "backend")
-
-
 class LossCell(nn.Cell):
     """Options, layout, diagnostics and output format shared by the loss cells (see the module docstring)."""
 
-    def __init__(self, parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
-                 *, known_args, kwargs, layout=None, **options):
+    def __init__(self, options: LossOptions, parallel_config, kwargs: dict, layout=None):
         super().__init__()
-        self.ignored_kwargs = reject_typos(kwargs, known_args, type(self).__name__)
+        known = option_names(type(options)) + ("parallel_config", "layout")
+        self.ignored_kwargs = reject_typos(kwargs, known, type(self).__name__)
         self.parallel_config = as_parallel_config(parallel_config)
-        self.options = LossOptions(**options)
-        if isinstance(seq_split_num, bool) or not isinstance(seq_split_num, int) or seq_split_num < 1:
-            raise ValueError(f"seq_split_num must be a positive int, got {seq_split_num!r}")
+        self.options = options
+        # (semi-auto mode's layout is one logical rank: MindSpore splits the vocabulary itself)
+        if layout is not None and layout.mp_size != self.parallel_config.model_parallel and \
+                not parallel_mode_is_semi_auto():
+            raise ValueError(f"layout has mp_size={layout.mp_size} but parallel_config has model_parallel="
+                             f"{self.parallel_config.model_parallel}")
         self.layout = layout if layout is not None else rank_layout(self.parallel_config)
-        self.check_for_nan = bool(check_for_nan_in_loss_and_grad)
-        self.per_token = bool(calculate_per_token_loss) or seq_split_num > 1
         self.diagnostics = LossDiagnostics(self.layout)
         # plain attributes for construct: GRAPH mode folds them in as constants
-        self.ignore_index = self.options.ignore_index
-        self.reduction = self.options.reduction
-        self.empty_mean_nan = self.options.empty_mean == "nan"
-        self.z_loss_weight = self.options.z_loss_weight
-        self.return_z_loss = False
+        self.check_for_nan = bool(options.check_for_nan_in_loss_and_grad)
+        self.per_token = bool(options.per_token)
+        self.return_z_loss = bool(options.return_z_loss)
+        self.ignore_index = options.ignore_index
+        self.reduction = options.reduction
+        self.empty_mean_nan = options.empty_mean == "nan"
+        self.z_loss_weight = options.z_loss_weight
 
     def finish(self, token_loss, denominator, rows, counted, mask, leading_shape):
         """Records the checks and reduces: the tail of every call. `rows` is a core's per-token tuple;
         returns (loss, denominator, z_loss), the fields of `LossOutput` (a plain tuple in the graph: see
-        vocab_parallel's note on NamedTuples)."""
+        nn.outputs' note on NamedTuples)."""
         row_max, log_sum_exp = _stop(rows[ROW_MAX]), _stop(rows[LOG_SUM_EXP])
         if self.check_for_nan:
             self.diagnostics.record_nonfinite(token_loss, row_max + log_sum_exp, counted,
@@ -127,6 +125,7 @@ def _validate_logits_call(logits, label, input_mask=None):
 
 @register_loss
 class CrossEntropyLoss(LossCell):
+    OPTIONS = LossOptions  # what the YAML loader checks a loss block of this class with
     """Cross entropy over a vocabulary split across model-parallel ranks, with MindFormers' API.
 
     Args:
@@ -148,6 +147,9 @@ class CrossEntropyLoss(LossCell):
             logits-sized buffer, but the logits hold the gradient afterwards (see README, "In-place backward").
         chunk_size: rows per chunk of the composed path (its temporaries are chunk-sized); None chooses it
             from a memory budget (`mf_loss.ops.chunking`). The fused kernels read each row once and take none.
+        layout: where this process sits (`mf_loss.parallel.comm.RankLayout`); None (the default) finds it from
+            parallel_config and mindspore.communication. Tests give a layout that runs every model-parallel
+            rank in one process (its `all_reduce_sum` adds up what each rank hands it).
     Inputs:
         logits (N, V/mp) or (B, S, V/mp): this rank's vocabulary slice, float32/float16/bfloat16.
         label: (N,) or (B, S) int class ids in [0, V) or ignore_index; or float probabilities of logits' shape.
@@ -158,38 +160,29 @@ class CrossEntropyLoss(LossCell):
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
                  reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
                  logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, chunk_size=None,
-                 **kwargs):
+                 layout=None, **kwargs):
+        options = LossOptions(check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
+                              calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num,
+                              ignore_index=ignore_index, weight=weight, reduction=reduction,
+                              label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
+                              return_z_loss=return_z_loss, logit_softcap=logit_softcap, empty_mean=empty_mean,
+                              backend=backend, inplace_backward=inplace_backward, chunk_size=chunk_size)
         # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
         semi_auto = parallel_mode_is_semi_auto()
-        super().__init__(parallel_config, check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num,
-                         known_args=LOSS_ARGS + ("inplace_backward", "chunk_size"), kwargs=kwargs,
-                         layout=RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="") if semi_auto else None,
-                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                         z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, empty_mean=empty_mean,
-                         backend=backend, inplace_backward=inplace_backward)
-        self.return_z_loss = bool(return_z_loss)
-        self.semi_auto = semi_auto
-        check_chunk_size(chunk_size)
-        options = self.options
-        core_args = dict(weight=class_weight_array(weight), label_smoothing=options.label_smoothing,
-                         z_loss_weight=options.z_loss_weight, logit_softcap=options.logit_softcap,
-                         backend=options.backend, inplace=options.inplace_backward)
         if semi_auto:
-            if options.inplace_backward:
-                raise ValueError("inplace_backward=True is not supported in semi_auto/auto parallel mode (it uses "
-                                 "MindSpore's own sharded ops); use the explicit vocab-parallel mode")
-            if weight is not None or chunk_size is not None:
-                raise ValueError(f"{'weight' if weight is not None else 'chunk_size'} is not supported in "
-                                 "semi_auto/auto parallel mode yet; use the explicit vocab-parallel mode "
-                                 "(parallel_mode='stand_alone' under msrun)")
-            self.class_index_core = SemiAutoCrossEntropy(
+            options.check_semi_auto()
+            layout = RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="")
+        super().__init__(options, parallel_config, kwargs, layout)
+        self.semi_auto = semi_auto
+        if semi_auto:
+            self.core = SemiAutoCrossEntropy(
                 self.parallel_config.data_parallel, self.parallel_config.model_parallel,
-                label_smoothing=options.label_smoothing, z_loss_weight=options.z_loss_weight,
-                logit_softcap=options.logit_softcap)
-            self.probability_core = None
+                label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, logit_softcap=logit_softcap)
         else:
-            self.class_index_core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, **core_args)
-            self.probability_core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, **core_args)
+            self.core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, weight=options.weight,
+                                                  label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
+                                                  logit_softcap=logit_softcap, backend=backend,
+                                                  inplace=inplace_backward)
 
     def compute(self, logits, label, input_mask=None):
         probability_targets = F.check_logits_call(logits.shape, logits.dtype, label.shape, label.dtype,
@@ -202,15 +195,15 @@ class CrossEntropyLoss(LossCell):
             return self.empty_result(leading_shape)
         mask, counted = F.count_tokens(input_mask, logits.shape[0])
         if probability_targets:
-            if self.probability_core is None:
+            if self.semi_auto:
                 raise ValueError("probability targets are not supported in semi_auto/auto parallel mode yet")
-            rows = self.probability_core(logits, label.reshape(-1, logits.shape[-1]), counted)
+            rows = self.core(logits, label.reshape(-1, logits.shape[-1]), counted)
             loss = rows[TOKEN_LOSS]
             denominator_terms = mask
         else:
             target = _cast(label.reshape(-1), ms.int32)
             counted = ops.logical_and(counted, target != self.ignore_index)
-            rows = self.class_index_core(logits, target, counted)
+            rows = self.core(logits, target, counted)
             outside = self.diagnostics.record_labels(target, self.ignore_index, logits.shape[-1] * self.layout.mp_size)
             loss = F.out_of_range_nan(rows[TOKEN_LOSS], ops.logical_and(counted, outside))
             denominator_terms = _stop(rows[TARGET_MASS]) * mask

@@ -16,6 +16,7 @@ from mindspore import Tensor, nn, ops
 from ..ops import backends, chunking
 from ..ops import shard_math as math
 from ..parallel.comm import RankLayout, RowStatsExchange
+from .outputs import LOG_SUM_EXP, ROW_MAX, TARGET_MASS, TOKEN_LOSS
 
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
@@ -33,17 +34,6 @@ def rows_after(tensor, start: int, stop: int, previous):
     return tensor[start:stop]
 
 
-# A core's per-token result is a plain tuple with these positions, each (N,) float32 unless said:
-#   TOKEN_LOSS       loss of each token, 0 where not active; NaN if the ranks' widths disagree
-#   ROW_MAX          max logit of the row over the full vocabulary
-#   LOG_SUM_EXP      log sum exp(x - row_max) over the full vocabulary
-#   TARGET_MASS      w[y] (class ids; 0 for a label no rank owns) or sum_c w_c t_c (probabilities)
-#   LOCAL_NONFINITE  1.0 where this rank's own statistics of the row are not finite
-#   RANK_WIDTHS      (mp,) every model-parallel rank's logits width, as exchanged
-# Only TOKEN_LOSS is differentiable; the rest are statistics for reductions and checks (callers stop their
-# gradients). Not a NamedTuple: in GRAPH mode MindSpore 2.10 silently gives zero gradients through
-# NamedTuple fields (tests/test_modes_and_errors.py keeps GRAPH gradients checked against NumPy).
-TOKEN_LOSS, ROW_MAX, LOG_SUM_EXP, TARGET_MASS, LOCAL_NONFINITE, RANK_WIDTHS = range(6)
 
 
 class VocabShard(nn.Cell):
@@ -65,13 +55,15 @@ class VocabShard(nn.Cell):
         self.logits_grad = kernels.logits_grad
         self.scratch_logits_grad = kernels.scratch_logits_grad
         self.scale = kernels.scale
-        self.rows_float32 = kernels.rows_float32
-        self.zeros = kernels.zeros
-        self.scale_compensated = kernels.scale_compensated
-        self.accumulate_transposed_product = kernels.accumulate_transposed_product
-        self.accumulate_transposed_product_compensated = kernels.accumulate_transposed_product_compensated
-        self.product_transposed = kernels.product_transposed
-        self.accumulate_product = kernels.accumulate_product
+        self.chunks_logits = kernels.chunks_logits
+        self.chunk_buffers = kernels.chunk_buffers
+        self.head_operands = kernels.head_operands
+        self.hidden_rows = kernels.hidden_rows
+        self.chunk_logits = kernels.chunk_logits
+        self.first_sums = kernels.first_sums
+        self.add_chunk_grads = kernels.add_chunk_grads
+        self.whole_hidden_grad = kernels.whole_hidden_grad
+        self.class_blocks = kernels.class_blocks
         self.head_row_stats = kernels.head_row_stats
         self.head_grads = kernels.head_grads
         self.exchange = RowStatsExchange(layout)
@@ -149,7 +141,7 @@ class VocabParallelCrossEntropy(VocabShard):
         rows, local_vocab = logits.shape
         # the fused kernels need no chunks; half-precision logits on CPU are not chunked either, as MindSpore's
         # CPU slicing has no half-precision kernel in GRAPH mode (Ascend's has)
-        if self.backend == "fused" or (logits.dtype != ms.float32 and self.device_target == "CPU"):
+        if not self.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
             return [(0, rows)]
         chunk = self.chunk_size
         if chunk is None:

@@ -26,15 +26,7 @@ from typing import Callable, Optional
 import mindspore as ms
 
 from ..kernels.build import FusedKernelUnavailable
-from ..options import check_backend
 from . import shard_math
-
-try:  # True while MindSpore compiles a graph (GRAPH mode, ms.jit), False when running eagerly. Callers test
-    # it in an `if ...:  # @jit.cond: True` line, which MindSpore's parser takes as a constant branch.
-    from mindspore.graph.api import _run_in_jit as run_in_jit
-except ImportError:  # pragma: no cover - other MindSpore layouts
-    def run_in_jit():
-        return False
 
 _auto_warned = False
 
@@ -46,42 +38,47 @@ class Backend:
     `scratch_logits_grad` is the gradient of logits that nobody reads afterwards (the fused head's chunk
     logits), and `scale(total, factor)` multiplies a running total nobody else reads by a scalar tensor: both
     written over their first input where the backend can (fused), new tensors otherwise (composed).
+    `chunks_logits`: whether `CrossEntropyLoss` goes through the logits' rows in chunks (the composed ops'
+    temporaries are logits-sized; the fused kernels read each row once and need no chunks).
 
-    The fused head's steps, None where the backend has none (the head then casts a half-precision input to
-    float32 whole and uses MindSpore's matmuls): `rows_float32(matrix, start, stop)`, a chunk of a
-    half-precision hidden in float32; `zeros(like, float32=False)`, a fresh buffer for a running sum;
-    `product_transposed(a, b)`, `a @ b^T` in float32 with b (the head weight) in any float dtype (a chunk's
-    logits); `accumulate_product(total, a, b, row_offset)`, `total[row_offset:] += a @ b` in place (the hidden
-    gradient); `accumulate_transposed_product(total, a, b, row_offset)`, `total[row_offset:] += a^T @ b` in
-    place (the weight-gradient sum, a chunk at a time), and for a half-precision running sum that keeps what
-    rounding each addition loses, `accumulate_transposed_product_compensated(total, compensation, a, b,
-    row_offset)` and `scale_compensated(total, compensation, factor)`; the whole head at once, a vocabulary block at
-    a time (the recomputing design): `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
-    `head_grads(..., row_max, log_sum_exp, coefficients, block)` (`mf_loss.ops.fused`)."""
+    The fused head's chunk loop (`nn.linear_vocab_parallel`): `head_operands(hidden, head_weight)` -> (what the
+    chunks of hidden are taken from, the head weight as the products take it); `hidden_rows(source, start,
+    stop)`, a chunk of hidden in float32; `chunk_logits(chunk, weight)`, its float32 logits; `first_sums(hidden,
+    head_weight)` and `add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset)`, the running
+    sums of both gradients; `whole_hidden_grad(hidden_sum)`. `chunk_buffers`: the float32 chunk-sized buffers
+    a chunk of either loop holds at once (what an automatic chunk size is planned for).
+
+    `class_blocks`: whether the backend has the recomputing kernels that go through the whole head a vocabulary
+    block at a time, `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
+    `head_grads(..., row_max, log_sum_exp, coefficients, block)` (`mf_loss.ops.fused`); without them (None)
+    the head recomputes by replaying its chunk loop."""
 
     name: str
+    inplace: bool
     local_row_stats: Callable
     logits_grad: Callable
     scratch_logits_grad: Callable
     scale: Callable
-    inplace: bool = False
-    rows_float32: Optional[Callable] = None
-    zeros: Optional[Callable] = None
-    scale_compensated: Optional[Callable] = None
-    accumulate_transposed_product: Optional[Callable] = None
-    accumulate_transposed_product_compensated: Optional[Callable] = None
-    product_transposed: Optional[Callable] = None
-    accumulate_product: Optional[Callable] = None
-    head_row_stats: Optional[Callable] = None
-    head_grads: Optional[Callable] = None
+    chunks_logits: bool
+    chunk_buffers: int
+    head_operands: Callable
+    hidden_rows: Callable
+    chunk_logits: Callable
+    first_sums: Callable
+    add_chunk_grads: Callable
+    whole_hidden_grad: Callable
+    class_blocks: bool
+    head_row_stats: Optional[Callable]
+    head_grads: Optional[Callable]
 
 
 def _multiply(total, factor):
     return total * factor
 
 
-COMPOSED = Backend("composed", shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad,
-                   _multiply)
+COMPOSED = Backend("composed", False, shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad,
+                   _multiply, True, 6, shard_math.head_operands, shard_math.hidden_rows, shard_math.chunk_logits,
+                   shard_math.first_sums, shard_math.add_chunk_grads, shard_math.whole_hidden_grad, False, None, None)
 
 
 def device_target() -> str:
@@ -98,20 +95,16 @@ def _fused(inplace: bool) -> Backend:
         raise ValueError(f"backend='fused' runs on CPU only, but the device target is {target}; use "
                          "backend='composed' (or 'auto')")
     fused.load()
-    return Backend("fused", fused.local_row_stats, fused.logits_grad_inplace if inplace else fused.logits_grad,
-                   fused.logits_grad_inplace, fused.scale, inplace=bool(inplace),
-                   rows_float32=fused.rows_float32, zeros=fused.zeros,
-                   scale_compensated=fused.scale_compensated,
-                   accumulate_transposed_product=fused.accumulate_transposed_product,
-                   accumulate_transposed_product_compensated=fused.accumulate_transposed_product_compensated,
-                   product_transposed=fused.product_transposed, accumulate_product=fused.accumulate_product,
-                   head_row_stats=fused.head_row_stats, head_grads=fused.head_grads)
+    return Backend("fused", bool(inplace), fused.local_row_stats,
+                   fused.logits_grad_inplace if inplace else fused.logits_grad, fused.logits_grad_inplace, fused.scale,
+                   False, 1, fused.head_operands, fused.hidden_rows, fused.chunk_logits, fused.first_sums,
+                   fused.add_chunk_grads, fused.whole_hidden_grad, True, fused.head_row_stats, fused.head_grads)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:
-    """The per-shard steps for `backend` ("auto", "fused" or "composed"); see the module docstring."""
+    """The per-shard steps for `backend` ("auto", "fused" or "composed", checked by `mf_loss.options`); see the
+    module docstring."""
     global _auto_warned
-    check_backend(backend, inplace)
     if backend == "composed":
         return COMPOSED
     if backend == "fused":

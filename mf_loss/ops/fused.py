@@ -30,14 +30,13 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..kernels.build import FusedKernelUnavailable, build
-from .backends import run_in_jit
+from .modes import run_in_jit
 from .shard_math import ShardSpec, is_probability_target
 
-__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product",
-           "accumulate_transposed_product", "accumulate_transposed_product_compensated", "head_grads",
-           "head_row_stats", "load", "local_row_stats",
-           "logits_grad", "logits_grad_inplace", "product_transposed", "rows_float32", "scale", "scale_compensated",
-           "zeros"]
+__all__ = ["FusedKernelUnavailable", "FusedKernels", "accumulate_product", "accumulate_transposed_product",
+           "add_chunk_grads", "chunk_logits", "first_sums", "head_grads", "head_operands", "head_row_stats",
+           "hidden_rows", "load", "local_row_stats", "logits_grad", "logits_grad_inplace", "product_transposed",
+           "rows_float32", "scale", "whole_hidden_grad", "zeros"]
 
 _cast = ops.Cast()
 _depend = ops.Depend()
@@ -93,12 +92,10 @@ class FusedKernels:
     grad: ops.Custom              # gradient into a new tensor
     grad_inplace: ops.Custom      # gradient over the logits; returns a (1,) int64 token (the address written)
     scale: ops.Custom             # total *= factor over total; returns the same kind of token
-    scale_compensated: ops.Custom  # the same over a (total, compensation) pair
     rows_float32: ops.Custom      # matrix[row_ids] in float32
     zeros: ops.Custom             # a fresh zero buffer shaped and typed like its input
     zeros_float32: ops.Custom     # a fresh float32 zero buffer shaped like its input
     transposed_product: ops.Custom  # total[offset:] += a^T @ b over total (OpenBLAS sgemm); the same kind of token
-    transposed_product_compensated: ops.Custom  # the same over a half-precision (total, compensation) pair
     product_transposed: ops.Custom  # a @ b^T in float32, b of any float dtype (OpenBLAS sgemm)
     accumulate_product: ops.Custom  # total[offset:] += a @ b over total, b of any float dtype; a token
     head_row_stats_4: ops.Custom    # the fused head's (N, 4) statistics from hidden and the head weight
@@ -127,14 +124,11 @@ def load() -> FusedKernels:
                                         grad=custom("mf_logits_grad", _same_as_logits, _same_as_logits),
                                         grad_inplace=custom("mf_logits_grad_inplace", _token_shape, _int64),
                                         scale=custom("mf_scale_inplace", _token_shape, _int64),
-                                        scale_compensated=custom("mf_scale_compensated", _token_shape, _int64),
                                         rows_float32=custom("mf_rows_float32", _rows_shape, _float32),
                                         zeros=custom("mf_zeros", _same_as_logits, _same_as_logits),
                                         zeros_float32=custom("mf_zeros_float32", _same_as_logits, _float32),
                                         transposed_product=custom("mf_accumulate_transposed_product",
                                                                   _token_shape, _int64),
-                                        transposed_product_compensated=custom(
-                                            "mf_accumulate_transposed_product_compensated", _token_shape, _int64),
                                         product_transposed=custom("mf_product_transposed",
                                                                   _product_transposed_shape, _float32),
                                         accumulate_product=custom("mf_accumulate_product", _token_shape, _int64),
@@ -220,13 +214,6 @@ def accumulate_transposed_product(total, a, b, row_offset: int = 0):
     return _written_over(total, _kernels.transposed_product(total, a, b, _int64_input(row_offset)))
 
 
-def accumulate_transposed_product_compensated(total, compensation, a, b, row_offset: int = 0):
-    """(total, compensation), a half-precision running sum whose `total` is always the float32 sum rounded once
-    (kernel source), with `a^T @ b` added from row `row_offset` on, over both buffers."""
-    token = _kernels.transposed_product_compensated(total, compensation, a, b, _int64_input(row_offset))
-    return _written_over(total, token), _depend(compensation, token)
-
-
 def product_transposed(a, b):
     """`a @ b^T` in float32 (a (n, H) float32, b (V, H) float32, float16 or bfloat16): the fused head's chunk
     logits from a half-precision head weight as it is, converted to float32 a block at a time inside the
@@ -273,12 +260,6 @@ def scale(total, factor):
     return total * factor  # pragma: no cover - a fresh buffer is never handed over as a copy
 
 
-def scale_compensated(total, compensation, factor):
-    """`(total + compensation) * factor` rounded once to total's dtype, written over `total` (the
-    compensation is spent)."""
-    return _written_over(total, _kernels.scale_compensated(total, compensation, factor.reshape(1)))
-
-
 def rows_float32(matrix, start: int, stop: int):
     """`matrix[start:stop]` in float32 (matrix (N, H) float32, float16 or bfloat16; the fused head's chunk of a
     half-precision hidden): MindSpore's CPU slicing takes no bfloat16 in GRAPH mode, and a float32 copy of the
@@ -307,3 +288,41 @@ def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_su
     if _written_in_place(logits, token):
         return _depend(logits, token)
     return logits_grad(logits, target, weight, spec, row_max, log_sum_exp, coefficients)
+
+
+# ---- the fused head's steps (the chunk loop's; shard_math has the composed backend's) ----
+
+def head_operands(hidden, head_weight):
+    """(what the chunks of hidden are taken from, the head weight as the products take it): both as they are,
+    any float dtype (the kernels convert blocks of them; at H = 4096 a float32 copy of a half-precision hidden
+    was a tenth of the logits)."""
+    return hidden, head_weight
+
+
+def hidden_rows(source, start: int, stop: int):
+    """Rows [start, stop) of hidden in float32 (GRAPH mode on CPU slices no half-precision tensor)."""
+    if source.dtype == ms.float32:
+        return source[start:stop]
+    return rows_float32(source, start, stop)
+
+
+def chunk_logits(chunk, weight):
+    return product_transposed(chunk, weight)
+
+
+def first_sums(hidden, head_weight):
+    """The running sums of (hidden's, head_weight's) gradient before any chunk: fresh float32 zero buffers that
+    each chunk's part is added into in place, inside the sgemm that makes it (no (N, H) concatenation beside
+    the parts; no (V/mp, H) share written out and read back)."""
+    return (zeros(hidden, True),), (zeros(head_weight, True),)
+
+
+def add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset: int):
+    """The running sums with the chunk's parts added in place: `grad @ weight` to hidden's rows from
+    `row_offset` on, `grad^T @ chunk` to the weight's (grad: the chunk's logits gradient)."""
+    return ((accumulate_product(hidden_sum[0], grad, weight, row_offset),),
+            (accumulate_transposed_product(weight_sum[0], grad, chunk, 0),))
+
+
+def whole_hidden_grad(hidden_sum):
+    return hidden_sum[0]

@@ -219,3 +219,48 @@ def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, c
     grad = _select(per_row(live, grad), grad, _zeros_like(grad))
     return _cast(grad, logits.dtype)
 
+
+
+# ---- the fused head's steps in composed ops (the composed backend's; `mf_loss.ops.fused` has the kernels') ----
+# A chunk loop (`nn.linear_vocab_parallel`) makes a chunk's logits from rows of hidden and the head weight, and
+# adds the chunk's parts of both gradients to running sums. Here: MindSpore's matmuls on float32 copies of
+# half-precision inputs (MindSpore's CPU matmul takes no bfloat16); the hidden parts are concatenated at the
+# end, and the first weight share becomes the sum (a ZerosLike to add into would be folded into a constant by
+# GRAPH mode and keep its sum from one call to the next).
+
+_logits_of = ops.MatMul(transpose_b=True)       # (n, H) x (Vl, H)^T
+_hidden_grad_of = ops.MatMul()                  # (n, Vl) x (Vl, H)
+_weight_grad_of = ops.MatMul(transpose_a=True)  # (n, Vl)^T x (n, H)
+
+
+def float32(tensor):
+    """`tensor` in float32, without the copy a same-dtype Cast makes."""
+    return tensor if tensor.dtype == ms.float32 else _cast(tensor, ms.float32)
+
+
+def head_operands(hidden, head_weight):
+    """(what the chunks of hidden are taken from, the head weight as the products take it): float32 copies."""
+    return float32(hidden), float32(head_weight)
+
+
+def hidden_rows(source, start: int, stop: int):
+    return source[start:stop]
+
+
+def chunk_logits(chunk, weight):
+    return _logits_of(chunk, weight)
+
+
+def first_sums(hidden, head_weight):
+    """The running sums of (hidden's, head_weight's) gradient before any chunk: no part yet."""
+    return (), ()
+
+
+def add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset: int):
+    """The running sums with the chunk's parts added (grad: the chunk's logits gradient, rows from row_offset)."""
+    share = _weight_grad_of(grad, chunk)
+    return hidden_sum + (_hidden_grad_of(grad, weight),), (share,) if not weight_sum else (weight_sum[0] + share,)
+
+
+def whole_hidden_grad(hidden_sum):
+    return ops.concat(hidden_sum, 0)

@@ -27,6 +27,11 @@ class RankLayout:
     def describe(self) -> str:
         return f"rank {self.rank} (dp {self.dp_rank}, mp {self.mp_rank})"
 
+    def all_reduce_sum(self):
+        """The one collective the loss makes: a SUM all-reduce over the model-parallel group. A layout that runs
+        several ranks in one process (tests) gives its own, which adds up what every rank hands it."""
+        return ops.AllReduce(ops.ReduceOp.SUM, self.group)
+
 
 def rank_layout(config: ParallelConfig) -> RankLayout:
     """This process's place in `config`'s layout; creates (once) the model-parallel group it belongs to.
@@ -92,7 +97,7 @@ class RowStatsExchange(nn.Cell):
         self.mp_size = layout.mp_size
         self.mp_rank = layout.mp_rank
         if self.mp_size > 1:
-            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, layout.group)
+            self.all_reduce = layout.all_reduce_sum()
         self.zeros = ops.Zeros()
         self.concat = ops.Concat(0)
 
@@ -123,7 +128,7 @@ class ModelParallelSum(nn.Cell):
         super().__init__()
         self.mp_size = layout.mp_size
         if self.mp_size > 1:
-            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, layout.group)
+            self.all_reduce = layout.all_reduce_sum()
 
     def construct(self, x):
         if self.mp_size == 1:
