@@ -14,7 +14,7 @@ import msrun_jobs  # noqa: E402
 # PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; the tests' many
 # tiny ops run several times faster on the calling thread (same kernels, same numbers). It only takes effect
 # before the first eager op of the process, hence here, at import time, for every test module.
-ms.set_context(pynative_synchronize=True)
+ms.runtime.launch_blocking()
 
 
 # The quick tier (`bash scripts/test.sh --quick`, pytest -m quick): in-process checks, a few minutes in all,
