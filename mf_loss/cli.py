@@ -7,7 +7,37 @@
     mf-loss bench [...]          (mf_loss.bench)
 """
 import argparse
+import re
 import sys
+from importlib import metadata
+
+
+def missing_extra(extra: str) -> list:
+    """The distributions of mf_loss's `extra` (as its installed metadata declares them) that are not installed;
+    empty when all are, or when mf_loss runs from a source tree without metadata."""
+    try:
+        requirements = metadata.requires("mf_loss") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if not re.search(r"extra\s*==\s*['\"]%s['\"]" % re.escape(extra), marker):
+            continue
+        name = re.match(r"\s*([A-Za-z0-9._-]+)", name).group(1)
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def require_extra(extra: str, tool: str) -> None:
+    """Exit with a message naming the extra to install when `tool` (e.g. "mf-loss train") lacks its packages."""
+    missing = missing_extra(extra)
+    if missing:
+        raise SystemExit(f"{tool} needs mf_loss's '{extra}' extra (missing: {', '.join(missing)}); install it with "
+                         f"pip install 'mf_loss[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
 
 
 def node_options(args) -> dict:
@@ -28,6 +58,7 @@ def node_options(args) -> dict:
 
 
 def _train(args) -> int:
+    require_extra("train", "mf-loss train")
     from .config_loader import ConfigError
     from .train.run import TrainError, train_command
     overrides = list(args.overrides)
@@ -54,6 +85,7 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
+    require_extra("train", "mf-loss demo")
     from .train.demo import demo_command
     from .train.run import TrainError
     try:
@@ -101,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
+        require_extra("bench", "mf-loss bench")
         from . import bench  # imported only when asked for: it is heavy and written separately
         return bench.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)

@@ -13,11 +13,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "mf_loss needs Python 3.11 (MindSpore 2.10 wheels); $python_bin is $version. Set PYTHON=/path/to/python3.11." >&2
     exit 1
   fi
-  echo "Setting up $venv (MindSpore 2.10, NumPy<2, torch 2.13 CPU for the tests; about 2 minutes)..." >&2
+  echo "Setting up $venv (mf_loss with the tools' and the tests' extras: MindSpore 2.10, NumPy<2, torch 2.13 CPU; about 2 minutes)..." >&2
   "$python_bin" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  # torch is pinned exactly: a loose requirement pulls several GB of CUDA wheels.
-  "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+  "$venv/bin/python" -m pip install -q -e "$root[train,bench,test]" >&2
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The test suite: single-device parity, GRAPH/jit, errors, properties, and msrun jobs on 2 and 4 ranks.
+# The tests. `bash scripts/test.sh` runs every tier (what CI runs: in-process checks, the C++ kernels, msrun
+# jobs, training runs, the MindFormers suite); `bash scripts/test.sh --quick` runs the quick tier (in-process
+# checks chosen to catch the typical slip in the loss's math, a few minutes). Other arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/env.sh")"
 cd "$root"
 # msrun starts workers with the first `python` on PATH: the venv's.
 export PATH="$(dirname "$python"):$PATH"
-exec "$python" -m pytest -q --durations=25 "$@"
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--quick" ]; then args+=(-m quick); else args+=("$arg"); fi
+done
+exec "$python" -m pytest -q --durations=25 "${args[@]}"

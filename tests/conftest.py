@@ -11,6 +11,42 @@ import mindspore as ms  # noqa: E402
 
 import msrun_jobs  # noqa: E402
 
+# PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; the tests' many
+# tiny ops run several times faster on the calling thread (same kernels, same numbers). It only takes effect
+# before the first eager op of the process, hence here, at import time, for every test module.
+ms.runtime.launch_blocking()
+
+
+# The quick tier (`bash scripts/test.sh --quick`, pytest -m quick): in-process checks, a few minutes in all,
+# chosen so that a slip in the loss's math fails at least one of them (which one catches what: the test names).
+QUICK = (
+    "test_mp_in_one_process.py",
+    "test_single_device.py",
+    "test_simulated_mp.py::test_core_cases_on_every_mp",
+    "test_simulated_mp.py::test_a_slice_of_minus_inf_logits_holds_no_mass",
+    "test_head_kernels.py",
+    "test_fused_kernels.py",
+    "test_linear_cross_entropy.py::test_option_grid_pynative",
+    "test_linear_cross_entropy.py::test_mask_kinds",
+    "test_linear_cross_entropy.py::test_chunk_sizes_that_do_and_do_not_divide_rows",
+    "test_linear_cross_entropy.py::test_empty_batch_and_nothing_counted",
+    "test_linear_cross_entropy.py::test_half_precision_inputs",
+    "test_linear_cross_entropy.py::test_equals_cross_entropy_loss_on_materialised_logits",
+    "test_linear_cross_entropy.py::test_against_torch_linear_cross_entropy",
+    "test_linear_cross_entropy.py::test_bad_",
+    "test_modes_and_errors.py",
+    "test_import_graph.py",
+    "test_structure.py",
+    "test_packaging.py::test_library_requirements_name_no_tool_package",
+    "test_config.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/", 1)[-1].startswith(QUICK):
+            item.add_marker(pytest.mark.quick)
+
 
 @pytest.fixture(autouse=True)
 def _scratch_dir_and_mode(tmp_path, monkeypatch):

@@ -141,7 +141,7 @@ def _value_and_logits_grad(name, logits, labels, mask):
     return float(np.asarray(value.asnumpy()).reshape(())), grad.asnumpy()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(rows=st.integers(1, 24), vocab=st.sampled_from([2, 7, 64, 256]), seed=st.integers(0, 2**32 - 1),
        ignored_fraction=st.sampled_from([0.0, 0.0, 0.3, 1.0]), float_mask=st.booleans())
 def test_against_mindformers_loss_on_any_batch(rows, vocab, seed, ignored_fraction, float_mask):

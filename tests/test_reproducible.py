@@ -1,7 +1,8 @@
 """Bit-reproducible training: the same command twice gives the same run, and a run resumed from a checkpoint
 gives the uninterrupted run.
 
-Two launches of the default job (configs/dp2_mp2.yaml as shipped: dp=2 x mp=2 on 4 msrun ranks, its model) run
+Two launches of the default job (the README's `bash scripts/train.sh` and `mf-loss train --config
+configs/dp2_mp2.yaml`; the config as shipped: dp=2 x mp=2 on 4 msrun ranks, its model) run
 side by side for 24 steps, saving at steps 12 and 24; a third resumes the first one's step-12 checkpoint in a
 run directory of its own and trains to step 24. Runs used to part at step 15: MindSpore's CPU sum of a long
 vector (the gradient norm's squares) settles on a block split, tuned by timing, after its first calls, and
@@ -28,11 +29,17 @@ COMMON = [f"--steps={STEPS}", f"--set=runner_config.save_checkpoint_steps={SAVE_
 LAUNCH_TIMEOUT_S = 900
 
 
-def _start(output_dir: Path, *extra) -> subprocess.Popen:
+def _start(output_dir: Path, *extra, readme_command=False) -> subprocess.Popen:
+    """`mf-loss train` on the default config; with readme_command, the README's `bash scripts/train.sh` itself
+    (its default config, in this interpreter's environment, which scripts/env.sh finds up to date)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIG), "--output-dir", str(output_dir),
-               "--timeout", str(LAUNCH_TIMEOUT_S - 60), *COMMON, *extra]
+    env["MF_LOSS_VENV"] = sys.prefix
+    flags = ["--output-dir", str(output_dir), "--timeout", str(LAUNCH_TIMEOUT_S - 60), *COMMON, *extra]
+    if readme_command:
+        command = ["bash", str(ROOT / "scripts" / "train.sh"), *flags]
+    else:
+        command = [sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIG), *flags]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -51,7 +58,7 @@ def runs(tmp_path_factory):
     """{'first', 'second', 'resumed'} -> run directory."""
     out = tmp_path_factory.mktemp("reproducible")
     first, second = out / "first", out / "second"
-    started = [_start(first), _start(second)]
+    started = [_start(first, readme_command=True), _start(second)]
     _finish(started[0], "the first run")
     _finish(started[1], "the second run")
     step_dir = first / "dp2_mp2" / "checkpoints" / f"step_{SAVE_AT:06d}"

@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from cases import (CORE_CASES, MS_DTYPES, Case, assert_matches, evaluate, expected, full_inputs,
-                   grid_cases, loss_options, random_inputs, rounded, tolerances, upstream_weights)
+                   loss_options, random_inputs, rounded, tolerances, upstream_weights)
 from mf_loss import CrossEntropyLoss
 from mf_loss.ops import backends, shard_math
 from mf_loss.ops.shard_math import ShardSpec
@@ -35,17 +35,6 @@ pytestmark = pytest.mark.unit
 
 MP_SIZES = (1, 2, 3, 4, 8)
 BACKENDS = ("composed", "fused")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _synchronous_pynative():
-    # PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; for the
-    # hundreds of tiny ops of a simulated step, running them on the calling thread is 10-30x faster on
-    # these 2 shared cores (same kernels, same numbers). The setting is global: restored afterwards.
-    previous = ms.get_context("pynative_synchronize")
-    ms.set_context(pynative_synchronize=True)
-    yield
-    ms.set_context(pynative_synchronize=previous)
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,13 +135,6 @@ def test_core_cases_on_every_mp(case, backend, mp):
     simulate_case(backend, mp, case)
 
 
-@pytest.mark.parametrize("mp", MP_SIZES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", grid_cases(), ids=lambda c: c.name)
-def test_option_grid_on_every_mp(case, backend, mp):
-    simulate_case(backend, mp, case)
-
-
 def test_a_slice_of_minus_inf_logits_holds_no_mass():
     """A row whose whole slice on one rank is -inf (its mass lives elsewhere) stays finite on every rank."""
     case = Case("minus_inf_slice", mask="none", ignored=0)
@@ -197,7 +179,7 @@ def cell_result(logits, label, mask, dtype, per_token, options):
     return evaluate(loss_fn, *tensors, options["reduction"])
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(**OPTION_DRAWS)
 def test_property_every_mp_backend_and_option(mp, width, rows, scale, seed, dtype, target, mask, ignored,
                                               ignore_first_class, weighted, smoothing, z, cap, reduction, per_token):

@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from .report import group_key, group_title, is_failure, speed_versus_anchor  # noqa: E402
+from .report import group_key, group_title, speed_versus_anchor  # noqa: E402
 
 _COLORS = {"fused": "#1f77b4", "fused_pynative": "#78aadc", "fused_inplace": "#17becf",
            "fused_inplace_graph": "#9edae5", "composed": "#ff7f0e", "mint": "#2ca02c", "ops": "#9467bd",
@@ -19,9 +19,7 @@ def _missing_reason(record) -> str:
         return "failed: non-finite loss"
     if any(e.startswith("skipped") for e in record["errors"]):
         return "skipped: not enough memory"
-    if any(e.startswith("not available") for e in record["errors"]):
-        return "not available"
-    return "failed" if any(is_failure(e) for e in record["errors"]) else "-"
+    return "failed" if record["errors"] else "-"
 
 
 def write_chart(path, records, machine, bandwidth=None):

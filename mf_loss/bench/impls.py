@@ -57,10 +57,6 @@ DEFAULT_HEAD_IMPLS = ("linear_fused", "linear_unfused", "linear_mint", "torch_li
 ANCHOR = {"logits": "fused", "head": "linear_fused"}
 
 
-class NotAvailable(RuntimeError):
-    """This installation cannot run the implementation; the message says why."""
-
-
 @dataclass
 class Steps:
     passes: dict                # pass name -> (prepare, run)
@@ -137,19 +133,11 @@ def _logits_loss_cell(name, config):
     raise ValueError(f"{name!r} is not a MindSpore logits implementation")
 
 
-def linear_cross_entropy_class():
-    """mf_loss.LinearCrossEntropyLoss, or NotAvailable naming why."""
-    try:
-        from mf_loss import LinearCrossEntropyLoss
-    except ImportError as error:
-        raise NotAvailable(f"not available: mf_loss.LinearCrossEntropyLoss does not import here ({error})") from None
-    return LinearCrossEntropyLoss
-
-
 def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
     """The cell of a head row; `notes` receives what the fused loss chose (options, backend, chunk rows)."""
     from mindspore import mint
 
+    import mf_loss
     from .ms_cells import FrameworkLoss, FusedHeadLoss, LinearThenLoss, MaskedLoss
 
     upcast = config["dtype"] == "bfloat16"
@@ -157,8 +145,8 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
         options = dict(config.get("linear_options", {}))
         if name == "linear_fused_recompute":
             options["grad_mode"] = "recompute"
-        loss = linear_cross_entropy_class()(**({"parallel_config": parallel_config} if parallel_config else {}),
-                                            **options)
+        loss = mf_loss.LinearCrossEntropyLoss(**({"parallel_config": parallel_config} if parallel_config else {}),
+                                              **options)
         notes["linear_options"] = options
         if isinstance(getattr(loss, "backend", None), str):
             notes["backend"] = loss.backend
@@ -171,7 +159,6 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
             notes["chunk_rows"] = core.chunk_rows(config["rows"], config["vocab"] // mp)
         return FusedHeadLoss(loss)
     if name == "linear_unfused":
-        import mf_loss
         loss = mf_loss.CrossEntropyLoss(**({"parallel_config": parallel_config} if parallel_config else {}),
                                         backend="fused")
         return LinearThenLoss(MaskedLoss(loss), upcast)

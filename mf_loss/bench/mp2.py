@@ -111,11 +111,7 @@ def run_rank(config: dict) -> None:
     report = dict(rank=rank, rows=rows, vocab=vocab, local_vocab=local, dtype=dtype, head=head, designs={})
     for design in config["designs"]:
         notes = {}
-        try:
-            cell = _design_cell(design, config, ParallelConfig(model_parallel=MP), notes)
-        except impls.NotAvailable as error:
-            report["designs"][design] = dict(error=str(error))
-            continue
+        cell = _design_cell(design, config, ParallelConfig(model_parallel=MP), notes)
         declared = getattr(getattr(cell, "loss", None), "collectives_per_call", None)
         if declared is not None:  # what the loss says it issues, beside what the IR shows
             notes["declared_collectives"] = declared(rows, local, ms_dtype)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from . import measure
-from .impls import IMPLS, NotAvailable, build_steps, logits_bytes
+from .impls import IMPLS, build_steps, logits_bytes
 
 RESULT_MARK = "MF_BENCH_RESULT "
 READY_MARK = "MF_BENCH_READY "
@@ -53,10 +53,7 @@ def _facts(steps):
 def run_worker(config: dict) -> dict:
     """All of one configuration's steps in this process; its record."""
     started = time.perf_counter()
-    try:
-        steps, first = _set_up(config)
-    except NotAvailable as error:
-        return dict(config, error=str(error), passes={}, logits_bytes=logits_bytes(config))
+    steps, first = _set_up(config)
     result = dict(config, error=None, passes={}, **_facts(steps))
     for pass_name in config["passes"]:
         wall, cpu = measure.time_steps(steps.passes[pass_name][1], config["warmup"], config["repeats"])
@@ -68,11 +65,7 @@ def run_worker(config: dict) -> dict:
 def serve_worker(config: dict) -> None:
     """Set up, measure the first steps, warm every pass up, print READY; then one step per `step <pass>`
     line of stdin, answering with its wall and CPU seconds, until `quit` or the end of stdin."""
-    try:
-        steps, first = _set_up(config)
-    except NotAvailable as error:
-        print(READY_MARK + json.dumps(dict(not_available=str(error))), flush=True)
-        return
+    steps, first = _set_up(config)
     for pass_name in config["passes"]:
         for _ in range(config["warmup"]):
             steps.passes[pass_name][1]()
@@ -197,18 +190,12 @@ class Served:
 def run_pair(anchor_config: dict, other_config: dict, timeout: float):
     """The anchor (fused) and another implementation in two fresh processes, taking steps in turns
     (A B B A ...). Returns both records; the other's carries `paired`: the anchor's times beside its own and
-    the per-turn ratios anchor / other. When the anchor cannot run here (NotAvailable), the other runs alone."""
+    the per-turn ratios anchor / other."""
     configs = (anchor_config, other_config)
     workers, current = [], 0
     try:
         for current, config in enumerate(configs):
             workers.append(Served(config, timeout))
-            note = workers[-1].ready.get("not_available")
-            if note and current == 0:
-                workers.pop().close()
-                return [dict(anchor_config, error=note, passes={}), spawn_worker(other_config, timeout)]
-            if note:
-                raise RuntimeError(note)
         times = [{p: [] for p in anchor_config["passes"]} for _ in workers]
         for turn in range(anchor_config["repeats"]):
             order = (0, 1) if turn % 2 == 0 else (1, 0)
