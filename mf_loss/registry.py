@@ -11,6 +11,7 @@ def register_loss(cls):
 
 
 def get_loss_class(name: str):
+    """The loss class registered as `name`; KeyError naming the registered ones otherwise."""
     try:
         return _LOSSES[name]
     except KeyError:
@@ -18,4 +19,5 @@ def get_loss_class(name: str):
 
 
 def registered_losses():
+    """{name: class} of every registered loss."""
     return dict(_LOSSES)

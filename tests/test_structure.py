@@ -78,3 +78,8 @@ def test_every_module_opens_with_what_it_is_for():
                if "__pycache__" not in p.parts and ast.get_docstring(ast.parse(p.read_text())) is None
                and p.name not in ("__main__.py",) and p.read_text().strip()]
     assert missing == []
+
+
+def test_every_public_name_has_a_docstring():
+    missing = [name for name in mf_loss.__all__ if not (getattr(getattr(mf_loss, name), "__doc__", None) or "").strip()]
+    assert missing == []

@@ -31,7 +31,6 @@ def _validate_linear_call(hidden, head_weight, label, input_mask=None):
 
 @register_loss
 class LinearCrossEntropyLoss(LossCell):
-    OPTIONS = HeadOptions  # what the YAML loader checks a loss block of this class with
     """The fused lm head + vocab-parallel cross entropy, with `CrossEntropyLoss`'s options and outputs.
 
     Args: every argument of `CrossEntropyLoss` (`layout` included) but `inplace_backward` (the chunk logits are always written
@@ -58,6 +57,8 @@ class LinearCrossEntropyLoss(LossCell):
     hidden and head_weight are float32, float16 or bfloat16; the maths runs in float32 and the gradients come
     back in their dtypes.
     """
+
+    OPTIONS = HeadOptions  # what the YAML loader checks a loss block of this class with
 
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,

@@ -125,7 +125,6 @@ def _validate_logits_call(logits, label, input_mask=None):
 
 @register_loss
 class CrossEntropyLoss(LossCell):
-    OPTIONS = LossOptions  # what the YAML loader checks a loss block of this class with
     """Cross entropy over a vocabulary split across model-parallel ranks, with MindFormers' API.
 
     Args:
@@ -155,6 +154,8 @@ class CrossEntropyLoss(LossCell):
         label: (N,) or (B, S) int class ids in [0, V) or ignore_index; or float probabilities of logits' shape.
         input_mask: None, or (N,), (N, 1), (B, S) bool/int/float weights of the tokens.
     """
+
+    OPTIONS = LossOptions  # what the YAML loader checks a loss block of this class with
 
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
                  calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
