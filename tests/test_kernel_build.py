@@ -65,6 +65,41 @@ def test_build_is_atomic_and_lands_in_the_cache_only(tmp_path, monkeypatch):
     assert kernel_build.build() == library and library.stat().st_mtime_ns == stamp  # cached: not rebuilt
 
 
+def test_cache_key_covers_every_included_source(tmp_path, monkeypatch):
+    """The translation unit includes the other kernel files; a change in any of them builds a new library."""
+    included = {kernel_build.SOURCE.name}
+    pending = [kernel_build.SOURCE]
+    while pending:
+        for line in pending.pop().read_text().splitlines():
+            if line.startswith('#include "') and line.split('"')[1] != "cblas.h":
+                name = line.split('"')[1]
+                if name not in included:
+                    included.add(name)
+                    pending.append(kernel_build.KERNEL_DIR / name)
+    assert len(included) > 1
+    assert {path.name for path in kernel_build.source_files()} == included
+    sources = tmp_path / "kernels"
+    sources.mkdir()
+    for name in included:
+        (sources / name).write_bytes((kernel_build.KERNEL_DIR / name).read_bytes())
+    compiler = tmp_path / "fake-cxx"
+    compiler.write_text(FAKE_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setenv("MF_TEST_PREBUILT", str(kernel_build.build()))
+    monkeypatch.setenv("MF_LOSS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setattr(kernel_build, "KERNEL_DIR", sources)
+    monkeypatch.setattr(kernel_build, "SOURCE", sources / kernel_build.SOURCE.name)
+    first = kernel_build.build()
+    assert kernel_build.build() == first
+    for name in sorted(included):
+        with open(sources / name, "a") as source:
+            source.write("\n// changed\n")
+        changed = kernel_build.build()
+        assert changed != first, f"a change in {name} did not change the cache key"
+        first = changed
+
+
 def test_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
     compiler = tmp_path / "broken-cxx"
     compiler.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo broken 1; exit 0; fi\n'

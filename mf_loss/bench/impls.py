@@ -153,8 +153,8 @@ def head_loss_cell(name, config, notes, parallel_config=None, mp=1):
         core = getattr(loss, "core", None)
         if hasattr(loss, "recomputes"):  # the design a call with this dtype takes ("auto" looks at the dtype)
             notes["grad_mode"] = "recompute" if loss.recomputes(mindspore_dtype(config["dtype"])) else "forward"
-        if notes.get("grad_mode") == "recompute" and getattr(core, "class_blocks", False):
-            notes["vocab_block"] = core.vocab_block(config["rows"], config["head"], config["vocab"] // mp)
+        if notes.get("grad_mode") == "recompute":  # the backend's unit: classes per block (fused), rows (composed)
+            notes["recompute_block"] = core.head_block(config["rows"], config["head"], config["vocab"] // mp)
         elif hasattr(core, "chunk_rows"):
             notes["chunk_rows"] = core.chunk_rows(config["rows"], config["vocab"] // mp)
         return FusedHeadLoss(loss)

@@ -2,7 +2,8 @@
 
 The library is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++, clang++)
 into a cache directory the user owns: `$MF_LOSS_CACHE_DIR`, else `$XDG_CACHE_HOME/mf_loss`, else
-`~/.cache/mf_loss`, in a sub-directory named by a hash of the source, the compiler and its flags.
+`~/.cache/mf_loss`, in a sub-directory named by a hash of the sources, the compiler and its flags. The sources are
+one translation unit: `cross_entropy.cc` includes the other files of this directory (one compiler run).
 Builds are atomic (a temporary file renamed into place, under a file lock), so processes started
 together (msrun ranks) never load a half-written library. Nothing is written to the current directory
 (MindSpore, given a `.cc`, would compile it into `./custom_kernel_meta/`; it gets the built `.so`).
@@ -16,7 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "cross_entropy.cc"
+KERNEL_DIR = Path(__file__).resolve().parent
+SOURCE = KERNEL_DIR / "cross_entropy.cc"  # the translation unit; it includes the other .cc and .h files here
 LIBRARY_NAME = "libmf_cross_entropy.so"
 # The one place the ABI number is written: compiled in (-DMF_KERNEL_ABI_VERSION), returned by the library's
 # mf_kernel_abi_version() and checked when it is loaded. Raise it when an entry point changes its parameters.
@@ -106,6 +108,12 @@ def build_command(compiler: str, output: str) -> list:
             str(SOURCE), *link]
 
 
+def source_files() -> list:
+    """Every kernel source file (the .cc and .h files beside this module), in a fixed order: the cache key hashes
+    them all, so a change in any included file builds a new library."""
+    return sorted(path for pattern in ("*.cc", "*.h") for path in KERNEL_DIR.glob(pattern))
+
+
 def _compiler_identity(compiler: str) -> str:
     try:
         return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -159,7 +167,8 @@ def build(force: bool = False) -> Path:
         raise FusedKernelUnavailable(f"the kernel source {SOURCE} is missing from this installation")
     compiler = find_compiler()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), _compiler_identity(compiler).encode(),
+    sources = [path.name.encode() + b"\0" + path.read_bytes() for path in source_files()]
+    for part in (*sources, compiler.encode(), _compiler_identity(compiler).encode(),
                  " ".join(build_command("CXX", "OUT")).encode()):
         key.update(part)
         key.update(b"\0")

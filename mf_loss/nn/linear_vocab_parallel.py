@@ -10,23 +10,25 @@ in brackets):
   per-shard step, exchanged, and the chunk's share of both gradients is made right away, over the logits.
   3 products, as the unfused head; the backward only scales the gradients by the upstream scalar [chunks + 1:
   one exchange per chunk, plus the hidden gradient's sum]. In GRAPH mode the loop is unrolled and each chunk
-  is sliced after the previous one is done (`vocab_parallel.rows_after`), so that one chunk's buffers are alive at
+  is sliced after the previous one is done (`shard_math.rows_after`), so that one chunk's buffers are alive at
   a time. The weight gradient is ONE running float32 (V/mp, H) sum (fused: added to inside the sgemm that
   makes a chunk's share; composed: matmul shares added up), rounded once to the weight's dtype: for a
   half-precision weight its error is that of a float32 sum over the chunks (about chunks x 2^-24 relative
   to the sum of the shares' magnitudes, far below one unit of float16 / bfloat16) plus the one rounding
   (half a unit), and its memory is the float32 sum, 4 bytes per weight element beside the gradient.
 - The same loop replayed in the backward (the composed backend's `grad_mode="recompute"`, what
-  reduction="none" takes there): the forward makes the statistics only (one exchange), the backward goes
-  through the same chunks again with the saved statistics and the per-row upstream gradient. 4 products [2].
+  reduction="none" takes there; `shard_math.head_row_stats` / `head_grads`): the forward makes the statistics
+  only (one exchange), the backward goes through the same chunks again with the saved statistics and the
+  per-row upstream gradient. 4 products [2].
 - The fused backend's recomputing kernels (Cut Cross-Entropy's order; `grad_mode="recompute"`, what "auto"
   takes for a half-precision weight): the statistics and the gradients are each ONE kernel call that goes
   through the classes in blocks, a block's logits for all rows at a time (`fused.head_row_stats`,
   `fused.head_grads`), so the weight gradient's rows are complete in one product over all rows and rounded
   once, and one block of logits is alive. 4 products [2].
 
-A PYNATIVE call that nothing differentiates (an evaluation loop) makes the statistics only: the same loop
-without its gradient step (or the recomputing kernels' statistics on the fused backend).
+The last two are one design chosen with the backend (`Backend.head_row_stats` / `head_grads`): the core asks
+the backend for its recomputing steps and never tests which backend it has. A PYNATIVE call that nothing
+differentiates (an evaluation loop) makes the statistics only, with the backend's `head_row_stats`.
 
 The hidden gradient's sum over the model-parallel ranks (`complete_hidden_grad`) is the lm head's own
 backward all-reduce (Megatron's copy-to-tensor-parallel region), not an extra one; models whose own copy op
@@ -45,13 +47,6 @@ _cast = ops.Cast()
 _depend = ops.Depend()
 _select = ops.Select()
 _zeros_like = ops.ZerosLike()
-
-
-def spent(weight_grad, hidden_grad):
-    """What the next chunk is sliced after: the previous chunk's share of both gradients. Its hidden part too:
-    that matmul is needed only at the end, and GRAPH mode put it off to a later chunk, keeping this chunk's
-    logits (the gradient written over them) alive meanwhile (two chunks' logits at once)."""
-    return _depend(weight_grad[0], hidden_grad[-1])
 
 
 def _from_float32(tensor, dtype):
@@ -80,10 +75,9 @@ class LinearVocabParallel(VocabShard):
 
     def recomputes(self, weight_dtype) -> bool:
         """Whether a call with a head weight of `weight_dtype` makes its gradient in the backward: asked, or
-        "auto" with a half-precision weight on the fused backend (its recomputing kernels round each block of
-        the weight gradient once and hold one block of logits: the leaner design there)."""
+        "auto" with a half-precision weight where the backend says so (`Backend.auto_recomputes_half_weight`)."""
         if self.grad_mode == "auto":
-            return self.class_blocks and weight_dtype != ms.float32
+            return self.auto_recomputes_half_weight and weight_dtype != ms.float32
         return self.grad_mode == "recompute"
 
     def reads_half_weight(self, head_weight) -> bool:
@@ -91,22 +85,15 @@ class LinearVocabParallel(VocabShard):
         return self.head_operands(head_weight, head_weight)[1].dtype != ms.float32
 
     def chunk_rows(self, rows: int, local_vocab: int) -> int:
-        if self.chunk_size is not None:
-            return self.chunk_size
-        # the fused steps keep one float32 chunk of logits (the gradient is written over it); the composed
-        # ops hold a few chunk-sized temporaries at once (exp, probabilities, gradient, selects)
-        return chunking.auto_chunk_rows(rows, local_vocab, buffers=self.chunk_buffers)
+        """Rows per chunk of the forward design's loop (its steps hold `chunk_buffers` chunk-sized buffers)."""
+        return chunking.chunk_rows(rows, local_vocab, self.chunk_size, self.chunk_buffers)
 
     def bounds(self, rows: int, local_vocab: int):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
-    def vocab_block(self, rows: int, width: int, local_vocab: int) -> int:
-        """Classes per block of the recomputing kernels (`chunking.vocab_block`) for (rows, width) hidden: a
-        block holds as many float32 values as a chunk of chunk_size rows would, or HEAD_BLOCK_BYTES' worth."""
-        if self.chunk_size is not None:
-            return chunking.vocab_block(rows, width, local_vocab, self.chunk_size * local_vocab, 1)
-        return chunking.vocab_block(rows, width, local_vocab, chunking.HEAD_BLOCK_BYTES // 4,
-                                    chunking.MIN_BLOCK_CLASSES)
+    def head_block(self, rows: int, width: int, local_vocab: int) -> int:
+        """The `block` of the backend's recomputing steps for (rows, width) hidden (`Backend.recompute_block`)."""
+        return self.recompute_block(rows, width, local_vocab, self.chunk_size)
 
     def hidden_chunk(self, hidden_source, start: int, stop: int, previous):
         """Rows [start, stop) of hidden in float32, taken once `previous` (the last chunk's work) exists: the
@@ -115,56 +102,38 @@ class LinearVocabParallel(VocabShard):
             hidden_source = _depend(hidden_source, previous)
         return self.hidden_rows(hidden_source, start, stop)
 
-    def chunk_grads(self, logits, chunk, target, weight, spec, row_max, log_sum_exp, target_mass, upstream,
-                    row_offset: int, hidden_grad, weight_grad):
+    def chunk_grads(self, logits, chunk, target, weight, spec, piece, upstream, row_offset: int, hidden_grad,
+                    weight_grad):
         """The running sums with the chunk's parts added, from its logits (written over by their gradient),
-        its complete statistics and the per-row weights of the objective (`upstream`)."""
-        coefficients = self.coefficients(row_max, log_sum_exp, target_mass, upstream, logits.shape[-1])
-        grad = self.scratch_logits_grad(logits, target, self.weight, spec, row_max, log_sum_exp, coefficients)
+        its complete statistics (`piece`, the per-token tuple) and the per-row weights of the objective."""
+        coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS], upstream,
+                                         logits.shape[-1])
+        grad = self.scratch_logits_grad(logits, target, self.weight, spec, piece[ROW_MAX], piece[LOG_SUM_EXP],
+                                        coefficients)
         return self.add_chunk_grads(hidden_grad, weight_grad, grad, chunk, weight, row_offset)
 
-    def chunk_loop(self, hidden, head_weight, target, active, upstream=None, saved=None):
-        """The chunk loop, one chunk of rows at a time (see the module docstring), three ways:
-        - `upstream` None: the statistics only -> this rank's (N, K) statistics (exchanged by the caller, once);
-        - `upstream` the per-row weights of the objective, `saved` None (the forward design): each chunk's
-          statistics exchanged, then its gradient -> (the per-token tuple, hidden's gradient, the weight's);
-        - `saved` the forward's (row_max, log_sum_exp, target_mass), `upstream` the per-row upstream gradient
-          (the replay in the backward) -> (hidden's gradient, the weight's).
-        The gradients are float32; the weight's is a tuple of one running sum."""
+    def chunk_loop(self, hidden, head_weight, target, active, upstream):
+        """The forward design's chunk loop, one chunk of rows at a time (see the module docstring): each chunk's
+        statistics exchanged, then its share of both gradients for the per-row weights of the objective
+        (`upstream`) -> (the per-token tuple, hidden's float32 gradient, the weight's float32 running sum)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         _, vocab_start = self.vocab(local_vocab)
         spec = self.spec(vocab_start)
         hidden_source, weight = self.head_operands(hidden, head_weight)
         hidden_grad, weight_grad = self.first_sums(hidden, head_weight)
-        shares = []   # the statistics-only pass: each chunk's local statistics
-        pieces = []   # the forward design: each chunk's per-token tuple
+        pieces = []
         previous = None
         for start, stop in self.bounds(rows, local_vocab):
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             logits = self.chunk_logits(chunk, weight)
             chunk_target = target[start:stop]
-            if saved is None:
-                local = self.local_row_stats(logits, chunk_target, self.weight, spec)
-                previous = local
-                if upstream is None:
-                    shares.append(local)
-                else:
-                    gathered, rank_widths = self.exchange_stats(local, local_vocab)
-                    piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
-                    pieces.append(piece)
-                    hidden_grad, weight_grad = self.chunk_grads(
-                        logits, chunk, chunk_target, weight, spec, piece[ROW_MAX], piece[LOG_SUM_EXP],
-                        piece[TARGET_MASS], upstream[start:stop], start, hidden_grad, weight_grad)
-                    previous = spent(weight_grad, hidden_grad)
-            else:
-                hidden_grad, weight_grad = self.chunk_grads(
-                    logits, chunk, chunk_target, weight, spec, saved[0][start:stop], saved[1][start:stop],
-                    saved[2][start:stop], upstream[start:stop], start, hidden_grad, weight_grad)
-                previous = spent(weight_grad, hidden_grad)
-        if upstream is None:
-            return ops.concat(shares, 0)
-        if saved is not None:
-            return self.whole_hidden_grad(hidden_grad), weight_grad[0]
+            local = self.local_row_stats(logits, chunk_target, self.weight, spec)
+            gathered, rank_widths = self.exchange_stats(local, local_vocab)
+            piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
+            pieces.append(piece)
+            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, chunk_target, weight, spec, piece,
+                                                        upstream[start:stop], start, hidden_grad, weight_grad)
+            previous = shard_math.spent(weight_grad, hidden_grad)
         per_token = (ops.concat([piece[TOKEN_LOSS] for piece in pieces], 0),
                      ops.concat([piece[ROW_MAX] for piece in pieces], 0),
                      ops.concat([piece[LOG_SUM_EXP] for piece in pieces], 0),
@@ -185,12 +154,9 @@ class LinearVocabParallel(VocabShard):
         """construct's outputs without a gradient made in the forward (empty in its places): the forward of the
         recomputing designs, and what a PYNATIVE call that nothing differentiates runs (no backward follows)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        if self.class_blocks:
-            _, vocab_start = self.vocab(local_vocab)
-            local = self.head_row_stats(hidden, head_weight, target, self.weight, self.spec(vocab_start),
-                                        self.vocab_block(rows, hidden.shape[1], local_vocab))
-        else:
-            local = self.chunk_loop(hidden, head_weight, target, active)
+        _, vocab_start = self.vocab(local_vocab)
+        local = self.head_row_stats(hidden, head_weight, target, self.weight, self.spec(vocab_start),
+                                    self.head_block(rows, hidden.shape[1], local_vocab))
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         per_token = self.finish(local, gathered, rank_widths, active, local_vocab)
         empty = ops.zeros((0,), ms.float32)
@@ -208,17 +174,13 @@ class LinearVocabParallel(VocabShard):
         saved = (out[in_head_output(ROW_MAX)], out[in_head_output(LOG_SUM_EXP)], out[in_head_output(TARGET_MASS)])
         upstream = _select(active, dout[in_head_output(TOKEN_LOSS)] + dout[OBJECTIVE] * row_scale,
                            _zeros_like(row_scale))
-        if self.class_blocks:
-            rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-            _, vocab_start = self.vocab(local_vocab)
-            coefficients = self.coefficients(saved[0], saved[1], saved[2], upstream, local_vocab)
-            hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.weight,
-                                                       self.spec(vocab_start), saved[0], saved[1], coefficients,
-                                                       self.vocab_block(rows, hidden.shape[1], local_vocab))
-            return (self.finish_hidden_grad(hidden_grad, hidden), weight_grad) + inputs_grads
-        hidden_grad, weight_grad = self.chunk_loop(hidden, head_weight, target, active, upstream, saved)
-        return (self.finish_hidden_grad(hidden_grad, hidden), _from_float32(weight_grad, head_weight.dtype)) + \
-            inputs_grads
+        rows, local_vocab = hidden.shape[0], head_weight.shape[0]
+        _, vocab_start = self.vocab(local_vocab)
+        coefficients = self.coefficients(saved[0], saved[1], saved[2], upstream, local_vocab)
+        hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.weight, self.spec(vocab_start),
+                                                   saved[0], saved[1], coefficients,
+                                                   self.head_block(rows, hidden.shape[1], local_vocab))
+        return (self.finish_hidden_grad(hidden_grad, hidden), weight_grad) + inputs_grads
 
     def finish_hidden_grad(self, hidden_grad, hidden):
         """The float32 hidden gradient, summed over the model-parallel ranks if asked, in hidden's dtype."""

@@ -22,18 +22,6 @@ _select = ops.Select()
 _zeros_like = ops.ZerosLike()
 _cast = ops.Cast()
 _isfinite = ops.IsFinite()
-_depend = ops.Depend()
-
-
-def rows_after(tensor, start: int, stop: int, previous):
-    """`tensor[start:stop]`, sliced only once `previous` (the last chunk's result) exists. The Depend goes on
-    the slice's input: on its output it would order the use of the slice but let GRAPH mode make every
-    chunk's slice up front (measured: all chunks' temporaries alive at once)."""
-    if previous is not None:
-        tensor = _depend(tensor, previous)
-    return tensor[start:stop]
-
-
 
 
 class VocabShard(nn.Cell):
@@ -63,9 +51,10 @@ class VocabShard(nn.Cell):
         self.first_sums = kernels.first_sums
         self.add_chunk_grads = kernels.add_chunk_grads
         self.whole_hidden_grad = kernels.whole_hidden_grad
-        self.class_blocks = kernels.class_blocks
+        self.auto_recomputes_half_weight = kernels.auto_recomputes_half_weight
         self.head_row_stats = kernels.head_row_stats
         self.head_grads = kernels.head_grads
+        self.recompute_block = kernels.recompute_block
         self.exchange = RowStatsExchange(layout)
         self.full_weight = weight
         self.weight = None
@@ -146,7 +135,7 @@ class VocabParallelCrossEntropy(VocabShard):
         chunk = self.chunk_size
         if chunk is None:
             # the composed steps hold about this many float32 chunk-sized temporaries at once
-            chunk = chunking.auto_chunk_rows(rows, local_vocab, buffers=6)
+            chunk = chunking.auto_chunk_rows(rows, local_vocab, buffers=math.CHUNK_BUFFERS)
         return chunking.chunk_bounds(rows, chunk)
 
     def construct(self, logits, target, active):
@@ -160,7 +149,7 @@ class VocabParallelCrossEntropy(VocabShard):
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.local_row_stats(rows_after(logits, start, stop, previous), target[start:stop],
+                previous = self.local_row_stats(math.rows_after(logits, start, stop, previous), target[start:stop],
                                                 self.weight, spec)
                 parts.append(previous)
             local = ops.concat(parts, 0)
@@ -182,7 +171,7 @@ class VocabParallelCrossEntropy(VocabShard):
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.logits_grad(rows_after(logits, start, stop, previous), target[start:stop],
+                previous = self.logits_grad(math.rows_after(logits, start, stop, previous), target[start:stop],
                                             self.weight, spec, out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
                                             (a[start:stop], b[start:stop], q[start:stop]))
                 parts.append(previous)

@@ -21,12 +21,12 @@ stays right). When "auto" falls back to composed, the in-place request is droppe
 """
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import mindspore as ms
 
 from ..kernels.build import FusedKernelUnavailable
-from . import shard_math
+from . import chunking, shard_math
 
 _auto_warned = False
 
@@ -48,10 +48,14 @@ class Backend:
     sums of both gradients; `whole_hidden_grad(hidden_sum)`. `chunk_buffers`: the float32 chunk-sized buffers
     a chunk of either loop holds at once (what an automatic chunk size is planned for).
 
-    `class_blocks`: whether the backend has the recomputing kernels that go through the whole head a vocabulary
-    block at a time, `head_row_stats(hidden, head_weight, target, weight, spec, block)` and
-    `head_grads(..., row_max, log_sum_exp, coefficients, block)` (`mf_loss.ops.fused`); without them (None)
-    the head recomputes by replaying its chunk loop."""
+    The head's recomputing design (statistics in the forward, gradients in the backward):
+    `head_row_stats(hidden, head_weight, target, weight, spec, block)` -> this rank's (N, K) statistics and
+    `head_grads(..., row_max, log_sum_exp, coefficients, block)` -> (hidden's gradient in float32, the weight's
+    in its dtype), `block` their unit of work, `recompute_block(rows, width, local_vocab, chunk_size)`. Fused:
+    kernels that go through the whole head a block of classes at a time (`mf_loss.ops.fused`); composed: the
+    chunk loop over blocks of rows, replayed in the backward (`shard_math`). `auto_recomputes_half_weight`:
+    whether grad_mode="auto" takes this design for a half-precision head weight (the fused kernels round each
+    block of the weight gradient once and hold one block of logits: the leaner design there)."""
 
     name: str
     inplace: bool
@@ -67,18 +71,24 @@ class Backend:
     first_sums: Callable
     add_chunk_grads: Callable
     whole_hidden_grad: Callable
-    class_blocks: bool
-    head_row_stats: Optional[Callable]
-    head_grads: Optional[Callable]
+    head_row_stats: Callable
+    head_grads: Callable
+    recompute_block: Callable
+    auto_recomputes_half_weight: bool
 
 
 def _multiply(total, factor):
     return total * factor
 
 
-COMPOSED = Backend("composed", False, shard_math.local_row_stats, shard_math.logits_grad, shard_math.logits_grad,
-                   _multiply, True, 6, shard_math.head_operands, shard_math.hidden_rows, shard_math.chunk_logits,
-                   shard_math.first_sums, shard_math.add_chunk_grads, shard_math.whole_hidden_grad, False, None, None)
+COMPOSED = Backend(
+    name="composed", inplace=False, local_row_stats=shard_math.local_row_stats, logits_grad=shard_math.logits_grad,
+    scratch_logits_grad=shard_math.logits_grad, scale=_multiply, chunks_logits=True,
+    chunk_buffers=shard_math.CHUNK_BUFFERS, head_operands=shard_math.head_operands,
+    hidden_rows=shard_math.hidden_rows, chunk_logits=shard_math.chunk_logits, first_sums=shard_math.first_sums,
+    add_chunk_grads=shard_math.add_chunk_grads, whole_hidden_grad=shard_math.whole_hidden_grad,
+    head_row_stats=shard_math.head_row_stats, head_grads=shard_math.head_grads,
+    recompute_block=shard_math.recompute_rows, auto_recomputes_half_weight=False)
 
 
 def device_target() -> str:
@@ -95,10 +105,14 @@ def _fused(inplace: bool) -> Backend:
         raise ValueError(f"backend='fused' runs on CPU only, but the device target is {target}; use "
                          "backend='composed' (or 'auto')")
     fused.load()
-    return Backend("fused", bool(inplace), fused.local_row_stats,
-                   fused.logits_grad_inplace if inplace else fused.logits_grad, fused.logits_grad_inplace, fused.scale,
-                   False, 1, fused.head_operands, fused.hidden_rows, fused.chunk_logits, fused.first_sums,
-                   fused.add_chunk_grads, fused.whole_hidden_grad, True, fused.head_row_stats, fused.head_grads)
+    return Backend(
+        name="fused", inplace=bool(inplace), local_row_stats=fused.local_row_stats,
+        logits_grad=fused.logits_grad_inplace if inplace else fused.logits_grad,
+        scratch_logits_grad=fused.logits_grad_inplace, scale=fused.scale, chunks_logits=False, chunk_buffers=1,
+        head_operands=fused.head_operands, hidden_rows=fused.hidden_rows, chunk_logits=fused.chunk_logits,
+        first_sums=fused.first_sums, add_chunk_grads=fused.add_chunk_grads, whole_hidden_grad=fused.whole_hidden_grad,
+        head_row_stats=fused.head_row_stats, head_grads=fused.head_grads, recompute_block=chunking.class_block,
+        auto_recomputes_half_weight=True)
 
 
 def select(backend: str, inplace: bool = False) -> Backend:

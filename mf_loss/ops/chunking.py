@@ -40,6 +40,22 @@ def vocab_block(rows: int, width: int, local_vocab: int, elements: int, least: i
     return columns
 
 
+def class_block(rows: int, width: int, local_vocab: int, chunk_size) -> int:
+    """The fused recomputing kernels' classes per block (`vocab_block`): as many float32 values as a chunk of
+    `chunk_size` rows of logits would hold, or HEAD_BLOCK_BYTES' worth when chunk_size is None."""
+    if chunk_size is not None:
+        return vocab_block(rows, width, local_vocab, chunk_size * local_vocab, 1)
+    return vocab_block(rows, width, local_vocab, HEAD_BLOCK_BYTES // 4, MIN_BLOCK_CLASSES)
+
+
+def chunk_rows(rows: int, local_vocab: int, chunk_size, buffers: int) -> int:
+    """Rows per chunk of a chunk loop whose steps hold `buffers` float32 chunk-sized buffers at once:
+    `chunk_size`, or `auto_chunk_rows` when it is None."""
+    if chunk_size is not None:
+        return chunk_size
+    return auto_chunk_rows(rows, local_vocab, buffers=buffers)
+
+
 def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
     least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine) and rows / MAX_AUTO_CHUNKS, at most

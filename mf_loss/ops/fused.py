@@ -1,7 +1,7 @@
 """The fused CPU kernels as MindSpore operators (`ops.Custom(func_type="aot")`), with shard_math's signatures.
 
 `local_row_stats` and `logits_grad` compute what `shard_math`'s functions of the same name compute (its
-module docstring defines them); each is ONE C++ kernel (`mf_loss/kernels/cross_entropy.cc`, built by
+module docstring defines them); each is ONE C++ kernel (`mf_loss/kernels/row_kernels.cc`, built by
 `mf_loss.kernels.build`) that reads the logits once, in their own dtype (float32, float16 or bfloat16, no
 float32 copy), does the maths in float32 with double-precision sums, runs its rows on several threads, and
 (backward) writes the gradient once in the logits' dtype.

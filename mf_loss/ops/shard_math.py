@@ -31,6 +31,8 @@ from typing import Optional
 import mindspore as ms
 from mindspore import ops
 
+from . import chunking
+
 # Primitive instances, not functional forms: inside a custom bprop in GRAPH mode the functional
 # `ops.zeros_like` and friends fail to compile ("The func graph is empty").
 _select = ops.Select()
@@ -264,3 +266,60 @@ def add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset: int
 
 def whole_hidden_grad(hidden_sum):
     return ops.concat(hidden_sum, 0)
+
+
+# The composed backend's float32 chunk-sized buffers held at once (exp, probabilities, gradient, selects).
+CHUNK_BUFFERS = 6
+
+
+def spent(weight_sum, hidden_sum):
+    """What the next chunk is sliced after: the previous chunk's share of both gradients. Its hidden part too:
+    that matmul is needed only at the end, and GRAPH mode put it off to a later chunk, keeping this chunk's
+    logits (the gradient written over them) alive meanwhile (two chunks' logits at once)."""
+    return _depend(weight_sum[0], hidden_sum[-1])
+
+
+def rows_after(tensor, start: int, stop: int, previous):
+    """`tensor[start:stop]`, sliced only once `previous` (the last chunk's result) exists. The Depend goes on
+    the slice's input: on its output it would order the use of the slice but let GRAPH mode make every
+    chunk's slice up front (measured: all chunks' temporaries alive at once)."""
+    if previous is not None:
+        tensor = _depend(tensor, previous)
+    return tensor[start:stop]
+
+
+def recompute_rows(rows: int, width: int, local_vocab: int, chunk_size) -> int:
+    """Rows per chunk of `head_row_stats` / `head_grads` (the chunk loop's own)."""
+    return chunking.chunk_rows(rows, local_vocab, chunk_size, CHUNK_BUFFERS)
+
+
+def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, chunk: int):
+    """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
+    made `chunk` rows at a time, each chunk after the previous one's statistics."""
+    source, head = head_operands(hidden, head_weight)
+    shares = []
+    previous = None
+    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
+        rows = rows_after(source, start, stop, previous)
+        previous = local_row_stats(chunk_logits(rows, head), target[start:stop], weight, spec)
+        shares.append(previous)
+    return ops.concat(shares, 0)
+
+
+def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients, chunk: int):
+    """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
+    `logits_grad` gives, the chunk loop replayed `chunk` rows at a time: a chunk's logits are made again and
+    its parts added to the running sums (one float32 (V/mp, H) sum, rounded once)."""
+    a, b, q = coefficients
+    source, head = head_operands(hidden, head_weight)
+    hidden_sum, weight_sum = first_sums(hidden, head_weight)
+    previous = None
+    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
+        rows = rows_after(source, start, stop, previous)
+        grad = logits_grad(chunk_logits(rows, head), target[start:stop], weight, spec, row_max[start:stop],
+                           log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]))
+        hidden_sum, weight_sum = add_chunk_grads(hidden_sum, weight_sum, grad, rows, head, start)
+        previous = spent(weight_sum, hidden_sum)
+    weight_grad = weight_sum[0]
+    return whole_hidden_grad(hidden_sum), weight_grad if head_weight.dtype == ms.float32 else \
+        _cast(weight_grad, head_weight.dtype)
