@@ -66,5 +66,6 @@ def graph_mode():
 @pytest.fixture(scope="session")
 def msrun_ranks(request, tmp_path_factory):
     """`msrun_ranks(layout, part)`: (dp, mp, [(arrays, report)] per rank) of one part of the session's msrun job
-    of `layout`, launched once for every part the selected tests read (tests/msrun_jobs.py)."""
-    return msrun_jobs.Jobs(tmp_path_factory, msrun_jobs.parts_of(request.session.items)).rank_results
+    of `layout`, launched once for every part and layout the selected tests read (tests/msrun_jobs.py)."""
+    items = request.session.items
+    return msrun_jobs.Jobs(tmp_path_factory, msrun_jobs.parts_of(items), msrun_jobs.layouts_of(items)).rank_results

@@ -3,8 +3,10 @@ need (the CrossEntropyLoss wiring of tests/dist_worker.py, LinearCrossEntropyLos
 tests/dist_linear_worker.py), since each launch costs 25-35 s of start-up before any check. Each rank writes
 each part's results to OUT/<part>_rank<r>.npz and .json as soon as the part is done.
 
-Test side: `Jobs.rank_results(layout, part)` (the `msrun_ranks` fixture of tests/conftest.py) launches the
-layout's job on first use, with a timeout, and returns every rank's results of one part. A part that not every
+Test side: `Jobs.rank_results(layout, part)` (the `msrun_ranks` fixture of tests/conftest.py) launches, on
+first use, the jobs of every layout the session's tests read, at once (each job waits on its cluster and its
+ranks' start-up, which the others' work fills), each with a timeout; it returns every rank's results of one
+part. A part that not every
 rank finished fails each of its tests with the launch's message (the failing rank's log tail); a part that
 every rank finished is read even when a later part failed the job.
 
@@ -16,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +33,47 @@ PARTS = {"loss": "dist_worker", "linear": "dist_linear_worker"}  # part -> modul
 LAUNCH_TIMEOUT_S = 1500
 
 
+def _msrun_items(items) -> list:
+    return [item for item in items if getattr(getattr(item, "module", None), "MSRUN_PART", None)]
+
+
 def parts_of(items) -> list:
     """The parts the selected tests read: each distributed test module names its part as MSRUN_PART."""
-    wanted = {getattr(item.module, "MSRUN_PART", None) for item in items if getattr(item, "module", None)}
+    wanted = {item.module.MSRUN_PART for item in _msrun_items(items)}
     return [part for part in PARTS if part in wanted]
 
 
-class Jobs:
-    """The session's msrun jobs, one per layout, each launched on first use and run once."""
+def layouts_of(items) -> list:
+    """The layouts the selected tests read (their `layout` parameter)."""
+    wanted = {item.callspec.params.get("layout") for item in _msrun_items(items) if hasattr(item, "callspec")}
+    return [layout for layout in LAYOUTS if layout in wanted]
 
-    def __init__(self, tmp_path_factory, parts):
-        self.tmp_path_factory, self.parts, self.launched, self.read = tmp_path_factory, list(parts), {}, {}
+
+class Jobs:
+    """The session's msrun jobs, one per layout, all launched at the first use of any and run once."""
+
+    def __init__(self, tmp_path_factory, parts, layouts):
+        self.tmp_path_factory, self.parts, self.layouts = tmp_path_factory, list(parts), list(layouts)
+        self.launched, self.read = {}, {}
+
+    def _launch(self, layout: str) -> None:
+        dp, mp = LAYOUTS[layout]
+        out = self.tmp_path_factory.mktemp(f"msrun_{layout}")
+        result = launch(Path(__file__), ["--dp", dp, "--mp", mp, "--out", out, "--parts", ",".join(self.parts)],
+                        workers=dp * mp, log_dir=out / "logs", timeout=LAUNCH_TIMEOUT_S)
+        self.launched[layout] = (dp, mp, out, result)
 
     def rank_results(self, layout: str, part: str):
         """(dp, mp, [(arrays, report)] for every rank) of `part` in the job of `layout`."""
         assert part in self.parts, f"part {part!r} was not announced: its test module must set MSRUN_PART"
         if layout not in self.launched:
-            dp, mp = LAYOUTS[layout]
-            out = self.tmp_path_factory.mktemp(f"msrun_{layout}")
-            result = launch(Path(__file__), ["--dp", dp, "--mp", mp, "--out", out, "--parts", ",".join(self.parts)],
-                            workers=dp * mp, log_dir=out / "logs", timeout=LAUNCH_TIMEOUT_S)
-            self.launched[layout] = (dp, mp, out, result)
+            threads = [threading.Thread(target=self._launch, args=(name,))
+                       for name in dict.fromkeys(self.layouts + [layout]) if name not in self.launched]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert layout in self.launched, f"launching the {layout} job raised (its traceback is in the captured stderr)"
         dp, mp, out, result = self.launched[layout]
         if (layout, part) not in self.read:
             missing = [r for r in range(dp * mp) if not (out / f"{part}_rank{r}.json").exists()]

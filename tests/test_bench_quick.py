@@ -56,10 +56,7 @@ def test_quick_benchmark_reports_every_implementation(tmp_path):
     assert sorted(by_impl) == sorted(expected)
     for impl, record in by_impl.items():
         assert record["head"] == (bench.cli.QUICK_HEAD if bench.IMPLS[impl].family == "head" else 0), record
-        if impl == "linear_fused":
-            _check_measured(record)
-        else:
-            _check_measured(record)
+        _check_measured(record)
     if bench.torch_available():
         options = by_impl["torch_linear"]["notes"]["torch_options"]
         assert options["requested"].startswith("LinearCrossEntropyOptions") and "batch_chunk_size" in options
@@ -106,12 +103,11 @@ def test_inplace_variants_lm_head_and_pynative_head_run(tmp_path):
                "--repeats", "2", "--passes", "fwdbwd", "--sequential", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["settings"]["lm_head"] == 16
+    assert sorted(r["impl"] for r in result["results"]) == sorted(impls)
     for record in result["results"]:
-        if record["impl"] == "linear_fused_pynative":
-            _check_measured(record, passes=("fwdbwd",))
-        else:
+        if record["impl"] != "linear_fused_pynative":
             assert record["lm_head"] == 16
-            _check_measured(record, passes=("fwdbwd",))
+        _check_measured(record, passes=("fwdbwd",))
 
 
 @pytest.mark.slow

@@ -18,37 +18,6 @@ from mf_loss.launch.processes import alive, descendants, stop
 WORKER = Path(__file__).with_name("launch_worker.py")
 
 
-@pytest.mark.distributed
-def test_signal_after_every_rank_is_done_is_a_warning(tmp_path):
-    result = launch(WORKER, ["after_done"], workers=2, log_dir=tmp_path / "logs", timeout=300, quiet=True)
-    assert result.ok, result.message
-    assert result.failed_rank == 1
-    assert result.message.startswith(f"warning: rank 1 of {WORKER} was killed by signal 11 after every rank had "
-                                     "finished its work"), result.message
-    assert sorted(p.name for p in (tmp_path / "logs" / "done").iterdir()) == ["rank_0", "rank_1"]
-
-
-@pytest.mark.distributed
-def test_signal_before_the_rank_is_done_fails_the_job(tmp_path):
-    result = launch(WORKER, ["before_done"], workers=2, log_dir=tmp_path / "logs", timeout=300, quiet=True)
-    assert not result.ok
-    assert result.failed_rank == 1
-    assert result.message.startswith(f"msrun job {WORKER} failed on rank 1 (killed by signal 11)"), result.message
-
-
-@pytest.mark.distributed
-def test_a_cluster_that_never_formed_is_started_once_more(tmp_path):
-    result = launch(WORKER, ["unformed_once", str(tmp_path / "marker")], workers=2, log_dir=tmp_path / "logs",
-                    timeout=300, quiet=True)
-    assert result.ok, result.message
-    assert result.message.startswith(f"warning: the ranks of {WORKER} never formed their cluster on the first "
-                                     "start"), result.message
-    assert "Failed to fetch the address of the rank" in result.message
-    assert result.log_dir == tmp_path / "logs" / "retry"
-    assert sorted(p.name for p in (tmp_path / "logs" / "retry" / "done").iterdir()) == ["rank_0", "rank_1"]
-    assert not any((tmp_path / "logs" / "done").iterdir())  # the first start did no work
-
-
 def test_a_cluster_that_never_formed_is_told_from_the_scripts_failures(tmp_path):
     from mf_loss.launch.logs import cluster_never_formed
     (tmp_path / "done").mkdir()
@@ -95,18 +64,71 @@ def _cmdline(process):
         return []
 
 
+TIMEOUT_S = 40  # the timed-out job's: long enough for its ranks to start and log on a loaded machine
+JOBS = {"after_done": ["after_done"], "before_done": ["before_done"], "unformed_once": ["unformed_once", "{out}/marker"],
+        "timed_out": ["nodes_forever", "{out}"]}  # job -> launch_worker.py's arguments
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The 2-rank msrun jobs of the tests below, started at once (each waits on its cluster and its ranks'
+    start-up more than it computes): job -> (its directory, LaunchResult), and the processes left running
+    after all of them ended."""
+    processes, results, threads = JobProcesses(), {}, []
+    for name, args in JOBS.items():
+        out = tmp_path_factory.mktemp(name)
+
+        def run(name=name, out=out, args=args):
+            env = dict(os.environ, MF_LOSS_TEST_NODE="0")
+            results[name] = out, launch(WORKER, [a.format(out=out) for a in args], workers=2, log_dir=out / "logs",
+                                        timeout=TIMEOUT_S if name == "timed_out" else 300, quiet=True, env=env)
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return results, processes
+
+
 @pytest.mark.distributed
-def test_a_job_past_its_timeout_is_stopped_whole(tmp_path, monkeypatch):
+def test_signal_after_every_rank_is_done_is_a_warning(jobs):
+    out, result = jobs[0]["after_done"]
+    assert result.ok, result.message
+    assert result.failed_rank == 1
+    assert result.message.startswith(f"warning: rank 1 of {WORKER} was killed by signal 11 after every rank had "
+                                     "finished its work"), result.message
+    assert sorted(p.name for p in (out / "logs" / "done").iterdir()) == ["rank_0", "rank_1"]
+
+
+@pytest.mark.distributed
+def test_signal_before_the_rank_is_done_fails_the_job(jobs):
+    _, result = jobs[0]["before_done"]
+    assert not result.ok
+    assert result.failed_rank == 1
+    assert result.message.startswith(f"msrun job {WORKER} failed on rank 1 (killed by signal 11)"), result.message
+
+
+@pytest.mark.distributed
+def test_a_cluster_that_never_formed_is_started_once_more(jobs):
+    out, result = jobs[0]["unformed_once"]
+    assert result.ok, result.message
+    assert result.message.startswith(f"warning: the ranks of {WORKER} never formed their cluster on the first "
+                                     "start"), result.message
+    assert "Failed to fetch the address of the rank" in result.message
+    assert result.log_dir == out / "logs" / "retry"
+    assert sorted(p.name for p in (out / "logs" / "retry" / "done").iterdir()) == ["rank_0", "rank_1"]
+    assert not any((out / "logs" / "done").iterdir())  # the first start did no work
+
+
+@pytest.mark.distributed
+def test_a_job_past_its_timeout_is_stopped_whole(jobs):
     """msrun runs its workers in sessions of their own: stopping msrun's process group alone would leave them."""
-    monkeypatch.setenv("MF_LOSS_TEST_NODE", "0")
-    processes = JobProcesses()
-    result = launch(WORKER, ["nodes_forever", tmp_path], workers=2, log_dir=tmp_path / "logs", timeout=40,
-                    quiet=True)
+    (out, result), processes = jobs[0]["timed_out"], jobs[1]
     assert result.returncode == 124, result.message
-    assert result.message.startswith(f"msrun job {WORKER} timed out after 40 s and was killed"), result.message
+    assert result.message.startswith(f"msrun job {WORKER} timed out after {TIMEOUT_S} s and was killed"), \
+        result.message
     assert "--- rank 0 (" in result.message and "--- rank 1 (" in result.message
-    assert processes.left_running() == []
-    assert processes.started(str(WORKER)) >= 2  # the workers did run (msrun's scheduler runs it too)
+    assert processes.left_running() == []  # of every job above
+    assert processes.started(f"{WORKER} nodes_forever {out}") >= 2  # its workers did run (msrun's scheduler too)
 
 
 @pytest.mark.unit

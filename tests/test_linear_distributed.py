@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cases import upstream_weights
-from dist_linear_worker import (CASES, DESIGNS, GRAPH_CASES, NAN_HIDDEN_ROW, ROWS, VOCAB, job_inputs,
-                                nan_arrays, train_inputs)
+from dist_linear_worker import (CASES, DESIGNS, NAN_HIDDEN_ROW, ROWS, RUNS, VOCAB, job_inputs, nan_arrays,
+                                train_inputs)
 from mf_loss import ParallelConfig
 from msrun_jobs import LAYOUTS
 from reference import numpy_cross_entropy
@@ -37,27 +37,25 @@ def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, msrun_rank
     compared = 0
     for arrays, report in ranks:
         dp_rank, mp_rank = report["dp_rank"], report["mp_rank"]
-        for backend, grad_mode, complete in DESIGNS:
-            for name in (CASES if mode == "pynative" else GRAPH_CASES):
-                options, _, leading, dtype = CASES[name]
-                none = options.get("reduction") == "none"
-                if none and grad_mode == "forward":
-                    continue
-                h, w, y, m, options = job_inputs(name, dp)
-                h, y, m = dp_rows(h, dp, dp_rank), dp_rows(y, dp, dp_rank), dp_rows(m, dp, dp_rank)
-                ref = reference(h, w, y, m, options, upstream_weights(leading) if none else None,
-                                rows_of_rank=slice(mp_rank * width, (mp_rank + 1) * width), hidden_share=not complete)
-                key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
-                outputs = []
-                while f"{key}/out{len(outputs)}" in arrays:
-                    outputs.append(arrays[f"{key}/out{len(outputs)}"])
-                assert_matches_reference((outputs, arrays[f"{key}/d_hidden"], arrays[f"{key}/d_weight"]), ref,
-                                         f"{key} on dp {dp_rank} mp {mp_rank}", dtype)
-                # a bfloat16 weight is read as it is by the fused kernels (the composed path casts it)
-                read = dtype != "float32" and backend == "fused"
-                assert bool(arrays[f"{key}/half_weight_read"]) == read, key
-                compared += 1
-    assert compared >= len(ranks) * len(DESIGNS)  # every design ran at least one case on every rank
+        for (backend, grad_mode, complete), name in RUNS[mode]:
+            options, _, leading, dtype = CASES[name]
+            none = options.get("reduction") == "none"
+            h, w, y, m, options = job_inputs(name, dp)
+            h, y, m = dp_rows(h, dp, dp_rank), dp_rows(y, dp, dp_rank), dp_rows(m, dp, dp_rank)
+            ref = reference(h, w, y, m, options, upstream_weights(leading) if none else None,
+                            rows_of_rank=slice(mp_rank * width, (mp_rank + 1) * width), hidden_share=not complete)
+            key = f"{mode}/{backend}/{grad_mode}/{complete}/{name}"
+            outputs = []
+            while f"{key}/out{len(outputs)}" in arrays:
+                outputs.append(arrays[f"{key}/out{len(outputs)}"])
+            assert_matches_reference((outputs, arrays[f"{key}/d_hidden"], arrays[f"{key}/d_weight"]), ref,
+                                     f"{key} on dp {dp_rank} mp {mp_rank}", dtype)
+            # a bfloat16 weight is read as it is by the fused kernels (the composed path casts it)
+            read = dtype != "float32" and backend == "fused"
+            assert bool(arrays[f"{key}/half_weight_read"]) == read, key
+            compared += 1
+    assert compared == len(ranks) * len(RUNS[mode])
+    assert {design for design, _ in RUNS[mode]} == set(DESIGNS)  # every design runs in every mode
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -3,10 +3,10 @@ kernel's high-water mark over the first step after compilation, beyond the input
 beyond the gradients of hidden and head_weight), in multiples of the size the logits have (in the inputs' dtype).
 
 What is asserted is structure, not a machine's speed: the composed CrossEntropyLoss goes through its rows in
-chunks (it held ~19x the logits in GRAPH mode before MindSpore's broadcast workspaces and slice ordering were
-dealt with, 12x in PYNATIVE), and the fused lm head never holds the logits, nor a (V, H) share of its weight
-gradient per chunk (each chunk's share is added inside the sgemm that makes it). The bounds leave room for the
-allocator's rounding; the measured values are in the comments and in docs/bench/.
+chunks, and the fused lm head never holds the logits, nor a (V, H) share of its weight gradient per chunk
+(each chunk's share is added inside the sgemm that makes it). Each bound sits between what the lean structure
+takes and what the structure it rules out would take, with room for the allocator's rounding; the measured
+peaks are in docs/bench/README.md ("Memory tests").
 """
 import json
 import subprocess
@@ -33,30 +33,26 @@ def bench_rows(tmp_path, *args, dtype="float32"):
 
 
 def test_composed_cross_entropy_holds_the_gradient_and_chunks_not_its_temporaries(tmp_path):
-    # 1024 x 32000 float32 (125 MiB of logits), 16 chunks of 64 rows; measured 2026-11-30: GRAPH 2.14x
-    # (the chunks' gradients and their concatenation), PYNATIVE 2.28x; 18.3x in GRAPH before.
+    # 1024 x 32000 float32, 16 chunks of 64 rows: the chunks' gradients and their concatenation (2x), not
+    # logits-sized temporaries per op (many times the logits).
     rows = bench_rows(tmp_path, "--impls", "composed,composed_pynative", "--shapes", "1024x32000")
     assert rows["composed"] < 2.6, rows
     assert rows["composed_pynative"] < 2.6, rows
 
 
 def test_fused_head_never_holds_the_logits(tmp_path):
-    # 1024 x 128256 x 256 (501 MiB of logits), automatic chunks (65 rows, 16 chunks): each chunk's
-    # (128256, 256) weight-gradient share would be 2x its logits; it is added into the running sum inside the
-    # sgemm that makes it. Measured 2026-11-30: 0.08x the logits beyond the inputs and the two gradients
-    # (0.143x when the share was added in 8 tiles, 0.327x with whole shares).
+    # 1024 x 128256 x 256, automatic chunks: each chunk's (128256, 256) weight-gradient share would be 2x its
+    # logits; it is added into the running sum inside the sgemm that makes it.
     rows = bench_rows(tmp_path, "--head", "256", "--impls", "linear_fused,linear_unfused", "--shapes", "1024x128256")
     assert rows["linear_fused"] < 0.12, rows
     assert rows["linear_unfused"] > 1.5, rows  # the same measurement sees the unfused step's logits + gradient
 
 
 def test_half_precision_head_keeps_no_float32_copy_of_the_weight(tmp_path):
-    # 2048 x 32000 x 1024 bfloat16 (125 MiB of logits; the weight is 62.5 MiB): a float32 copy of the weight and a
-    # float32 sum of its gradient would be 2x the logits on their own (2.26x in all at c40a4d1). The kernels read
-    # the weight in its dtype. The default for a half-precision weight (the recomputing kernels: one block of
-    # classes, hidden and its gradient in float32) measured 0.27x on 2026-11-30; grad_mode="forward", whose weight
-    # gradient is one float32 running sum (1.0x of these bfloat16 logits at H 1024) rounded once at the end,
-    # 1.46x on 2026-12-05. The unfused step (float32 casts, logits, gradient): 4.57x.
+    # 2048 x 32000 x 1024 bfloat16: a float32 copy of the weight and a float32 sum of its gradient would be 2x
+    # the logits on their own; the kernels read the weight in its dtype. The default for a half-precision
+    # weight (the recomputing kernels) holds one block of classes and hidden and its gradient in float32;
+    # grad_mode="forward" adds one float32 running sum of the weight gradient (1.0x these logits at H 1024).
     rows = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused,linear_unfused", "--shapes", "2048x32000",
                       dtype="bfloat16")
     assert rows["linear_fused"] < 0.4, rows
@@ -67,10 +63,8 @@ def test_half_precision_head_keeps_no_float32_copy_of_the_weight(tmp_path):
 
 
 def test_fused_head_adds_the_hidden_gradient_in_place(tmp_path):
-    # 1024 x 8000 x 2048 float32 (31 MiB of logits; hidden and its gradient 8 MiB each), 16 chunks of 64 rows:
-    # the hidden gradient is one buffer that each chunk's rows are added into. Measured 2026-11-30: 0.77x the
-    # logits (1.14x while each chunk's weight-gradient share was made and added; 1.44x with per-chunk hidden
-    # parts and their concatenation, an extra N x H float32 = 0.26x).
+    # 1024 x 8000 x 2048 float32, 16 chunks of 64 rows: the hidden gradient is one buffer that each chunk's
+    # rows are added into (per-chunk hidden parts and their concatenation would add N x H float32, 0.26x).
     rows = bench_rows(tmp_path, "--head", "2048", "--impls", "linear_fused", "--shapes", "1024x8000",
                       "--chunk-size", "64")
     assert rows["linear_fused"] < 0.95, rows

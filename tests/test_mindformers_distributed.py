@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ if importlib.util.find_spec("mindformers") is None:
     pytest.skip("needs the MindFormers environment; tests/test_mindformers_suite.py runs this file in it",
                 allow_module_level=True)
 
-import mf_loss  # noqa: E402
 from mf_loss.train.checkpoints import checkpoint_dir, load_full_weights  # noqa: E402
 from mf_loss.train.curve import read_curve  # noqa: E402
 
@@ -27,10 +27,9 @@ CONFIG = ROOT / "configs" / "mindformers_llama.yaml"
 STEPS = 4
 # A short run: PYNATIVE (no graph compilation: the shortest few-step run here), shorter rows.
 COMMON = [f"runner_config.stop_step={STEPS}", "context.mode=1", "model.model_config.seq_length=32"]
-# The resumed run swaps in the fused head when the library has it: same parameters, no logits, and the model-parallel
-# path where the loss itself sums the hidden state's gradient over the ranks.
-RESUME_LOSS = "mf_loss.LinearCrossEntropyLoss" if hasattr(mf_loss, "LinearCrossEntropyLoss") else \
-    "mf_loss.CrossEntropyLoss"
+# The resumed run swaps in the fused head: same parameters, no logits, and the model-parallel path where the loss
+# itself sums the hidden state's gradient over the ranks.
+RESUME_LOSS = "mf_loss.LinearCrossEntropyLoss"
 SINGLE = ["parallel_config.data_parallel=1", "parallel_config.model_parallel=1", "parallel_config.micro_batch_num=4",
           "trainer.model_name=single"]  # the same 16 rows per step as 2 data-parallel ranks x 2 micro-batches x 4 rows
 
@@ -65,9 +64,12 @@ def final_weights(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The dp=2 x mp=2 run and the single-process run, at once (each is mostly start-up)."""
     out = tmp_path_factory.mktemp("mindformers_runs")
-    parallel = train(out, COMMON + ["trainer.model_name=dp2_mp2"])
-    single = train(out, COMMON + SINGLE)
+    with ThreadPoolExecutor() as pool:
+        started = [pool.submit(train, out, COMMON + ["trainer.model_name=dp2_mp2"]),
+                   pool.submit(train, out, COMMON + SINGLE)]
+        parallel, single = (run.result() for run in started)
     return out, parallel, single
 
 

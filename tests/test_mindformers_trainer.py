@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,16 @@ def train(output_dir: Path, name: str, data_path: Path, overrides, steps: int, t
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
+    """The curves of one process with our loss and with MindFormers', and of 2 data-parallel ranks with ours
+    (run at once: each is mostly start-up and compilation, one thread's work)."""
     out = tmp_path_factory.mktemp("mindformers_trainer_runs")
     path, _ = data
-    ours = train(out, "ours", path, ONE_PROCESS, STEPS)
-    theirs = train(out, "theirs", path, ONE_PROCESS + [THEIR_LOSS], STEPS)
-    return ours, theirs, out
+    with ThreadPoolExecutor() as pool:
+        started = [pool.submit(train, out, "ours", path, ONE_PROCESS, STEPS),
+                   pool.submit(train, out, "theirs", path, ONE_PROCESS + [THEIR_LOSS], STEPS),
+                   pool.submit(train, out, "dp2", path, [], CLEAN_STEPS)]
+        ours, theirs, parallel = (run.result() for run in started)
+    return ours, theirs, parallel, out
 
 
 def losses(curve, steps=slice(None)):
@@ -83,7 +89,7 @@ def losses(curve, steps=slice(None)):
 
 
 def test_one_process_curve_equals_mindformers_loss_without_ignored_tokens(runs):
-    ours, theirs, _ = runs
+    ours, theirs, _, _ = runs
     clean = slice(0, CLEAN_STEPS)
     np.testing.assert_allclose(losses(ours, clean), losses(theirs, clean), rtol=1e-6, atol=0)
     np.testing.assert_allclose([r["grad_norm"] for r in ours[clean]], [r["grad_norm"] for r in theirs[clean]],
@@ -93,7 +99,7 @@ def test_one_process_curve_equals_mindformers_loss_without_ignored_tokens(runs):
 
 
 def test_a_label_minus_100_with_mask_1_counts_in_mindformers_denominator_only(runs, data):
-    ours, theirs, _ = runs
+    ours, theirs, _, _ = runs
     _, labels = data
     step = labels[CLEAN_STEPS * ROWS:STEPS * ROWS, 1:]
     counted, total = int((step != -100).sum()), step.size
@@ -104,12 +110,10 @@ def test_a_label_minus_100_with_mask_1_counts_in_mindformers_denominator_only(ru
     assert theirs_loss < 0.9 * ours_loss
 
 
-def test_two_data_parallel_ranks_equal_one_process_over_the_same_global_batches(runs, data):
+def test_two_data_parallel_ranks_equal_one_process_over_the_same_global_batches(runs):
     """MindFormers' data-parallel mode (parallel_config reset to 1 x 1; the model takes dp = 2 from the world size,
     and compiles with lazy inline off): each rank reads every other row, MindFormers averages the gradients."""
-    ours, _, out = runs
-    path, _ = data
-    parallel = train(out, "dp2", path, [], CLEAN_STEPS)
+    ours, _, parallel, out = runs
     np.testing.assert_allclose(losses(parallel), losses(ours, slice(0, CLEAN_STEPS)), rtol=0, atol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in parallel], [r["grad_norm"] for r in ours[:CLEAN_STEPS]],
                                rtol=1e-5)

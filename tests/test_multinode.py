@@ -1,10 +1,10 @@
 """Several msrun nodes (issue 11): two nodes simulated on this machine (two msrun processes, node ranks 0 and
-1 on 127.0.0.1, 2 ranks each); a node whose ranks are killed stops the other, naming the node and rank, and
-leaves no process; `mf-loss train` on two nodes equals the one-node run. Unit tests check the arguments
-and the msrun command line of each node without starting anything."""
+1 on 127.0.0.1, 2 ranks each) make one world; a node whose ranks are killed stops the other, naming the node
+and rank, and leaves no process. (`mf-loss train` on two nodes is tests/test_reproducible.py's: the same bits
+as on one node.) Unit tests check the arguments and the msrun command line of each node without starting
+anything."""
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -212,26 +212,6 @@ def launch_two_nodes(out: Path, mode: str, on_started=None, timeout=300):
     return results
 
 
-@pytest.mark.distributed
-def test_two_nodes_make_one_world_with_collectives_across_them(tmp_path):
-    processes = JobProcesses()
-    results = launch_two_nodes(tmp_path, "nodes")
-    for k in (0, 1):
-        assert results[k].ok, f"node {k}: {results[k].message}"
-    reports = {r: json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(4)}
-    assert {r: (rep["world"], rep["node"]) for r, rep in reports.items()} == {0: (4, 0), 1: (4, 0), 2: (4, 1),
-                                                                             3: (4, 1)}
-    for rank, report in reports.items():
-        assert report["gathered"] == [1.0, 2.0, 3.0, 4.0]            # every rank's slot, from both nodes
-        partner = (rank + 2) % 4                                      # the same place on the other node
-        assert report["cross_group"] == sorted([rank, partner])
-        assert report["cross_sum"] == 10.0 ** rank + 10.0 ** partner
-    for k, ranks in ((0, [0, 1]), (1, [2, 3])):  # each node's ranks log on that node
-        assert sorted(p.name for p in (tmp_path / "logs" / f"node_{k}").glob("worker_*.log")) == \
-            [f"worker_{r}.log" for r in ranks]
-    assert processes.left_running() == []
-
-
 def killer(out: Path, ranks, killed: dict):
     """Kills `ranks` (a whole node's, as when its machine dies) once they run their all-reduce loop."""
     def kill():
@@ -245,10 +225,46 @@ def killer(out: Path, ranks, killed: dict):
     return kill
 
 
+@pytest.fixture(scope="module")
+def two_node_clusters(tmp_path_factory):
+    """Two two-node clusters at once, each on its own port: in one node 1's ranks are killed, in the other
+    node 0's (msrun's scheduler's node). Their ranks first report what they see of the world across the
+    nodes, then all-reduce until killed. -> ({'node_1_killed', 'node_0_killed'} -> (out, results, killed at)),
+    the processes left running after both)."""
+    processes, clusters, threads = JobProcesses(), {}, []
+    for name, ranks in (("node_1_killed", (2, 3)), ("node_0_killed", (0, 1))):
+        out, killed = tmp_path_factory.mktemp(name), {}
+
+        def run(name=name, out=out, ranks=ranks, killed=killed):
+            clusters[name] = (out, launch_two_nodes(out, "nodes_forever", killer(out, ranks, killed), timeout=400),
+                              killed)
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return clusters, processes.left_running()
+
+
 @pytest.mark.distributed
-def test_a_killed_node_stops_the_other_naming_node_and_rank(tmp_path):
-    processes, killed = JobProcesses(), {}
-    results = launch_two_nodes(tmp_path, "nodes_forever", on_started=killer(tmp_path, (2, 3), killed), timeout=400)
+@pytest.mark.parametrize("cluster", ["node_1_killed", "node_0_killed"])
+def test_two_nodes_make_one_world_with_collectives_across_them(two_node_clusters, cluster):
+    out, _, _ = two_node_clusters[0][cluster]
+    reports = {r: json.loads((out / f"rank_{r}.json").read_text()) for r in range(4)}
+    assert {r: (rep["world"], rep["node"]) for r, rep in reports.items()} == {0: (4, 0), 1: (4, 0), 2: (4, 1),
+                                                                             3: (4, 1)}
+    for rank, report in reports.items():
+        assert report["gathered"] == [1.0, 2.0, 3.0, 4.0]            # every rank's slot, from both nodes
+        partner = (rank + 2) % 4                                      # the same place on the other node
+        assert report["cross_group"] == sorted([rank, partner])
+        assert report["cross_sum"] == 10.0 ** rank + 10.0 ** partner
+    for k, ranks in ((0, [0, 1]), (1, [2, 3])):  # each node's ranks log on that node
+        assert sorted(p.name for p in (out / "logs" / f"node_{k}").glob("worker_*.log")) == \
+            [f"worker_{r}.log" for r in ranks]
+
+
+@pytest.mark.distributed
+def test_a_killed_node_stops_the_other_naming_node_and_rank(two_node_clusters):
+    _, results, killed = two_node_clusters[0]["node_1_killed"]
     node0, node1 = results[0], results[1]
     assert not node1.ok and node1.failed_rank in (2, 3) and node1.failed_node == 1, node1.message
     assert f"failed on rank {node1.failed_rank} on node 1 of 2 (killed by signal 9)" in node1.message
@@ -257,63 +273,21 @@ def test_a_killed_node_stops_the_other_naming_node_and_rank(tmp_path):
     assert f"on node 0 of 2 stopped: rank {node0.failed_rank} on node 1 stopped answering" in node0.message
     assert f"worker_{node0.failed_rank}.log" in node0.message  # its log tail (readable here: one machine)
     print(f"node 0 stopped {node0.finished - killed['at']:.0f} s after node 1's ranks were killed:\n{node0.message}")
-    assert processes.left_running() == []
 
 
 @pytest.mark.distributed
-def test_a_killed_master_node_stops_the_other(tmp_path):
+def test_a_killed_master_node_stops_the_other(two_node_clusters):
     """Node 0 holds msrun's scheduler: when its ranks die, its launcher stops the scheduler too and node 1's
     ranks lose it."""
-    processes, killed = JobProcesses(), {}
-    results = launch_two_nodes(tmp_path, "nodes_forever", on_started=killer(tmp_path, (0, 1), killed), timeout=400)
+    _, results, killed = two_node_clusters[0]["node_0_killed"]
     node0, node1 = results[0], results[1]
     assert not node0.ok and node0.failed_rank in (0, 1) and node0.failed_node == 0, node0.message
     assert f"failed on rank {node0.failed_rank} on node 0 of 2 (killed by signal 9)" in node0.message
     assert not node1.ok and node1.returncode != 124 and node1.failed_node == 0, node1.message
     assert "on node 1 of 2 stopped: its ranks lost node 0 (msrun's scheduler at 127.0.0.1:" in node1.message
     print(f"node 1 stopped {node1.finished - killed['at']:.0f} s after node 0's ranks were killed:\n{node1.message}")
-    assert processes.left_running() == []
-
-
-def _mf_loss_train(*flags, timeout):
-    return subprocess.Popen([sys.executable, "-m", "mf_loss.cli", "train", "--config", str(CONFIG), *map(str, flags)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT))), timeout
-
-
-def _finish(proc_and_timeout):
-    proc, timeout = proc_and_timeout
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        output += f"\n(killed after {timeout} s)"
-    return proc.returncode, output
 
 
 @pytest.mark.distributed
-def test_train_on_two_nodes_equals_the_one_node_run(tmp_path):
-    """dp=2 x mp=2 with each model-parallel pair on its own node: the loss curve and the final weights equal
-    the one-node run's to 1e-5; node 0 gets the outputs."""
-    from mf_loss.train.compare import compare_runs
-
-    steps = 6
-    processes = JobProcesses()
-    one = _finish(_mf_loss_train("--steps", steps, "--output-dir", tmp_path / "one", "--timeout", 600, timeout=660))
-    assert one[0] == 0, one[1][-4000:]
-    port = free_port()
-    nodes = [_mf_loss_train("--steps", steps, "--output-dir", tmp_path / f"node{k}", "--nnodes", 2, "--node-rank", k,
-                            "--master-addr", "127.0.0.1", "--master-port", port, "--timeout", 600, timeout=660)
-             for k in (0, 1)]
-    finished = [_finish(node) for node in nodes]
-    for k, (code, output) in enumerate(finished):
-        assert code == 0, f"node {k}:\n{output[-4000:]}"
-    run0 = tmp_path / "node0" / "dp2_mp2"
-    for name in ("loss.csv", "summary.json"):
-        assert (run0 / name).exists() and not (tmp_path / "node1" / "dp2_mp2" / name).exists(), name
-    result = compare_runs(tmp_path / "one" / "dp2_mp2", run0)
-    assert result["steps"] == steps and result["counted_tokens_equal"], result
-    assert result["loss_max_diff"] <= 1e-5 and result["weight_max_diff"] <= 1e-5, result
-    print(f"two nodes vs one: loss max |diff| {result['loss_max_diff']:.1e}, weights {result['weight_max_diff']:.1e}")
-    assert processes.left_running() == []
+def test_the_killed_clusters_leave_no_process(two_node_clusters):
+    assert two_node_clusters[1] == []
