@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -426,10 +427,21 @@ def processes_mentioning(text: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def first_runs(tmp_path_factory):
+    """The single-process reference run and the dp=2 x mp=2 run that fails, started at once (the msrun job
+    spends much of its time starting up): (reference, dp2_mp2_failed)."""
+    reference_out, failed_out = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("dp2_mp2")
+    with ThreadPoolExecutor() as pool:
+        started = [pool.submit(train_cli, "single.yaml", reference_out, measure_loss_time=True),
+                   pool.submit(train_cli, "dp2_mp2.yaml", failed_out, fail_at=f"1:{FAIL_STEP}")]
+        reference_proc, failed_proc = (run.result() for run in started)
+    return (reference_out, reference_proc), (failed_out, failed_proc)
+
+
+@pytest.fixture(scope="module")
+def reference(first_runs):
     """Single process, whole batch, fused head, uninterrupted."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = train_cli("single.yaml", out, measure_loss_time=True)
+    out, proc = first_runs[0]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = out / "single"
     return run_dir, read_csv(run_dir), weights(run_dir), proc.stdout
@@ -479,10 +491,9 @@ def test_unfused_run_resumed_with_the_fused_head_equals_the_fused_run(reference,
 
 
 @pytest.fixture(scope="module")
-def dp2_mp2_failed(tmp_path_factory):
+def dp2_mp2_failed(first_runs):
     """dp=2 x mp=2 on 4 ranks, fused head; rank 1 raises at step 10, after the step-8 checkpoint."""
-    out = tmp_path_factory.mktemp("dp2_mp2")
-    return out, train_cli("dp2_mp2.yaml", out, fail_at=f"1:{FAIL_STEP}")
+    return first_runs[1]
 
 
 @pytest.mark.distributed
