@@ -66,11 +66,10 @@ class LinearVocabParallel(VocabShard):
     bfloat16, and at LLM shapes a float32 copy of the weight was several times a chunk's logits). The composed
     backend casts a half-precision weight to float32 whole."""
 
-    def __init__(self, layout, *, chunk_size=None, complete_hidden_grad=True, grad_mode="auto", **shard_options):
-        super().__init__(layout, **shard_options)
-        self.chunk_size = chunk_size
-        self.complete_hidden_grad = bool(complete_hidden_grad)
-        self.grad_mode = grad_mode
+    def __init__(self, layout, options):
+        super().__init__(layout, options)
+        self.complete_hidden_grad = bool(options.complete_hidden_grad)
+        self.grad_mode = options.chosen_grad_mode
         self.model_parallel_sum = ModelParallelSum(layout)
 
     def recomputes(self, weight_dtype) -> bool:
@@ -102,13 +101,13 @@ class LinearVocabParallel(VocabShard):
             hidden_source = _depend(hidden_source, previous)
         return self.hidden_rows(hidden_source, start, stop)
 
-    def chunk_grads(self, logits, chunk, target, weight, spec, piece, upstream, row_offset: int, hidden_grad,
+    def chunk_grads(self, logits, chunk, target, weight, piece, upstream, row_offset: int, hidden_grad,
                     weight_grad):
         """The running sums with the chunk's parts added, from its logits (written over by their gradient),
         its complete statistics (`piece`, the per-token tuple) and the per-row weights of the objective."""
         coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS], upstream,
                                          logits.shape[-1])
-        grad = self.scratch_logits_grad(logits, target, self.weight, spec, piece[ROW_MAX], piece[LOG_SUM_EXP],
+        grad = self.scratch_logits_grad(logits, target, self.spec, piece[ROW_MAX], piece[LOG_SUM_EXP],
                                         coefficients)
         return self.add_chunk_grads(hidden_grad, weight_grad, grad, chunk, weight, row_offset)
 
@@ -117,8 +116,6 @@ class LinearVocabParallel(VocabShard):
         statistics exchanged, then its share of both gradients for the per-row weights of the objective
         (`upstream`) -> (the per-token tuple, hidden's float32 gradient, the weight's float32 running sum)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
         hidden_source, weight = self.head_operands(hidden, head_weight)
         hidden_grad, weight_grad = self.first_sums(hidden, head_weight)
         pieces = []
@@ -127,11 +124,11 @@ class LinearVocabParallel(VocabShard):
             chunk = self.hidden_chunk(hidden_source, start, stop, previous)
             logits = self.chunk_logits(chunk, weight)
             chunk_target = target[start:stop]
-            local = self.local_row_stats(logits, chunk_target, self.weight, spec)
+            local = self.local_row_stats(logits, chunk_target, self.spec)
             gathered, rank_widths = self.exchange_stats(local, local_vocab)
             piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
             pieces.append(piece)
-            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, chunk_target, weight, spec, piece,
+            hidden_grad, weight_grad = self.chunk_grads(logits, chunk, chunk_target, weight, piece,
                                                         upstream[start:stop], start, hidden_grad, weight_grad)
             previous = shard_math.spent(weight_grad, hidden_grad)
         per_token = (ops.concat([piece[TOKEN_LOSS] for piece in pieces], 0),
@@ -154,8 +151,7 @@ class LinearVocabParallel(VocabShard):
         """construct's outputs without a gradient made in the forward (empty in its places): the forward of the
         recomputing designs, and what a PYNATIVE call that nothing differentiates runs (no backward follows)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
-        local = self.head_row_stats(hidden, head_weight, target, self.weight, self.spec(vocab_start),
+        local = self.head_row_stats(hidden, head_weight, target, self.spec,
                                     self.head_block(rows, hidden.shape[1], local_vocab))
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         per_token = self.finish(local, gathered, rank_widths, active, local_vocab)
@@ -175,11 +171,9 @@ class LinearVocabParallel(VocabShard):
         upstream = _select(active, dout[in_head_output(TOKEN_LOSS)] + dout[OBJECTIVE] * row_scale,
                            _zeros_like(row_scale))
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        _, vocab_start = self.vocab(local_vocab)
         coefficients = self.coefficients(saved[0], saved[1], saved[2], upstream, local_vocab)
-        hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.weight, self.spec(vocab_start),
-                                                   saved[0], saved[1], coefficients,
-                                                   self.head_block(rows, hidden.shape[1], local_vocab))
+        hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.spec, saved[0], saved[1],
+                                                   coefficients, self.head_block(rows, hidden.shape[1], local_vocab))
         return (self.finish_hidden_grad(hidden_grad, hidden), weight_grad) + inputs_grads
 
     def finish_hidden_grad(self, hidden_grad, hidden):

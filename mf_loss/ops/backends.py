@@ -49,7 +49,7 @@ class Backend:
     a chunk of either loop holds at once (what an automatic chunk size is planned for).
 
     The head's recomputing design (statistics in the forward, gradients in the backward):
-    `head_row_stats(hidden, head_weight, target, weight, spec, block)` -> this rank's (N, K) statistics and
+    `head_row_stats(hidden, head_weight, target, spec, block)` -> this rank's (N, K) statistics and
     `head_grads(..., row_max, log_sum_exp, coefficients, block)` -> (hidden's gradient in float32, the weight's
     in its dtype), `block` their unit of work, `recompute_block(rows, width, local_vocab, chunk_size)`. Fused:
     kernels that go through the whole head a block of classes at a time (`mf_loss.ops.fused`); composed: the

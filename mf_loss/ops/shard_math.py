@@ -28,8 +28,10 @@ reference and the portable path for every backend.
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
 
 from . import chunking
 
@@ -54,13 +56,34 @@ _FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What the per-shard steps need to know beyond the tensors: where this rank's slice starts in the
-    full vocabulary, and the two options that change per-element maths. Constant for a loss; GRAPH mode
-    folds it in."""
+    """What the per-shard steps know beyond the tensors they are called with: this rank's place among the
+    model-parallel ranks (its slice of a vocabulary split in `mp` equal slices starts at class
+    `mp_rank * Vl`), the options that change the per-element maths, and this slice's per-class arrays
+    (`weight`: its class weights (Vl,), or None). Built once per loss (`shard_spec`); GRAPH mode folds it in."""
 
-    vocab_start: int = 0
+    mp_rank: int = 0
     logit_softcap: Optional[float] = None
     label_smoothing: float = 0.0
+    weight: Optional[Tensor] = None
+
+    def vocab_start(self, local_vocab: int) -> int:
+        """The first class of this rank's slice, `local_vocab` classes wide."""
+        return self.mp_rank * local_vocab
+
+
+def rank_slice(array: np.ndarray, name: str, mp_rank: int, mp_size: int) -> Tensor:
+    """Rank `mp_rank`'s part of a per-class option (V,) split in `mp_size` equal slices."""
+    if array.shape[0] % mp_size:
+        raise ValueError(f"{name} has {array.shape[0]} classes, not divisible by model_parallel={mp_size}")
+    return Tensor(array.reshape(mp_size, -1)[mp_rank].copy())
+
+
+def shard_spec(options, mp_rank: int, mp_size: int) -> ShardSpec:
+    """The `ShardSpec` of a loss with `options` (`mf_loss.options`) on model-parallel rank `mp_rank` of
+    `mp_size`: each per-class option sliced to the rank's classes."""
+    slices = {name: rank_slice(array, name, mp_rank, mp_size) for name, array in options.per_class_arrays().items()}
+    return ShardSpec(mp_rank, None if options.logit_softcap is None else float(options.logit_softcap),
+                     float(options.label_smoothing), **slices)
 
 
 def is_probability_target(target) -> bool:
@@ -111,12 +134,12 @@ def owned_target(label, vocab_start: int, local_vocab: int):
     return owned, _select(owned, local, _zeros_like(local))
 
 
-def local_row_stats(logits, target, weight, spec: ShardSpec):
+def local_row_stats(logits, target, spec: ShardSpec):
     """This rank's (N, K) statistics (see the module docstring) from its logits slice (N, Vl).
 
     `target`: (N,) integer global class ids, or (N, Vl) float probabilities of this slice.
-    `weight`: this slice's class weights (Vl,), or None.
     """
+    weight = spec.weight
     x = softcapped(logits, spec.logit_softcap)
     row_max = x.max(axis=-1)
     # A slice that is all -inf is legal (the row's mass lives on another rank): re-base it at 0 so that
@@ -125,7 +148,7 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
     shifted = x - per_row(row_max, x)
     columns = [row_max, _exp(shifted).sum(axis=-1)]
     if not is_probability_target(target):
-        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start(x.shape[-1]), x.shape[-1])
         picked = _gather_d(shifted, 1, index.reshape(-1, 1)).reshape(-1)
         mass = _ones_like(picked) if weight is None else ops.gather(weight, index, 0)
         mass = _select(owned, mass, _zeros_like(mass))
@@ -196,10 +219,11 @@ def grad_coefficients(stats, dout, label_smoothing: float, num_classes: int, wei
     return coef * dout, dout * (label_smoothing / num_classes), dout * (1.0 - label_smoothing)
 
 
-def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+def logits_grad(logits, target, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     """Gradient w.r.t. this rank's logits slice (N, Vl), in the logits' dtype (formula in the docstring);
     `coefficients` is the (a, b, q) of `grad_coefficients`."""
     a, b, q = coefficients
+    weight = spec.weight
     softcap = spec.logit_softcap
     x = softcapped(logits, softcap)
     probs = _exp((x - per_row(row_max, x)) - per_row(log_sum_exp, x))
@@ -208,7 +232,7 @@ def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, c
         smoothing_term = per_row(b, x)
         grad = grad - (smoothing_term if weight is None else smoothing_term * per_class(weight, x))
     if not is_probability_target(target):
-        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start(x.shape[-1]), x.shape[-1])
         at_target = q if weight is None else q * ops.gather(weight, index, 0)
         at_target = _select(owned, -at_target, _zeros_like(at_target))
         grad = _scatter_add(grad, index.reshape(-1, 1), at_target.reshape(-1, 1))
@@ -293,7 +317,7 @@ def recompute_rows(rows: int, width: int, local_vocab: int, chunk_size) -> int:
     return chunking.chunk_rows(rows, local_vocab, chunk_size, CHUNK_BUFFERS)
 
 
-def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, chunk: int):
+def head_row_stats(hidden, head_weight, target, spec: ShardSpec, chunk: int):
     """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
     made `chunk` rows at a time, each chunk after the previous one's statistics."""
     source, head = head_operands(hidden, head_weight)
@@ -301,12 +325,12 @@ def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, chunk: 
     previous = None
     for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
         rows = rows_after(source, start, stop, previous)
-        previous = local_row_stats(chunk_logits(rows, head), target[start:stop], weight, spec)
+        previous = local_row_stats(chunk_logits(rows, head), target[start:stop], spec)
         shares.append(previous)
     return ops.concat(shares, 0)
 
 
-def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients, chunk: int):
+def head_grads(hidden, head_weight, target, spec: ShardSpec, row_max, log_sum_exp, coefficients, chunk: int):
     """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
     `logits_grad` gives, the chunk loop replayed `chunk` rows at a time: a chunk's logits are made again and
     its parts added to the running sums (one float32 (V/mp, H) sum, rounded once)."""
@@ -316,7 +340,7 @@ def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, lo
     previous = None
     for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
         rows = rows_after(source, start, stop, previous)
-        grad = logits_grad(chunk_logits(rows, head), target[start:stop], weight, spec, row_max[start:stop],
+        grad = logits_grad(chunk_logits(rows, head), target[start:stop], spec, row_max[start:stop],
                            log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]))
         hidden_sum, weight_sum = add_chunk_grads(hidden_sum, weight_sum, grad, rows, head, start)
         previous = spent(weight_sum, hidden_sum)
