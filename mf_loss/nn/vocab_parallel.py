@@ -37,21 +37,16 @@ class VocabShard(nn.Cell):
         self.z_loss_weight = float(options.z_loss_weight)
         self.chunk_size = options.chunk_size
         kernels = backends.select(options.backend, inplace=inplace)
+        self.steps = kernels  # what `shard_math.chunk_loop` takes
         self.backend = kernels.name
         self.inplace = kernels.inplace
         self.device_target = backends.device_target()
         self.local_row_stats = kernels.local_row_stats
         self.logits_grad = kernels.logits_grad
-        self.scratch_logits_grad = kernels.scratch_logits_grad
         self.scale = kernels.scale
         self.chunks_logits = kernels.chunks_logits
         self.chunk_buffers = kernels.chunk_buffers
         self.head_operands = kernels.head_operands
-        self.hidden_rows = kernels.hidden_rows
-        self.chunk_logits = kernels.chunk_logits
-        self.first_sums = kernels.first_sums
-        self.add_chunk_grads = kernels.add_chunk_grads
-        self.whole_hidden_grad = kernels.whole_hidden_grad
         self.auto_recomputes_half_weight = kernels.auto_recomputes_half_weight
         self.head_row_stats = kernels.head_row_stats
         self.head_grads = kernels.head_grads
@@ -131,11 +126,8 @@ class VocabParallelCrossEntropy(VocabShard):
         # CPU slicing has no half-precision kernel in GRAPH mode (Ascend's has)
         if not self.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
             return [(0, rows)]
-        chunk = self.chunk_size
-        if chunk is None:
-            # the composed steps hold about this many float32 chunk-sized temporaries at once
-            chunk = chunking.auto_chunk_rows(rows, local_vocab, buffers=math.CHUNK_BUFFERS)
-        return chunking.chunk_bounds(rows, chunk)
+        # the composed steps hold about CHUNK_BUFFERS float32 chunk-sized temporaries at once
+        return chunking.chunk_bounds(rows, chunking.chunk_rows(rows, local_vocab, self.chunk_size, math.CHUNK_BUFFERS))
 
     def construct(self, logits, target, active):
         local_vocab = logits.shape[-1]

@@ -53,15 +53,19 @@ def chunk_rows(rows: int, local_vocab: int, chunk_size, buffers: int) -> int:
     `chunk_size`, or `auto_chunk_rows` when it is None."""
     if chunk_size is not None:
         return chunk_size
-    return auto_chunk_rows(rows, local_vocab, buffers=buffers)
+    return auto_chunk_rows(rows, local_vocab, buffers)
 
 
-def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
+def auto_chunk_rows(rows: int, local_vocab: int, buffers: int) -> int:
+    """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in DEFAULT_CHUNK_BYTES; at
     least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine) and rows / MAX_AUTO_CHUNKS, at most
-    `rows` (one chunk). Plain statements, as in chunk_bounds."""
-    per_row = local_vocab * 4 * buffers if local_vocab > 0 and buffers > 0 else 4
-    chunk = budget_bytes // per_row
+    `rows` (one chunk). Plain statements and positional arguments, as in chunk_bounds: a function with a
+    keyword-only argument that both a forward and its custom bprop call fails to compile in GRAPH mode ("The
+    func graph is empty")."""
+    per_row = local_vocab * 4 * buffers
+    if per_row < 4:
+        per_row = 4
+    chunk = DEFAULT_CHUNK_BYTES // per_row
     if chunk < MIN_AUTO_ROWS:
         chunk = MIN_AUTO_ROWS
     return _within_auto_limits(chunk, rows)

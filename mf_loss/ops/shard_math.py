@@ -264,6 +264,13 @@ def float32(tensor):
     return tensor if tensor.dtype == ms.float32 else _cast(tensor, ms.float32)
 
 
+def from_float32(tensor, dtype):
+    """A float32 gradient in `dtype`, without the copy a same-dtype Cast makes. Decided on `dtype` alone: in a
+    custom bprop MindSpore 2.10 does not know a Custom operator's output dtype when it parses, and a
+    conditional on it fails to compile ("The func graph is empty")."""
+    return tensor if dtype == ms.float32 else _cast(tensor, dtype)
+
+
 def head_operands(hidden, head_weight):
     """(what the chunks of hidden are taken from, the head weight as the products take it): float32 copies."""
     return float32(hidden), float32(head_weight)
@@ -303,47 +310,54 @@ def spent(weight_sum, hidden_sum):
     return _depend(weight_sum[0], hidden_sum[-1])
 
 
-def rows_after(tensor, start: int, stop: int, previous):
-    """`tensor[start:stop]`, sliced only once `previous` (the last chunk's result) exists. The Depend goes on
-    the slice's input: on its output it would order the use of the slice but let GRAPH mode make every
-    chunk's slice up front (measured: all chunks' temporaries alive at once)."""
+def after(tensor, previous):
+    """`tensor`, to be read only once `previous` (the last chunk's result) exists (None: at once). The Depend goes
+    on what a chunk is sliced from: on the slice it would order the slice's use but let GRAPH mode make every
+    chunk's slice up front (all chunks' temporaries alive at once)."""
     if previous is not None:
         tensor = _depend(tensor, previous)
-    return tensor[start:stop]
+    return tensor
+
+
+def rows_after(tensor, start: int, stop: int, previous):
+    """`tensor[start:stop]`, sliced only once `previous` exists (`after`)."""
+    return after(tensor, previous)[start:stop]
 
 
 def recompute_rows(rows: int, width: int, local_vocab: int, chunk_size) -> int:
-    """Rows per chunk of `head_row_stats` / `head_grads` (the chunk loop's own)."""
+    """Rows per chunk of the composed backend's recomputing design (the chunk loop's own)."""
     return chunking.chunk_rows(rows, local_vocab, chunk_size, CHUNK_BUFFERS)
 
 
-def head_row_stats(hidden, head_weight, target, spec: ShardSpec, chunk: int):
-    """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
-    made `chunk` rows at a time, each chunk after the previous one's statistics."""
-    source, head = head_operands(hidden, head_weight)
-    shares = []
-    previous = None
-    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
-        rows = rows_after(source, start, stop, previous)
-        previous = local_row_stats(chunk_logits(rows, head), target[start:stop], spec)
-        shares.append(previous)
-    return ops.concat(shares, 0)
+def chunk_loop(steps, hidden, head_weight, target, spec: ShardSpec, bounds, chunk_stats, context):
+    """The fused head's one chunk loop, with the steps of a backend (`steps`: a `backends.Backend`): for each chunk
+    [start, stop) of hidden's rows in `bounds`, its logits; `chunk_stats(logits, target, start, stop, context)` ->
+    (row_max, log_sum_exp, coefficients, kept), the chunk's complete row statistics and gradient coefficients
+    and what the caller keeps of them; the logits gradient written over the logits; the chunk's parts of both
+    gradients added to running sums. Each chunk is sliced once the previous one's parts exist (`spent`), so
+    one chunk's buffers are alive at a time. Returns (hidden's float32 gradient, the weight's float32 running
+    sum, [kept of each chunk]).
 
-
-def head_grads(hidden, head_weight, target, spec: ShardSpec, row_max, log_sum_exp, coefficients, chunk: int):
-    """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
-    `logits_grad` gives, the chunk loop replayed `chunk` rows at a time: a chunk's logits are made again and
-    its parts added to the running sums (one float32 (V/mp, H) sum, rounded once)."""
-    a, b, q = coefficients
-    source, head = head_operands(hidden, head_weight)
-    hidden_sum, weight_sum = first_sums(hidden, head_weight)
+    The forward design makes and exchanges each chunk's statistics (`nn.linear_vocab_parallel`); the composed
+    backend's recomputing design replays the loop in the backward with the statistics its forward saved and the
+    per-row upstream gradient (`replayed_chunk_stats`)."""
+    hidden_source, weight = steps.head_operands(hidden, head_weight)
+    hidden_sum, weight_sum = steps.first_sums(hidden, head_weight)
+    kept = []
     previous = None
-    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
-        rows = rows_after(source, start, stop, previous)
-        grad = logits_grad(chunk_logits(rows, head), target[start:stop], spec, row_max[start:stop],
-                           log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]))
-        hidden_sum, weight_sum = add_chunk_grads(hidden_sum, weight_sum, grad, rows, head, start)
+    for start, stop in bounds:
+        chunk = steps.hidden_rows(after(hidden_source, previous), start, stop)
+        logits = steps.chunk_logits(chunk, weight)
+        chunk_target = target[start:stop]
+        row_max, log_sum_exp, coefficients, piece = chunk_stats(logits, chunk_target, start, stop, context)
+        kept.append(piece)
+        grad = steps.scratch_logits_grad(logits, chunk_target, spec, row_max, log_sum_exp, coefficients)
+        hidden_sum, weight_sum = steps.add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, start)
         previous = spent(weight_sum, hidden_sum)
-    weight_grad = weight_sum[0]
-    return whole_hidden_grad(hidden_sum), weight_grad if head_weight.dtype == ms.float32 else \
-        _cast(weight_grad, head_weight.dtype)
+    return steps.whole_hidden_grad(hidden_sum), weight_sum[0], kept
+
+
+def replayed_chunk_stats(logits, target, start: int, stop: int, saved):
+    """`chunk_loop`'s statistics of rows [start, stop) from `saved` = (row_max, log_sum_exp, (a, b, q)) of all rows."""
+    row_max, log_sum_exp, (a, b, q) = saved
+    return row_max[start:stop], log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), ()
