@@ -55,7 +55,7 @@ class LinearVocabParallel(VocabShard):
 
     A half-precision head weight on the fused backend is read in its own dtype by the kernels (blocks of it
     converted to float32 inside sgemm's caller), never copied to float32 whole (MindSpore's CPU matmul takes no
-    bfloat16, and at LLM shapes a float32 copy of the weight was several times a chunk's logits). The composed
+    bfloat16, and at LLM shapes a float32 copy of the weight is several times a chunk's logits). The composed
     backend casts a half-precision weight to float32 whole."""
 
     def __init__(self, layout, options):
@@ -138,7 +138,7 @@ class LinearVocabParallel(VocabShard):
         inputs_grads = (_zeros_like(target), _zeros_like(row_scale), _zeros_like(active))
         if not self.recomputes(head_weight.dtype):
             # the gradients were made for an upstream gradient of 1; scaled over their own buffers (the weight
-            # gradient is (V/mp, H): a scaled copy next to it was 0.125x the logits at 2048 x 128256 x 256)
+            # gradient is (V/mp, H): a scaled copy would be a second one)
             upstream = dout[OBJECTIVE]
             hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
             return (hidden_grad, shard_math.from_float32(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)) + \

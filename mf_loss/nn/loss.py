@@ -168,7 +168,7 @@ class CrossEntropyLoss(LossCell):
                                                   None if input_mask is None else input_mask.shape)
         leading_shape = logits.shape[:-1]
         if len(logits.shape) != 2:
-            # Only when needed: in PYNATIVE a reshape's backward copies the gradient (2x the logits at peak).
+            # Only when needed: in PYNATIVE a reshape's backward copies the gradient (a second logits-sized buffer).
             logits = logits.reshape(-1, logits.shape[-1])
         if logits.shape[0] == 0:
             return self.empty_result(leading_shape)

@@ -156,8 +156,8 @@ class VocabParallelCrossEntropy(VocabShard):
         if len(bounds) == 1:
             grad = self.logits_grad(logits, target, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
-            # the chunks' gradients and their concatenation make the peak (2x the logits): writing each chunk
-            # into a preallocated buffer (slice assignment) measured 2.2x the logits and 4x slower in GRAPH mode
+            # the chunks' gradients and their concatenation make the peak: MindSpore has no op that writes a chunk
+            # into a preallocated buffer without a copy in GRAPH mode (docs/design.md)
             parts = []
             previous = None
             for start, stop in bounds:

@@ -296,8 +296,8 @@ def logits_grad_inplace(logits, target, spec: ShardSpec, row_max, log_sum_exp, c
 
 def head_operands(hidden, head_weight):
     """(what the chunks of hidden are taken from, the head weight as the products take it): both as they are,
-    any float dtype (the kernels convert blocks of them; at H = 4096 a float32 copy of a half-precision hidden
-    was a tenth of the logits)."""
+    any float dtype (the kernels convert blocks of them: a float32 copy of a half-precision hidden is (N, H)
+    float32 beside it)."""
     return hidden, head_weight
 
 

@@ -97,9 +97,8 @@ def num_stat_columns(label_smoothing: float) -> int:
 
 def per_row(column, like):
     """The (N,) `column` as `like`'s (N, Vl) shape. Broadcasting is spelled out because MindSpore 2.10's CPU
-    kernels for an implicitly broadcast binary op ((N, Vl) - (N, 1)) keep a workspace of about 4x their
-    output for the rest of a GRAPH-mode run (measured: 5x the logits for one subtraction, and per chunk, so
-    chunking did not help); an explicit BroadcastTo is an ordinary output, freed after its last use. It is
+    kernels for an implicitly broadcast binary op ((N, Vl) - (N, 1)) keep a workspace several times their
+    output for the rest of a GRAPH-mode run, per chunk (docs/design.md); an explicit BroadcastTo is an ordinary output, freed after its last use. It is
     made after `like` (a Depend): depending on `like`'s static shape only, GRAPH mode would otherwise make
     every chunk's broadcast before the first chunk starts."""
     return ops.broadcast_to(_depend(column, like).reshape(-1, 1), like.shape)
