@@ -68,23 +68,23 @@ class LinearVocabParallel(VocabShard):
         """Whether a call with a head weight of `weight_dtype` makes its gradient in the backward: asked, or
         "auto" with a half-precision weight where the backend says so (`Backend.auto_recomputes_half_weight`)."""
         if self.grad_mode == "auto":
-            return self.auto_recomputes_half_weight and weight_dtype != ms.float32
+            return self.steps.auto_recomputes_half_weight and weight_dtype != ms.float32
         return self.grad_mode == "recompute"
 
     def reads_half_weight(self, head_weight) -> bool:
         """Whether the products read a half-precision head weight as it is (see the class docstring)."""
-        return self.head_operands(head_weight, head_weight)[1].dtype != ms.float32
+        return self.steps.head_operands(head_weight, head_weight)[1].dtype != ms.float32
 
     def chunk_rows(self, rows: int, local_vocab: int) -> int:
         """Rows per chunk of the forward design's loop (its steps hold `chunk_buffers` chunk-sized buffers)."""
-        return chunking.chunk_rows(rows, local_vocab, self.chunk_size, self.chunk_buffers)
+        return chunking.chunk_rows(rows, local_vocab, self.chunk_size, self.steps.chunk_buffers)
 
     def bounds(self, rows: int, local_vocab: int):
         return chunking.chunk_bounds(rows, self.chunk_rows(rows, local_vocab))
 
     def head_block(self, rows: int, width: int, local_vocab: int) -> int:
         """The `block` of the backend's recomputing steps for (rows, width) hidden (`Backend.recompute_block`)."""
-        return self.recompute_block(rows, width, local_vocab, self.chunk_size)
+        return self.steps.recompute_block(rows, width, local_vocab, self.chunk_size)
 
     def exchanged_chunk_stats(self, logits, target, start: int, stop: int, weights):
         """`shard_math.chunk_loop`'s statistics of the forward design: the chunk's own, exchanged and finished into
@@ -92,7 +92,7 @@ class LinearVocabParallel(VocabShard):
         the objective) of all rows."""
         active, upstream = weights
         local_vocab = logits.shape[-1]
-        local = self.local_row_stats(logits, target, self.spec)
+        local = self.steps.local_row_stats(logits, target, self.spec)
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         piece = self.finish(local, gathered, rank_widths, active[start:stop], local_vocab)
         coefficients = self.coefficients(piece[ROW_MAX], piece[LOG_SUM_EXP], piece[TARGET_MASS], upstream[start:stop],
@@ -127,7 +127,7 @@ class LinearVocabParallel(VocabShard):
         """construct's outputs without a gradient made in the forward (empty in its places): the forward of the
         recomputing designs, and what a PYNATIVE call that nothing differentiates runs (no backward follows)."""
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
-        local = self.head_row_stats(hidden, head_weight, target, self.spec,
+        local = self.steps.head_row_stats(hidden, head_weight, target, self.spec,
                                     self.head_block(rows, hidden.shape[1], local_vocab))
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
         per_token = self.finish(local, gathered, rank_widths, active, local_vocab)
@@ -140,15 +140,15 @@ class LinearVocabParallel(VocabShard):
             # the gradients were made for an upstream gradient of 1; scaled over their own buffers (the weight
             # gradient is (V/mp, H): a scaled copy would be a second one)
             upstream = dout[OBJECTIVE]
-            hidden_grad = self.finish_hidden_grad(self.scale(out[HIDDEN_GRAD], upstream), hidden)
-            return (hidden_grad, shard_math.from_float32(self.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)) + \
-                inputs_grads
+            hidden_grad = self.finish_hidden_grad(self.steps.scale(out[HIDDEN_GRAD], upstream), hidden)
+            weight_grad = shard_math.from_float32(self.steps.scale(out[WEIGHT_GRAD], upstream), head_weight.dtype)
+            return (hidden_grad, weight_grad) + inputs_grads
         saved = (out[in_head_output(ROW_MAX)], out[in_head_output(LOG_SUM_EXP)], out[in_head_output(TARGET_MASS)])
         upstream = _select(active, dout[in_head_output(TOKEN_LOSS)] + dout[OBJECTIVE] * row_scale,
                            _zeros_like(row_scale))
         rows, local_vocab = hidden.shape[0], head_weight.shape[0]
         coefficients = self.coefficients(saved[0], saved[1], saved[2], upstream, local_vocab)
-        hidden_grad, weight_grad = self.head_grads(hidden, head_weight, target, self.spec, saved[0], saved[1],
+        hidden_grad, weight_grad = self.steps.head_grads(hidden, head_weight, target, self.spec, saved[0], saved[1],
                                                    coefficients, self.head_block(rows, hidden.shape[1], local_vocab))
         return (self.finish_hidden_grad(hidden_grad, hidden), weight_grad) + inputs_grads
 

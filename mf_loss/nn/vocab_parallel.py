@@ -5,8 +5,8 @@ Backward: the gradient of the rank's own slice from the saved row statistics; no
 through the exchange would all-reduce gradients and multiply them by the group size).
 
 `VocabShard` holds what both cores (this one and the fused lm head's, `linear_vocab_parallel`) know about
-the rank's slice of the vocabulary: its class weights, its place, the backend's per-shard steps, and how
-to finish the exchanged statistics into token losses.
+the rank's slice of the vocabulary: its `ShardSpec` (its place, the per-element options, its slices of the
+per-class options), the backend's steps, and how to finish the exchanged statistics into token losses.
 """
 import numpy as np
 
@@ -36,21 +36,11 @@ class VocabShard(nn.Cell):
         self.label_smoothing = float(options.label_smoothing)
         self.z_loss_weight = float(options.z_loss_weight)
         self.chunk_size = options.chunk_size
-        kernels = backends.select(options.backend, inplace=inplace)
-        self.steps = kernels  # what `shard_math.chunk_loop` takes
-        self.backend = kernels.name
-        self.inplace = kernels.inplace
+        # the backend's steps (`backends.Backend`), read as `self.steps.<step>`: one object, folded in by GRAPH mode
+        self.steps = backends.select(options.backend, inplace=inplace)
+        self.backend = self.steps.name
+        self.inplace = self.steps.inplace
         self.device_target = backends.device_target()
-        self.local_row_stats = kernels.local_row_stats
-        self.logits_grad = kernels.logits_grad
-        self.scale = kernels.scale
-        self.chunks_logits = kernels.chunks_logits
-        self.chunk_buffers = kernels.chunk_buffers
-        self.head_operands = kernels.head_operands
-        self.auto_recomputes_half_weight = kernels.auto_recomputes_half_weight
-        self.head_row_stats = kernels.head_row_stats
-        self.head_grads = kernels.head_grads
-        self.recompute_block = kernels.recompute_block
         self.exchange = RowStatsExchange(layout)
         # what the per-shard steps know beyond the tensors, per-class options sliced to this rank's classes
         self.spec = math.shard_spec(options, self.mp_rank, self.mp_size)
@@ -124,7 +114,7 @@ class VocabParallelCrossEntropy(VocabShard):
         rows, local_vocab = logits.shape
         # the fused kernels need no chunks; half-precision logits on CPU are not chunked either, as MindSpore's
         # CPU slicing has no half-precision kernel in GRAPH mode (Ascend's has)
-        if not self.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
+        if not self.steps.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
             return [(0, rows)]
         # the composed steps hold about CHUNK_BUFFERS float32 chunk-sized temporaries at once
         return chunking.chunk_bounds(rows, chunking.chunk_rows(rows, local_vocab, self.chunk_size, math.CHUNK_BUFFERS))
@@ -135,13 +125,13 @@ class VocabParallelCrossEntropy(VocabShard):
         spec = self.spec
         bounds = self.bounds(logits)
         if len(bounds) == 1:
-            local = self.local_row_stats(logits, target, spec)
+            local = self.steps.local_row_stats(logits, target, spec)
         else:
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.local_row_stats(math.rows_after(logits, start, stop, previous), target[start:stop],
-                                                spec)
+                previous = self.steps.local_row_stats(math.rows_after(logits, start, stop, previous),
+                                                      target[start:stop], spec)
                 parts.append(previous)
             local = ops.concat(parts, 0)
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
@@ -154,16 +144,16 @@ class VocabParallelCrossEntropy(VocabShard):
         a, b, q = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
         bounds = self.bounds(logits)
         if len(bounds) == 1:
-            grad = self.logits_grad(logits, target, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
+            grad = self.steps.logits_grad(logits, target, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
             # the chunks' gradients and their concatenation make the peak: MindSpore has no op that writes a chunk
             # into a preallocated buffer without a copy in GRAPH mode (docs/design.md)
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.logits_grad(math.rows_after(logits, start, stop, previous), target[start:stop], spec,
-                                            out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
-                                            (a[start:stop], b[start:stop], q[start:stop]))
+                previous = self.steps.logits_grad(math.rows_after(logits, start, stop, previous), target[start:stop],
+                                                  spec, out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
+                                                  (a[start:stop], b[start:stop], q[start:stop]))
                 parts.append(previous)
             grad = ops.concat(parts, 0)
         return grad, _zeros_like(target), _zeros_like(active)
