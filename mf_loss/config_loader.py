@@ -12,7 +12,6 @@ this project does not use (`parallel`, `trainer`, `callbacks`, ...) are accepted
     loss = build_loss(config)            # the configured loss, for the configured parallel layout
 """
 import difflib
-import inspect
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -293,13 +292,6 @@ def _line_map(text: str) -> dict:
 def resolve_loss_class(name: str):
     """A registered loss class by name; MindFormers' alias `mf_loss.<Name>` works too."""
     return get_loss_class(name[len("mf_loss."):] if name.startswith("mf_loss.") else name)
-
-
-def loss_parameters(cls) -> dict:
-    """The keyword arguments a loss class takes (name -> default), without parallel_config."""
-    return {name: None if param.default is inspect.Parameter.empty else param.default
-            for name, param in inspect.signature(cls.__init__).parameters.items()
-            if name not in ("self", "parallel_config") and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
 
 
 def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:

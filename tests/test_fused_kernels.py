@@ -76,6 +76,13 @@ def shard_args(inp):
     return logits, target, weight
 
 
+def shard_spec(inp, softcap, label_smoothing, weight):
+    """The ShardSpec of the slice `inp` holds (its first class a multiple of its width: a rank's slice)."""
+    width = inp["logits"].shape[-1]
+    assert inp["vocab_start"] % width == 0
+    return ShardSpec(inp["vocab_start"] // width, softcap, label_smoothing, weight)
+
+
 def grad_coefficients(rows, label_smoothing, seed=1, dead_rows=3):
     """Per-row (a, b, q) like grad_coefficients makes them, some rows all zero (masked)."""
     rng = np.random.default_rng(seed)
@@ -156,8 +163,8 @@ def run_both(inp, softcap=None, label_smoothing=0.0, *, coefficients=None):
     """(stats, grad) of the fused and the composed path on the same inputs; the gradient of both is taken
     at the composed statistics so that only the gradient kernels differ."""
     logits, target, weight = shard_args(inp)
-    spec = ShardSpec(inp["vocab_start"], softcap, label_smoothing)
-    args = (logits, target, weight, spec)
+    spec = shard_spec(inp, softcap, label_smoothing, weight)
+    args = (logits, target, spec)
     stats_f = as_f64(fused.local_row_stats(*args))
     stats_c = as_f64(composed.local_row_stats(*args))
     rows = stats_c.shape[0]
@@ -165,7 +172,7 @@ def run_both(inp, softcap=None, label_smoothing=0.0, *, coefficients=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.log(stats_c[:, 1]).astype(np.float32)
     a, b, q = coefficients if coefficients is not None else grad_coefficients(rows, label_smoothing)
-    gargs = (logits, target, weight, spec, Tensor(row_max), Tensor(lse), (Tensor(a), Tensor(b), Tensor(q)))
+    gargs = (logits, target, spec, Tensor(row_max), Tensor(lse), (Tensor(a), Tensor(b), Tensor(q)))
     grad_f_tensor = fused.logits_grad(*gargs)
     assert grad_f_tensor.dtype == logits.dtype and grad_f_tensor.shape == logits.shape
     grad_f = as_f64(grad_f_tensor)
@@ -316,16 +323,16 @@ def test_non_contiguous_inputs(dtype):
     probs_wide = Tensor(np.concatenate([inp["probs"], inp["probs"]], axis=1))[:, :160]
     assert not transposed.is_contiguous() and not sliced.is_contiguous() and not probs_wide.is_contiguous()
     plain_logits, plain_probs, weight = shard_args(inp)
-    spec = ShardSpec(0, None, 0.1)
+    spec = ShardSpec(0, None, 0.1, weight)
     coefficients = tuple(Tensor(c) for c in grad_coefficients(24, 0.1))
     row_stats = [Tensor(np.zeros(24, np.float32)), Tensor(np.full(24, 5.0, np.float32))]
     for logits, probs in [(transposed, plain_probs), (sliced, probs_wide)]:
         for impl in (fused, composed):
-            got = impl.local_row_stats(logits, probs, weight, spec).asnumpy()
-            want = impl.local_row_stats(plain_logits, plain_probs, weight, spec).asnumpy()
+            got = impl.local_row_stats(logits, probs, spec).asnumpy()
+            want = impl.local_row_stats(plain_logits, plain_probs, spec).asnumpy()
             np.testing.assert_array_equal(got, want)
-            g = impl.logits_grad(logits, probs, weight, spec, *row_stats, coefficients)
-            g0 = impl.logits_grad(plain_logits, plain_probs, weight, spec, *row_stats, coefficients)
+            g = impl.logits_grad(logits, probs, spec, *row_stats, coefficients)
+            g0 = impl.logits_grad(plain_logits, plain_probs, spec, *row_stats, coefficients)
             np.testing.assert_array_equal(as_f64(g), as_f64(g0))
 
 
@@ -334,13 +341,13 @@ def test_int64_labels_and_half_probability_targets():
     logits, probs, _ = shard_args(inp)
     half_probs = probs.astype(ms.bfloat16)
     spec = ShardSpec()
-    f = fused.local_row_stats(logits, half_probs, None, spec).asnumpy()
-    c = composed.local_row_stats(logits, half_probs, None, spec).asnumpy()
+    f = fused.local_row_stats(logits, half_probs, spec).asnumpy()
+    c = composed.local_row_stats(logits, half_probs, spec).asnumpy()
     assert_stats_close(f.astype(np.float64), c.astype(np.float64), rtol=1e-6, atol_factor=COMPOSED_ATOL,
                        what="bf16 probs")
     label = Tensor(inp["label"].astype(np.int64))
-    f = fused.local_row_stats(logits, label, None, spec).asnumpy()
-    c = composed.local_row_stats(logits, label.astype(ms.int32), None, spec).asnumpy()
+    f = fused.local_row_stats(logits, label, spec).asnumpy()
+    c = composed.local_row_stats(logits, label.astype(ms.int32), spec).asnumpy()
     assert_stats_close(f.astype(np.float64), c.astype(np.float64), rtol=1e-6, atol_factor=COMPOSED_ATOL,
                        what="int64 labels")
 
@@ -472,21 +479,21 @@ def test_inplace_backward_errors():
 def test_inplace_kernel_overwrites_plain_logits_and_never_loses_a_view():
     inp = make_inputs(rows=12, vocab=80, weighted=True)
     _, label, weight = shard_args(inp)
-    spec = ShardSpec(0, None, 0.1)
-    stats = composed.local_row_stats(Tensor(inp["logits"]), label, weight, spec).asnumpy()
+    spec = ShardSpec(0, None, 0.1, weight)
+    stats = composed.local_row_stats(Tensor(inp["logits"]), label, spec).asnumpy()
     rest = (Tensor(stats[:, 0]), Tensor(np.log(stats[:, 1])), tuple(Tensor(c) for c in grad_coefficients(12, 0.1)))
-    expected = fused.logits_grad(Tensor(inp["logits"]), label, weight, spec, *rest).asnumpy()
+    expected = fused.logits_grad(Tensor(inp["logits"]), label, spec, *rest).asnumpy()
     logits = Tensor(inp["logits"].copy())                        # a plain tensor: written in place
-    grad = fused.logits_grad_inplace(logits, label, weight, spec, *rest)
+    grad = fused.logits_grad_inplace(logits, label, spec, *rest)
     assert grad.data_ptr() == logits.data_ptr()
     np.testing.assert_array_equal(grad.asnumpy(), expected)
     np.testing.assert_array_equal(logits.asnumpy(), expected)
     base = Tensor(np.concatenate([inp["logits"], inp["logits"]]))  # a view: MindSpore gives the kernel a copy
     view = base[12:]
-    grad = fused.logits_grad_inplace(view, label, weight, spec, *rest)
+    grad = fused.logits_grad_inplace(view, label, spec, *rest)
     np.testing.assert_array_equal(grad.asnumpy(), expected)
     transposed = Tensor(np.ascontiguousarray(inp["logits"].T)).T  # non-contiguous: made contiguous first
-    grad = fused.logits_grad_inplace(transposed, label, weight, spec, *rest)
+    grad = fused.logits_grad_inplace(transposed, label, spec, *rest)
     np.testing.assert_array_equal(grad.asnumpy(), expected)
 
 

@@ -53,14 +53,15 @@ def run_kernels(inp, softcap, label_smoothing, block, coefficients=None):
     weight = Tensor(inp["weight"].astype(np.float32)).astype(MS_DTYPES[inp["weight_dtype"]])
     label = Tensor(inp["label"])
     class_weight = None if inp["class_weight"] is None else Tensor(inp["class_weight"])
-    spec = ShardSpec(inp["vocab_start"], softcap, label_smoothing)
-    stats = fused.head_row_stats(hidden, weight, label, class_weight, spec, block).asnumpy().astype(np.float64)
+    assert inp["vocab_start"] % weight.shape[0] == 0  # a rank's slice
+    spec = ShardSpec(inp["vocab_start"] // weight.shape[0], softcap, label_smoothing, class_weight)
+    stats = fused.head_row_stats(hidden, weight, label, spec, block).asnumpy().astype(np.float64)
     rows = stats.shape[0]
     row_max = stats[:, 0].astype(np.float32)
     with np.errstate(divide="ignore"):
         lse = np.log(stats[:, 1]).astype(np.float32)
     a, b, q = coefficients if coefficients is not None else grad_coefficients(rows, label_smoothing)
-    hidden_grad, weight_grad = fused.head_grads(hidden, weight, label, class_weight, spec, Tensor(row_max),
+    hidden_grad, weight_grad = fused.head_grads(hidden, weight, label, spec, Tensor(row_max),
                                                 Tensor(lse), (Tensor(a), Tensor(b), Tensor(q)), block)
     assert hidden_grad.dtype == ms.float32 and hidden_grad.shape == hidden.shape
     assert weight_grad.dtype == weight.dtype and weight_grad.shape == weight.shape
@@ -145,7 +146,7 @@ def test_refusals(capfd):
     hidden, weight = Tensor(np.ones((4, 8), np.float32)), Tensor(np.ones((10, 8), np.float32))
     label = Tensor(np.zeros(4, np.int32))
     with pytest.raises(RuntimeError):
-        fused.head_row_stats(hidden, weight, label, None, ShardSpec(), 0).asnumpy()
+        fused.head_row_stats(hidden, weight, label, ShardSpec(), 0).asnumpy()
     assert "block (1,) int64 >= 1" in capfd.readouterr().err
     with pytest.raises((RuntimeError, ValueError)):
-        fused.head_row_stats(hidden, Tensor(np.ones((10, 6), np.float32)), label, None, ShardSpec(), 4).asnumpy()
+        fused.head_row_stats(hidden, Tensor(np.ones((10, 6), np.float32)), label, ShardSpec(), 4).asnumpy()

@@ -272,11 +272,14 @@ GRAPH_SUBSET = [
          return_z_loss=True),
     dict(backend="composed", grad_mode="forward", chunk_size=4, calculate_per_token_loss=True, logit_softcap=3.0),
     dict(backend="composed", grad_mode="recompute", chunk_size=64, reduction="sum", ignore_index=3),
+    # the chunk size chosen in the forward and again in the backward's replay (what Ascend runs for "none")
+    dict(backend="composed", reduction="none", label_smoothing=0.1),
 ]
 
 
 @pytest.mark.parametrize("options", GRAPH_SUBSET, ids=["fused_forward", "fused_recompute_none",
-                                                       "composed_forward_per_token", "composed_recompute_sum"])
+                                                       "composed_forward_per_token", "composed_recompute_sum",
+                                                       "composed_none_automatic_chunks"])
 def test_graph_mode(options, graph_mode):
     check_case(dict(options), scale=3.0, mask="float")
 

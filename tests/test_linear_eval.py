@@ -23,14 +23,14 @@ def inputs():
 
 
 def spy(loss):
-    """Records each chunk gradient the core makes (`chunk_grads`)."""
+    """Records each chunk the forward design's loop goes through (`exchanged_chunk_stats`)."""
     ran = []
-    chunk_grads = loss.core.chunk_grads
+    chunk_stats = loss.core.exchanged_chunk_stats
 
     def recorded(*args):
         ran.append("core")
-        return chunk_grads(*args)
-    loss.core.chunk_grads = recorded
+        return chunk_stats(*args)
+    loss.core.exchanged_chunk_stats = recorded
     return ran
 
 

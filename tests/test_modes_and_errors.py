@@ -7,7 +7,8 @@ from mindspore import Tensor, nn, ops
 
 from cases import (CORE_CASES, Case, assert_close, assert_matches, evaluate, expected, full_inputs, loss_options,
                    to_tensors)
-from mf_loss import CrossEntropyLoss, NonFiniteLossError, ParallelConfig
+from mf_loss import CrossEntropyLoss, LinearCrossEntropyLoss, NonFiniteLossError, ParallelConfig
+from mf_loss.options import option_names
 from reference import numpy_cross_entropy
 
 pytestmark = pytest.mark.unit
@@ -194,6 +195,27 @@ def test_unrelated_kwargs_are_accepted_like_mindformers():
 class OpParallelConfigLike:
     data_parallel = 1
     model_parallel = 1
+
+
+# a value other than the default for every option of the cells (mf_loss.options)
+NON_DEFAULT_OPTIONS = dict(ignore_index=-1, weight=np.full(10, 2.0, np.float32), reduction="sum",
+                           label_smoothing=0.1, z_loss_weight=1e-4, return_z_loss=True, logit_softcap=30.0,
+                           empty_mean="nan", backend="composed", chunk_size=3)
+CELL_OPTIONS = [(CrossEntropyLoss, dict(NON_DEFAULT_OPTIONS, backend="fused", inplace_backward=True)),
+                (LinearCrossEntropyLoss, dict(NON_DEFAULT_OPTIONS, complete_hidden_grad=False, grad_mode="recompute"))]
+
+
+@pytest.mark.parametrize("cell, keywords", CELL_OPTIONS, ids=["CrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_every_option_is_a_keyword_after_mindformers_positional_arguments(cell, keywords):
+    positional = dict(check_for_nan_in_loss_and_grad=True, calculate_per_token_loss=True, seq_split_num=2)
+    assert set(positional) | set(keywords) == set(option_names(cell.OPTIONS))
+    loss_fn = cell(ParallelConfig(), *positional.values(), **keywords)
+    for name, value in dict(positional, **keywords).items():
+        if name == "weight":
+            np.testing.assert_array_equal(loss_fn.options.weight, value)
+        else:
+            assert getattr(loss_fn.options, name) == value, name
+    assert loss_fn.per_token and loss_fn.check_for_nan and loss_fn.ignore_index == -1
 
 
 def test_parallel_config_accepts_mindformers_style_objects():

@@ -56,14 +56,14 @@ def simulate(backend, mp, logits, label, mask, *, dtype="float32", weight=None, 
     x = logits.reshape(rows, vocab)
     target = label.reshape(rows, vocab) if probs else label.reshape(rows)
     columns = [slice(r * width, (r + 1) * width) for r in range(mp)]
-    specs = [ShardSpec(vocab_start=r * width, logit_softcap=logit_softcap, label_smoothing=label_smoothing)
-             for r in range(mp)]
     slices = [Tensor(np.ascontiguousarray(x[:, c])).astype(MS_DTYPES[dtype]) for c in columns]
     targets = [Tensor(np.ascontiguousarray(target[:, c])) if probs else Tensor(target) for c in columns]
     weights = [None if weight is None else Tensor(np.ascontiguousarray(weight[c])) for c in columns]
+    specs = [ShardSpec(mp_rank=r, logit_softcap=logit_softcap, label_smoothing=label_smoothing, weight=weights[r])
+             for r in range(mp)]
     kernels = steps(backend)
 
-    shares = [kernels.local_row_stats(slices[r], targets[r], weights[r], specs[r]) for r in range(mp)]
+    shares = [kernels.local_row_stats(slices[r], targets[r], specs[r]) for r in range(mp)]
     gathered = ops.stack(shares)  # (mp, N, K): rank r's share in slot r, as the exchange delivers it
     assert gathered.shape == (mp, rows, shard_math.num_stat_columns(label_smoothing))
     if weight is None:
@@ -107,7 +107,7 @@ def simulate(backend, mp, logits, label, mask, *, dtype="float32", weight=None, 
     dout = Tensor(np.where(counted, dout, 0.0).astype(np.float32))
     coefficients = shard_math.grad_coefficients(combined, dout, label_smoothing, vocab, weight_total,
                                                 z_loss_weight)
-    grads = [kernels.logits_grad(slices[r], targets[r], weights[r], specs[r], combined["row_max"],
+    grads = [kernels.logits_grad(slices[r], targets[r], specs[r], combined["row_max"],
                                  combined["log_sum_exp"], coefficients) for r in range(mp)]
     for grad in grads:
         assert grad.dtype == MS_DTYPES[dtype] and grad.shape == (rows, width)

@@ -54,7 +54,7 @@ def isa_flags(flags=None) -> tuple:
     """Instruction-set flags for this machine's CPU, from a runtime check (/proc/cpuinfo), never
     -march=native: the flags are part of the cache key, so a library only ever runs on a CPU that has
     its instructions, and a cache shared by different machines holds one build per instruction set.
-    AVX-512 when present (2x AVX2 for the exp-bound kernels), else AVX2 + FMA + F16C, else the x86-64
+    AVX-512 when present (the exp-bound kernels' widest lanes), else AVX2 + FMA + F16C, else the x86-64
     baseline. `$MF_LOSS_ISA` = "avx512", "avx2" or "baseline" caps it. AVX-512 and AVX2 builds give the
     same bits (fixed summation lanes, no FMA contraction, the same explicit FMAs in exp); the baseline
     build differs from them by at most an ulp in exp."""

@@ -5,9 +5,8 @@
 // ---- the fused head's other two products, with a head weight of any float dtype ----
 //
 // A float16 / bfloat16 head weight is read in its own dtype: MindSpore's CPU matmul takes no bfloat16, and a
-// float32 copy of the weight (or of vocabulary tiles of it, made by MindSpore kernels for each chunk) was the
-// largest buffer of the fused head (4096 x 32000 x 256 bfloat16: 0.35x the logits with the copy). Each thread
-// converts a block of the weight (at most kProductBlockBytes of float32) and hands it to sgemm.
+// float32 copy of the weight (or of vocabulary tiles of it, made by MindSpore kernels for each chunk) would be
+// the largest buffer of the fused head. Each thread converts a block of the weight (at most kProductBlockBytes of float32) and hands it to sgemm.
 //
 //   mf_product_transposed   (a (n, H) float32, weight (V, H)) -> out (n, V) float32 = a @ weight^T
 //                           (a chunk's logits; blocks of the weight's rows, one sgemm each: every element is
@@ -99,8 +98,8 @@ int accumulate_product_entry(const char *kernel, int nparam, void **params, int 
     const float *a = static_cast<const float *>(params[1]);
     float *total = static_cast<float *>(params[0]) + offset * hidden;
     // Work items: spans of V x blocks of H's columns, both sized from the shapes alone. With a narrow (n, H) the
-    // sum over V is what parallelises (columns alone gave each thread one sgemm over all of V, which at V 128k
-    // was 10% slower than MindSpore's matmul): each span's product goes into its own float32 partial, and the
+    // sum over V is what parallelises (columns alone give each thread one sgemm over all of V, slower than
+    // MindSpore's matmul at a large V): each span's product goes into its own float32 partial, and the
     // partials are added to total in span order afterwards, so the result does not depend on the threads.
     const int64_t partial_size = rows * hidden;
     // the partials' memory: at most kPartialBytes and an eighth of a's (the chunk's logits gradient)

@@ -123,14 +123,13 @@ extern "C" int mf_zeros_float32(int nparam, void **params, int *ndims, int64_t *
 
 // total[offset : offset + Vt] (rows of a (V, H) running sum) += grad^T @ rows, grad (n, Vt) and rows (n, H)
 // float32, in place, so that the fused head's per-chunk share of the weight gradient is never written out
-// and read back: at 2048 x 128256 x 256 in 128-row chunks each share and its addition moved about 0.5 GB
-// per chunk: sgemm with beta = 1 straight into the float32 total.
+// and read back (a (Vt, H) share per chunk): sgemm with beta = 1 straight into the float32 total.
 // OpenBLAS runs single-threaded on blocks of the total's rows spread over parallel_rows' threads: its own
-// thread pool spins after each call (about 2^28 cycles by default) and took a core from the MindSpore
-// matmul that follows (1.46x the unfused step's time against 1.04x without the spin). The blocks are at least
-// kMinProductRows rows (eight per thread at most, handed out as threads get free): each sgemm call packs the
-// (n, H) rows anew, which at H 4096 cost more than the product itself in blocks of 64 rows. Each element's sum
-// over the n rows is the same whatever the blocks.
+// thread pool spins after each call (about 2^28 cycles by default) and takes a core from the MindSpore
+// matmul that follows. The blocks are at least kMinProductRows rows (eight per thread at most, handed out as
+// threads get free): each sgemm call packs the (n, H) rows anew, which at a large H costs more than a small
+// block's product. Each element's sum over the n rows is the same whatever the blocks. (Figures:
+// docs/design.md.)
 namespace {
 
 constexpr int64_t kMinProductRows = 256;
@@ -194,8 +193,7 @@ namespace {
 // C (m x n, row-major, ldc) = op(A) (m x k) @ op(B) (k x n) + beta * C on the threads, in a few sgemm calls of a
 // part each. Each call packs its part of op(A) and of op(B) anew, so the work is split along m (every call packs
 // all of op(B)) or along n (all of op(A)), whichever packs less (blocks of the classes handed out 8 per thread,
-// as the chunk kernels do, packed the (N, H) hidden again for each: 1.46x the forward design's time at 2048 x
-// 32000 x 4096). The parts depend on the shapes alone (at most kSgemmParts, each at least 16 wide), never on
+// as the chunk kernels do, would pack the (N, H) hidden again for each). The parts depend on the shapes alone (at most kSgemmParts, each at least 16 wide), never on
 // the threads: OpenBLAS takes other kernels for small products, whose sums round differently.
 constexpr int64_t kSgemmParts = 8;
 

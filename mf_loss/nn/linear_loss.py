@@ -4,8 +4,6 @@
 A thin cell over the functional core and a chunked core (`linear_vocab_parallel`): it counts the tokens,
 makes each token's weight in the loss (`row_scale`) before any logit exists, and reduces.
 """
-import numpy as np
-
 import mindspore as ms
 from mindspore import Tensor, ops
 
@@ -33,21 +31,9 @@ def _validate_linear_call(hidden, head_weight, label, input_mask=None):
 class LinearCrossEntropyLoss(LossCell):
     """The fused lm head + vocab-parallel cross entropy, with `CrossEntropyLoss`'s options and outputs.
 
-    Args: every argument of `CrossEntropyLoss` (`layout` included) but `inplace_backward` (the chunk logits are always written
-    over by their gradient where the backend can), and:
-        chunk_size: rows per chunk; None chooses it from a memory budget (`mf_loss.ops.chunking`). The fused
-            backend's recomputing kernels go through blocks of classes instead, each holding as many float32
-            values as such a chunk would (None: about 16 MiB).
-        complete_hidden_grad: True (default) sums hidden's gradient over the model-parallel ranks in the
-            backward, so the caller gets the whole gradient; False returns this rank's share, for models
-            whose own copy-to-model-parallel op already sums it (one all-reduce either way, never two).
-        grad_mode: "forward" makes the gradient in the forward, a chunk of rows at a time (3 products; one
-            exchange per chunk when mp > 1; the weight gradient one float32 running sum, rounded once to the
-            weight's dtype), "recompute" makes the logits again in the backward (4 products; one exchange; on the
-            fused backend a vocabulary block at a time for all rows, on the composed backend the forward's chunk
-            loop replayed with the per-row upstream gradient), "auto" is "recompute" for a float16 / bfloat16
-            head_weight on the fused backend (the leaner and exact choice there; its extra product is the
-            price) and for reduction="none", which needs it, else "forward". See `nn.linear_vocab_parallel`.
+    Args: every argument of `CrossEntropyLoss` (`layout` included) but `inplace_backward`, and the keyword
+    options chunk_size (rows per chunk here), complete_hidden_grad and grad_mode: each is documented and checked
+    in `mf_loss.options.HeadOptions` (and its base `CommonOptions`).
     Inputs:
         hidden (N, H) or (B, S, H): the lm head's input, the same on every model-parallel rank.
         head_weight (V/mp, H): this rank's rows of the output weight (classes [mp_rank*V/mp, (mp_rank+1)*V/mp)).
@@ -61,27 +47,17 @@ class LinearCrossEntropyLoss(LossCell):
     OPTIONS = HeadOptions  # what the YAML loader checks a loss block of this class with
 
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
-                 calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
-                 reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
-                 logit_softcap=None, empty_mean="zero", backend="auto", chunk_size=None,
-                 complete_hidden_grad=True, grad_mode="auto", layout=None, **kwargs):
+                 calculate_per_token_loss=False, seq_split_num=1, *, layout=None, **kwargs):
         if parallel_mode_is_semi_auto():
             raise ValueError("LinearCrossEntropyLoss runs in the explicit vocab-parallel mode (parallel_mode="
                              "'stand_alone' under msrun), not in semi_auto/auto parallel mode")
-        options = HeadOptions(check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
-                              calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num,
-                              ignore_index=ignore_index, weight=weight, reduction=reduction,
-                              label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
-                              return_z_loss=return_z_loss, logit_softcap=logit_softcap, empty_mean=empty_mean,
-                              backend=backend, chunk_size=chunk_size, complete_hidden_grad=complete_hidden_grad,
-                              grad_mode=grad_mode)
-        super().__init__(options, parallel_config, kwargs, layout)
+        options, ignored = HeadOptions.from_arguments(
+            type(self).__name__, kwargs, check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
+            calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num)
+        super().__init__(options, parallel_config, ignored, layout)
         # every rank looks up the weight of any class for the denominator, which needs no logits
         self.class_weight = None if options.weight is None else Tensor(options.weight)
-        self.core = LinearVocabParallel(self.layout, weight=options.weight, label_smoothing=label_smoothing,
-                                        z_loss_weight=z_loss_weight, logit_softcap=logit_softcap, backend=backend,
-                                        chunk_size=chunk_size, complete_hidden_grad=complete_hidden_grad,
-                                        grad_mode="recompute" if options.unreduced else grad_mode)
+        self.core = LinearVocabParallel(self.layout, options)
 
     @property
     def backend(self):

@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .. import functional as F
-from ..options import LossOptions, option_names, reject_typos
+from ..options import LossOptions
 from ..parallel.comm import RankLayout, rank_layout
 from ..parallel.config import as_parallel_config, default_dpmp_config
 from ..registry import register_loss
@@ -27,10 +27,9 @@ _stop = ops.stop_gradient
 class LossCell(nn.Cell):
     """Options, layout, diagnostics and output format shared by the loss cells (see the module docstring)."""
 
-    def __init__(self, options: LossOptions, parallel_config, kwargs: dict, layout=None):
+    def __init__(self, options, parallel_config, ignored_kwargs: list, layout=None):
         super().__init__()
-        known = option_names(type(options)) + ("parallel_config", "layout")
-        self.ignored_kwargs = reject_typos(kwargs, known, type(self).__name__)
+        self.ignored_kwargs = ignored_kwargs
         self.parallel_config = as_parallel_config(parallel_config)
         self.options = options
         # (semi-auto mode's layout is one logical rank: MindSpore splits the vocabulary itself)
@@ -129,23 +128,12 @@ class CrossEntropyLoss(LossCell):
 
     Args:
         parallel_config: layout of ranks (ParallelConfig, dict, or object with data_parallel/model_parallel).
-        check_for_nan_in_loss_and_grad: find non-finite loss/gradient rows; raise in PYNATIVE, record for
-            `check_finite()` in GRAPH.
-        calculate_per_token_loss: return (sum of masked token losses, denominator) instead of the mean.
-        seq_split_num: MindFormers' sequence split; > 1 implies per-token loss, as in MindFormers.
-        ignore_index: label value that counts for nothing (loss, denominator, gradient).
-        weight: per-class weights (V,) for the whole vocabulary.
-        reduction: "mean", "sum" or "none" (per-token, with the input's leading shape).
-        label_smoothing: eps in [0, 1], PyTorch's formula over the full vocabulary.
-        z_loss_weight: adds z_loss_weight * lse^2 per token.
-        return_z_loss: also return the z-loss term alone (no gradient), reduced like the loss.
-        logit_softcap: applies cap * tanh(x / cap) to the logits first.
-        empty_mean: what "mean" returns when nothing counts: "zero" or "nan" (PyTorch).
-        backend: "auto", "fused" (C++ kernel, CPU) or "composed" (MindSpore ops).
-        inplace_backward: the backward writes the gradient over the logits' buffer (fused only): saves a
-            logits-sized buffer, but the logits hold the gradient afterwards (see README, "In-place backward").
-        chunk_size: rows per chunk of the composed path (its temporaries are chunk-sized); None chooses it
-            from a memory budget (`mf_loss.ops.chunking`). The fused kernels read each row once and take none.
+        check_for_nan_in_loss_and_grad, calculate_per_token_loss, seq_split_num: MindFormers' positional
+            arguments, and the keyword options ignore_index, weight, reduction, label_smoothing, z_loss_weight,
+            return_z_loss, logit_softcap, empty_mean, backend, chunk_size, inplace_backward: each is
+            documented and checked in `mf_loss.options.LossOptions` (and its base `CommonOptions`). Other keyword
+            arguments are ignored (MindFormers passes model-level keys through to its losses), but one that
+            looks like a misspelling of an option raises TypeError.
         layout: where this process sits (`mf_loss.parallel.comm.RankLayout`); None (the default) finds it from
             parallel_config and mindspore.communication. Tests give a layout that runs every model-parallel
             rank in one process (its `all_reduce_sum` adds up what each rank hands it).
@@ -158,39 +146,29 @@ class CrossEntropyLoss(LossCell):
     OPTIONS = LossOptions  # what the YAML loader checks a loss block of this class with
 
     def __init__(self, parallel_config=default_dpmp_config, check_for_nan_in_loss_and_grad=False,
-                 calculate_per_token_loss=False, seq_split_num=1, *, ignore_index=-100, weight=None,
-                 reduction="mean", label_smoothing=0.0, z_loss_weight=0.0, return_z_loss=False,
-                 logit_softcap=None, empty_mean="zero", backend="auto", inplace_backward=False, chunk_size=None,
-                 layout=None, **kwargs):
-        options = LossOptions(check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
-                              calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num,
-                              ignore_index=ignore_index, weight=weight, reduction=reduction,
-                              label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
-                              return_z_loss=return_z_loss, logit_softcap=logit_softcap, empty_mean=empty_mean,
-                              backend=backend, inplace_backward=inplace_backward, chunk_size=chunk_size)
+                 calculate_per_token_loss=False, seq_split_num=1, *, layout=None, **kwargs):
+        options, ignored = LossOptions.from_arguments(
+            type(self).__name__, kwargs, check_for_nan_in_loss_and_grad=check_for_nan_in_loss_and_grad,
+            calculate_per_token_loss=calculate_per_token_loss, seq_split_num=seq_split_num)
         # In semi-auto/auto parallel mode the cell sees the full logical logits and MindSpore shards them.
         semi_auto = parallel_mode_is_semi_auto()
         if semi_auto:
             options.check_semi_auto()
             layout = RankLayout(rank=0, dp_rank=0, mp_rank=0, mp_size=1, group="")
-        super().__init__(options, parallel_config, kwargs, layout)
+        super().__init__(options, parallel_config, ignored, layout)
         self.semi_auto = semi_auto
         if semi_auto:
-            self.core = SemiAutoCrossEntropy(
-                self.parallel_config.data_parallel, self.parallel_config.model_parallel,
-                label_smoothing=label_smoothing, z_loss_weight=z_loss_weight, logit_softcap=logit_softcap)
+            self.core = SemiAutoCrossEntropy(self.parallel_config.data_parallel,
+                                             self.parallel_config.model_parallel, options)
         else:
-            self.core = VocabParallelCrossEntropy(self.layout, chunk_size=chunk_size, weight=options.weight,
-                                                  label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
-                                                  logit_softcap=logit_softcap, backend=backend,
-                                                  inplace=inplace_backward)
+            self.core = VocabParallelCrossEntropy(self.layout, options)
 
     def compute(self, logits, label, input_mask=None):
         probability_targets = F.check_logits_call(logits.shape, logits.dtype, label.shape, label.dtype,
                                                   None if input_mask is None else input_mask.shape)
         leading_shape = logits.shape[:-1]
         if len(logits.shape) != 2:
-            # Only when needed: in PYNATIVE a reshape's backward copies the gradient (2x the logits at peak).
+            # Only when needed: in PYNATIVE a reshape's backward copies the gradient (a second logits-sized buffer).
             logits = logits.reshape(-1, logits.shape[-1])
         if logits.shape[0] == 0:
             return self.empty_result(leading_shape)

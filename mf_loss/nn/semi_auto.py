@@ -18,15 +18,16 @@ def parallel_mode_is_semi_auto() -> bool:
 
 class SemiAutoCrossEntropy(nn.Cell):
     """construct(logits (N, V), label (N,) int32, active (N,) bool) -> the per-token tuple of
-    `VocabParallelCrossEntropy` (RANK_WIDTHS: the (1,) logits width of one logical slice)."""
+    `VocabParallelCrossEntropy` (RANK_WIDTHS: the (1,) logits width of one logical slice), for a loss with
+    `options` (`mf_loss.options`; `LossOptions.check_semi_auto` says which it cannot take)."""
 
-    def __init__(self, data_parallel: int, model_parallel: int, *, label_smoothing=0.0, z_loss_weight=0.0,
-                 logit_softcap=None):
+    def __init__(self, data_parallel: int, model_parallel: int, options):
         super().__init__()
         dp, mp = data_parallel, model_parallel
-        self.label_smoothing = float(label_smoothing)
-        self.z_loss_weight = float(z_loss_weight)
-        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
+        # plain attributes for construct: GRAPH mode folds them in as constants
+        self.label_smoothing = float(options.label_smoothing)
+        self.z_loss_weight = float(options.z_loss_weight)
+        self.logit_softcap = None if options.logit_softcap is None else float(options.logit_softcap)
         self.cast = ops.Cast().shard(((dp, mp),))
         self.tanh = ops.Tanh().shard(((dp, mp),))
         self.scale = ops.Mul().shard(((dp, mp), ()))

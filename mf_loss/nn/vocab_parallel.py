@@ -5,8 +5,8 @@ Backward: the gradient of the rank's own slice from the saved row statistics; no
 through the exchange would all-reduce gradients and multiply them by the group size).
 
 `VocabShard` holds what both cores (this one and the fused lm head's, `linear_vocab_parallel`) know about
-the rank's slice of the vocabulary: its class weights, its place, the backend's per-shard steps, and how
-to finish the exchanged statistics into token losses.
+the rank's slice of the vocabulary: its `ShardSpec` (its place, the per-element options, its slices of the
+per-class options), the backend's steps, and how to finish the exchanged statistics into token losses.
 """
 import numpy as np
 
@@ -25,62 +25,47 @@ _isfinite = ops.IsFinite()
 
 
 class VocabShard(nn.Cell):
-    """This rank's slice of the vocabulary and the per-shard math on it (no collective of its own)."""
+    """This rank's slice of the vocabulary and the per-shard math on it (no collective of its own), for a loss
+    with `options` (`mf_loss.options`); `inplace`: the backend's `logits_grad` writes over the logits."""
 
-    def __init__(self, layout: RankLayout, *, weight: np.ndarray = None, label_smoothing: float = 0.0,
-                 z_loss_weight: float = 0.0, logit_softcap=None, backend: str = "auto", inplace: bool = False):
+    def __init__(self, layout: RankLayout, options, inplace: bool = False):
         super().__init__()
         self.mp_size = layout.mp_size
         self.mp_rank = layout.mp_rank
-        self.label_smoothing = float(label_smoothing)
-        self.z_loss_weight = float(z_loss_weight)
-        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
-        kernels = backends.select(backend, inplace=inplace)
-        self.backend = kernels.name
-        self.inplace = kernels.inplace
+        # plain attributes for construct: GRAPH mode folds them in as constants
+        self.label_smoothing = float(options.label_smoothing)
+        self.z_loss_weight = float(options.z_loss_weight)
+        self.chunk_size = options.chunk_size
+        # the backend's steps (`backends.Backend`), read as `self.steps.<step>`: one object, folded in by GRAPH mode
+        self.steps = backends.select(options.backend, inplace=inplace)
+        self.backend = self.steps.name
+        self.inplace = self.steps.inplace
         self.device_target = backends.device_target()
-        self.local_row_stats = kernels.local_row_stats
-        self.logits_grad = kernels.logits_grad
-        self.scratch_logits_grad = kernels.scratch_logits_grad
-        self.scale = kernels.scale
-        self.chunks_logits = kernels.chunks_logits
-        self.chunk_buffers = kernels.chunk_buffers
-        self.head_operands = kernels.head_operands
-        self.hidden_rows = kernels.hidden_rows
-        self.chunk_logits = kernels.chunk_logits
-        self.first_sums = kernels.first_sums
-        self.add_chunk_grads = kernels.add_chunk_grads
-        self.whole_hidden_grad = kernels.whole_hidden_grad
-        self.auto_recomputes_half_weight = kernels.auto_recomputes_half_weight
-        self.head_row_stats = kernels.head_row_stats
-        self.head_grads = kernels.head_grads
-        self.recompute_block = kernels.recompute_block
         self.exchange = RowStatsExchange(layout)
-        self.full_weight = weight
-        self.weight = None
-        if weight is not None:
-            if weight.shape[0] % self.mp_size:
-                raise ValueError(f"weight has {weight.shape[0]} classes, not divisible by "
-                                 f"model_parallel={self.mp_size}")
-            per_rank = weight.reshape(self.mp_size, -1)
-            self.weight = Tensor(per_rank[self.mp_rank].copy())
-            self.rank_weight_sums = Tensor(per_rank.astype(np.float64).sum(axis=1).astype(np.float32))
+        # what the per-shard steps know beyond the tensors, per-class options sliced to this rank's classes
+        self.spec = math.shard_spec(options, self.mp_rank, self.mp_size)
+        # (name, V) of a per-class option: it fixes the vocabulary the logits' widths must make
+        self.vocab_fixed_by = next(((name, array.shape[0]) for name, array in options.per_class_arrays().items()),
+                                   None)
+        weight = options.weight
+        self.weighted = weight is not None
+        if self.weighted:
+            self.rank_weight_sums = Tensor(weight.reshape(self.mp_size, -1).astype(np.float64).sum(axis=1)
+                                           .astype(np.float32))
             self.weight_total = float(weight.astype(np.float64).sum())
 
     def vocab(self, local_vocab: int):
         """(classes in the full vocabulary, first class of this rank) for a slice `local_vocab` wide."""
-        if self.full_weight is not None and self.full_weight.shape[0] != local_vocab * self.mp_size:
-            raise ValueError(f"weight has {self.full_weight.shape[0]} classes but logits of width {local_vocab} "
+        if self.vocab_fixed_by is not None and self.vocab_fixed_by[1] != local_vocab * self.mp_size:
+            name, classes = self.vocab_fixed_by
+            raise ValueError(f"{name} has {classes} classes but logits of width {local_vocab} "
                              f"on {self.mp_size} model-parallel ranks make a vocabulary of "
                              f"{local_vocab * self.mp_size}")
         return local_vocab * self.mp_size, local_vocab * self.mp_rank
 
-    def spec(self, vocab_start: int) -> math.ShardSpec:
-        return math.ShardSpec(vocab_start, self.logit_softcap, self.label_smoothing)
-
     def weight_sums(self, local_vocab: int):
         """(each rank's sum of class weights (mp,), the full vocabulary's) for label smoothing."""
-        if self.full_weight is None:
+        if not self.weighted:
             return Tensor(np.full(self.mp_size, local_vocab, np.float32)), float(local_vocab * self.mp_size)
         return self.rank_weight_sums, self.weight_total
 
@@ -122,35 +107,31 @@ class VocabParallelCrossEntropy(VocabShard):
     the fused kernels read each row once and need no chunks.
     """
 
-    def __init__(self, layout, *, chunk_size=None, **shard_options):
-        super().__init__(layout, **shard_options)
-        self.chunk_size = chunk_size
+    def __init__(self, layout, options):
+        super().__init__(layout, options, inplace=options.inplace_backward)
 
     def bounds(self, logits):
         rows, local_vocab = logits.shape
         # the fused kernels need no chunks; half-precision logits on CPU are not chunked either, as MindSpore's
         # CPU slicing has no half-precision kernel in GRAPH mode (Ascend's has)
-        if not self.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
+        if not self.steps.chunks_logits or (logits.dtype != ms.float32 and self.device_target == "CPU"):
             return [(0, rows)]
-        chunk = self.chunk_size
-        if chunk is None:
-            # the composed steps hold about this many float32 chunk-sized temporaries at once
-            chunk = chunking.auto_chunk_rows(rows, local_vocab, buffers=math.CHUNK_BUFFERS)
-        return chunking.chunk_bounds(rows, chunk)
+        # the composed steps hold about CHUNK_BUFFERS float32 chunk-sized temporaries at once
+        return chunking.chunk_bounds(rows, chunking.chunk_rows(rows, local_vocab, self.chunk_size, math.CHUNK_BUFFERS))
 
     def construct(self, logits, target, active):
         local_vocab = logits.shape[-1]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
+        self.vocab(local_vocab)  # the per-class options' length against the vocabulary, before any step reads them
+        spec = self.spec
         bounds = self.bounds(logits)
         if len(bounds) == 1:
-            local = self.local_row_stats(logits, target, self.weight, spec)
+            local = self.steps.local_row_stats(logits, target, spec)
         else:
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.local_row_stats(math.rows_after(logits, start, stop, previous), target[start:stop],
-                                                self.weight, spec)
+                previous = self.steps.local_row_stats(math.rows_after(logits, start, stop, previous),
+                                                      target[start:stop], spec)
                 parts.append(previous)
             local = ops.concat(parts, 0)
         gathered, rank_widths = self.exchange_stats(local, local_vocab)
@@ -158,22 +139,21 @@ class VocabParallelCrossEntropy(VocabShard):
 
     def bprop(self, logits, target, active, out, dout):
         local_vocab = logits.shape[-1]
-        _, vocab_start = self.vocab(local_vocab)
-        spec = self.spec(vocab_start)
+        spec = self.spec
         upstream = _select(active, dout[TOKEN_LOSS], _zeros_like(dout[TOKEN_LOSS]))
         a, b, q = self.coefficients(out[ROW_MAX], out[LOG_SUM_EXP], out[TARGET_MASS], upstream, local_vocab)
         bounds = self.bounds(logits)
         if len(bounds) == 1:
-            grad = self.logits_grad(logits, target, self.weight, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
+            grad = self.steps.logits_grad(logits, target, spec, out[ROW_MAX], out[LOG_SUM_EXP], (a, b, q))
         else:
-            # the chunks' gradients and their concatenation make the peak (2x the logits): writing each chunk
-            # into a preallocated buffer (slice assignment) measured 2.2x the logits and 4x slower in GRAPH mode
+            # the chunks' gradients and their concatenation make the peak: MindSpore has no op that writes a chunk
+            # into a preallocated buffer without a copy in GRAPH mode (docs/design.md)
             parts = []
             previous = None
             for start, stop in bounds:
-                previous = self.logits_grad(math.rows_after(logits, start, stop, previous), target[start:stop],
-                                            self.weight, spec, out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
-                                            (a[start:stop], b[start:stop], q[start:stop]))
+                previous = self.steps.logits_grad(math.rows_after(logits, start, stop, previous), target[start:stop],
+                                                  spec, out[ROW_MAX][start:stop], out[LOG_SUM_EXP][start:stop],
+                                                  (a[start:stop], b[start:stop], q[start:stop]))
                 parts.append(previous)
             grad = ops.concat(parts, 0)
         return grad, _zeros_like(target), _zeros_like(active)

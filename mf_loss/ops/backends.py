@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mindspore as ms
+from mindspore import ops
 
 from ..kernels.build import FusedKernelUnavailable
 from . import chunking, shard_math
@@ -41,7 +42,7 @@ class Backend:
     `chunks_logits`: whether `CrossEntropyLoss` goes through the logits' rows in chunks (the composed ops'
     temporaries are logits-sized; the fused kernels read each row once and need no chunks).
 
-    The fused head's chunk loop (`nn.linear_vocab_parallel`): `head_operands(hidden, head_weight)` -> (what the
+    The fused head's chunk loop (`shard_math.chunk_loop`): `head_operands(hidden, head_weight)` -> (what the
     chunks of hidden are taken from, the head weight as the products take it); `hidden_rows(source, start,
     stop)`, a chunk of hidden in float32; `chunk_logits(chunk, weight)`, its float32 logits; `first_sums(hidden,
     head_weight)` and `add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, row_offset)`, the running
@@ -49,13 +50,14 @@ class Backend:
     a chunk of either loop holds at once (what an automatic chunk size is planned for).
 
     The head's recomputing design (statistics in the forward, gradients in the backward):
-    `head_row_stats(hidden, head_weight, target, weight, spec, block)` -> this rank's (N, K) statistics and
+    `head_row_stats(hidden, head_weight, target, spec, block)` -> this rank's (N, K) statistics and
     `head_grads(..., row_max, log_sum_exp, coefficients, block)` -> (hidden's gradient in float32, the weight's
     in its dtype), `block` their unit of work, `recompute_block(rows, width, local_vocab, chunk_size)`. Fused:
     kernels that go through the whole head a block of classes at a time (`mf_loss.ops.fused`); composed: the
-    chunk loop over blocks of rows, replayed in the backward (`shard_math`). `auto_recomputes_half_weight`:
-    whether grad_mode="auto" takes this design for a half-precision head weight (the fused kernels round each
-    block of the weight gradient once and hold one block of logits: the leaner design there)."""
+    chunk loop's steps over chunks of rows for the statistics, and the chunk loop replayed in the backward.
+    `auto_recomputes_half_weight`: whether grad_mode="auto" takes this design for a half-precision head weight
+    (the fused kernels round each block of the weight gradient once and hold one block of logits: the leaner
+    design there)."""
 
     name: str
     inplace: bool
@@ -81,13 +83,40 @@ def _multiply(total, factor):
     return total * factor
 
 
+def _chunked_head_row_stats(hidden, head_weight, target, spec, chunk: int):
+    """The composed backend's `head_row_stats`: this rank's (N, K) row statistics of the logits
+    `hidden @ head_weight^T`, made by the chunk loop's steps `chunk` rows at a time, each chunk sliced once the
+    previous one's statistics exist. (The steps are reached through COMPOSED, as the replay in the backward
+    reaches them: MindSpore 2.10 fails to compile a function with a branch that a forward calls by its name and
+    its custom bprop through an object's attribute, "The func graph is empty".)"""
+    source, weight = COMPOSED.head_operands(hidden, head_weight)
+    shares = []
+    previous = None
+    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
+        logits = COMPOSED.chunk_logits(COMPOSED.hidden_rows(shard_math.after(source, previous), start, stop), weight)
+        previous = COMPOSED.local_row_stats(logits, target[start:stop], spec)
+        shares.append(previous)
+    return ops.concat(shares, 0)
+
+
+def _replayed_head_grads(hidden, head_weight, target, spec, row_max, log_sum_exp, coefficients, chunk: int):
+    """The composed backend's `head_grads`: the head's chunk loop (`shard_math.chunk_loop`) replayed `chunk` rows
+    at a time with the statistics the forward saved and the per-row upstream gradient's coefficients; the weight
+    gradient is one float32 (V/mp, H) sum, rounded once to the weight's dtype."""
+    hidden_grad, weight_grad, _ = shard_math.chunk_loop(COMPOSED, hidden, head_weight, target, spec,
+                                                        chunking.chunk_bounds(hidden.shape[0], chunk),
+                                                        shard_math.replayed_chunk_stats,
+                                                        (row_max, log_sum_exp, coefficients))
+    return hidden_grad, shard_math.from_float32(weight_grad, head_weight.dtype)
+
+
 COMPOSED = Backend(
     name="composed", inplace=False, local_row_stats=shard_math.local_row_stats, logits_grad=shard_math.logits_grad,
     scratch_logits_grad=shard_math.logits_grad, scale=_multiply, chunks_logits=True,
     chunk_buffers=shard_math.CHUNK_BUFFERS, head_operands=shard_math.head_operands,
     hidden_rows=shard_math.hidden_rows, chunk_logits=shard_math.chunk_logits, first_sums=shard_math.first_sums,
     add_chunk_grads=shard_math.add_chunk_grads, whole_hidden_grad=shard_math.whole_hidden_grad,
-    head_row_stats=shard_math.head_row_stats, head_grads=shard_math.head_grads,
+    head_row_stats=_chunked_head_row_stats, head_grads=_replayed_head_grads,
     recompute_block=shard_math.recompute_rows, auto_recomputes_half_weight=False)
 
 

@@ -5,20 +5,19 @@ Pure Python on shapes: GRAPH mode unrolls the chunk loop at compile time from th
 
 # What one chunk may hold of float32 (rows, V/mp) buffers when the caller does not say: the logits and the
 # gradient of a chunk with the fused kernels, a few more temporaries with the composed ops. Small against
-# the logits of a training step (0.5-2 GB at LLM shapes; at 32 MiB the fused head peaked at 0.154x the
-# logits beyond its inputs and gradients, 4096 x 32000 GRAPH), large enough that each chunk's matmul runs
-# at full speed (>= 48 rows for V/mp up to 128k).
+# the logits of a training step at LLM shapes, large enough that each chunk's matmul runs at full speed
+# (>= 48 rows for V/mp up to 128k). Its measured peaks: docs/design.md.
 DEFAULT_CHUNK_BYTES = 32 << 20
 MIN_AUTO_ROWS = 16
-# GRAPH mode unrolls the chunk loop: compile time grows with the number of chunks (95 chunks of the composed
-# path took minutes to compile), so an automatic choice makes at most this many
+# GRAPH mode unrolls the chunk loop: compile time grows with the number of chunks, so an automatic choice
+# makes at most this many
 MAX_AUTO_CHUNKS = 16
 
 
 # The fused head's recomputing kernels (`fused.head_row_stats`, `fused.head_grads`) go through the classes in
 # blocks, each block's float32 logits made for all rows at once inside one kernel call: no unrolled loop, so
 # no limit on the number of blocks, and the block can be small. Without a chunk_size a block holds this much
-# (its logits, and its weight rows and their gradient in float32): 0.06x the bfloat16 logits at 4096 x 32000.
+# (its logits, and its weight rows and their gradient in float32).
 HEAD_BLOCK_BYTES = 16 << 20
 # fewer classes per block make the products with all rows slow (sgemm of a narrow matrix)
 MIN_BLOCK_CLASSES = 64
@@ -53,15 +52,19 @@ def chunk_rows(rows: int, local_vocab: int, chunk_size, buffers: int) -> int:
     `chunk_size`, or `auto_chunk_rows` when it is None."""
     if chunk_size is not None:
         return chunk_size
-    return auto_chunk_rows(rows, local_vocab, buffers=buffers)
+    return auto_chunk_rows(rows, local_vocab, buffers)
 
 
-def auto_chunk_rows(rows: int, local_vocab: int, *, buffers: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in `budget_bytes`; at
+def auto_chunk_rows(rows: int, local_vocab: int, buffers: int) -> int:
+    """Rows per chunk so that `buffers` float32 (chunk, local_vocab) buffers fit in DEFAULT_CHUNK_BYTES; at
     least MIN_AUTO_ROWS (a matmul of fewer rows wastes the machine) and rows / MAX_AUTO_CHUNKS, at most
-    `rows` (one chunk). Plain statements, as in chunk_bounds."""
-    per_row = local_vocab * 4 * buffers if local_vocab > 0 and buffers > 0 else 4
-    chunk = budget_bytes // per_row
+    `rows` (one chunk). Plain statements and positional arguments, as in chunk_bounds: a function with a
+    keyword-only argument that both a forward and its custom bprop call fails to compile in GRAPH mode ("The
+    func graph is empty")."""
+    per_row = local_vocab * 4 * buffers
+    if per_row < 4:
+        per_row = 4
+    chunk = DEFAULT_CHUNK_BYTES // per_row
     if chunk < MIN_AUTO_ROWS:
         chunk = MIN_AUTO_ROWS
     return _within_auto_limits(chunk, rows)

@@ -157,10 +157,11 @@ def _kernel_target(target, vocab_start: int):
     return local
 
 
-def _kernel_inputs(logits, target, weight, spec: ShardSpec):
-    """The leading inputs every kernel takes: logits, target, and the class weights when there are any."""
-    local_target = _kernel_target(target, spec.vocab_start)
-    return (logits, local_target) if weight is None else (logits, local_target, weight)
+def _kernel_inputs(first, target, spec: ShardSpec, local_vocab: int):
+    """The leading inputs every kernel takes: `first` (the logits, or the head weight), target, and this slice's
+    per-class arrays when there are any (the class weights)."""
+    local_target = _kernel_target(target, spec.vocab_start(local_vocab))
+    return (first, local_target) if spec.weight is None else (first, local_target, spec.weight)
 
 
 def _config(spec: ShardSpec):
@@ -168,20 +169,21 @@ def _config(spec: ShardSpec):
                    1.0 if spec.label_smoothing > 0 else 0.0], ms.float32)
 
 
-def local_row_stats(logits, target, weight, spec: ShardSpec):
+def local_row_stats(logits, target, spec: ShardSpec):
     """This rank's (N, K) row statistics; see `shard_math.local_row_stats`."""
     kernel = _kernels.row_stats_5 if spec.label_smoothing > 0 else _kernels.row_stats_4
-    return kernel(*_kernel_inputs(logits, target, weight, spec), _config(spec))
+    return kernel(*_kernel_inputs(logits, target, spec, logits.shape[-1]), _config(spec))
 
 
-def _run_grad(kernel, logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+def _run_grad(kernel, logits, target, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     a, b, q = coefficients
-    return kernel(*_kernel_inputs(logits, target, weight, spec), row_max, log_sum_exp, a, b, q, _config(spec))
+    return kernel(*_kernel_inputs(logits, target, spec, logits.shape[-1]), row_max, log_sum_exp, a, b, q,
+                  _config(spec))
 
 
-def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+def logits_grad(logits, target, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     """Gradient w.r.t. this rank's logits slice (N, Vl) in the logits' dtype; see `shard_math.logits_grad`."""
-    return _run_grad(_kernels.grad, logits, target, weight, spec, row_max, log_sum_exp, coefficients)
+    return _run_grad(_kernels.grad, logits, target, spec, row_max, log_sum_exp, coefficients)
 
 
 def _written_in_place(target, token) -> bool:
@@ -228,27 +230,27 @@ def accumulate_product(total, a, b, row_offset: int = 0):
     return _written_over(total, _kernels.accumulate_product(total, a, b, _int64_input(row_offset)))
 
 
-def _head_inputs(hidden, head_weight, target, weight, spec: ShardSpec):
+def _head_inputs(hidden, head_weight, target, spec: ShardSpec):
     """The head kernels' leading inputs: hidden, then what the per-shard kernels take with the head weight in
     the logits' place."""
-    return (hidden,) + _kernel_inputs(head_weight, target, weight, spec)
+    return (hidden,) + _kernel_inputs(head_weight, target, spec, head_weight.shape[0])
 
 
-def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, block: int):
+def head_row_stats(hidden, head_weight, target, spec: ShardSpec, block: int):
     """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
     made `block` classes at a time for all rows without the logits: hidden (N, H) and head_weight (V/mp, H) of
     any float dtype, target (N,) class ids (kernel source, "the fused head whole")."""
     kernel = _kernels.head_row_stats_5 if spec.label_smoothing > 0 else _kernels.head_row_stats_4
-    return kernel(*_head_inputs(hidden, head_weight, target, weight, spec), _config(spec), _int64_input(block))
+    return kernel(*_head_inputs(hidden, head_weight, target, spec), _config(spec), _int64_input(block))
 
 
-def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients, block: int):
+def head_grads(hidden, head_weight, target, spec: ShardSpec, row_max, log_sum_exp, coefficients, block: int):
     """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
     `logits_grad` would give, made `block` classes at a time without the logits: each block's rows of the
     weight gradient are complete in one product over all rows, rounded once."""
     a, b, q = coefficients
-    return _kernels.head_grads(*_head_inputs(hidden, head_weight, target, weight, spec), row_max, log_sum_exp, a, b,
-                               q, _config(spec), _int64_input(block))
+    return _kernels.head_grads(*_head_inputs(hidden, head_weight, target, spec), row_max, log_sum_exp, a, b, q,
+                               _config(spec), _int64_input(block))
 
 
 def scale(total, factor):
@@ -273,7 +275,7 @@ def zeros(like, float32: bool = False):
     return _kernels.zeros_float32(like) if float32 else _kernels.zeros(like)
 
 
-def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+def logits_grad_inplace(logits, target, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     """`logits_grad` written over the logits' own buffer; returns the tensor that holds the gradient.
 
     The logits are destroyed (they hold the gradient afterwards). GRAPH mode / ms.jit: the gradient is
@@ -284,18 +286,18 @@ def logits_grad_inplace(logits, target, weight, spec: ShardSpec, row_max, log_su
     is first made contiguous (a copy, written over instead).
     """
     logits = logits.contiguous()
-    token = _run_grad(_kernels.grad_inplace, logits, target, weight, spec, row_max, log_sum_exp, coefficients)
+    token = _run_grad(_kernels.grad_inplace, logits, target, spec, row_max, log_sum_exp, coefficients)
     if _written_in_place(logits, token):
         return _depend(logits, token)
-    return logits_grad(logits, target, weight, spec, row_max, log_sum_exp, coefficients)
+    return logits_grad(logits, target, spec, row_max, log_sum_exp, coefficients)
 
 
 # ---- the fused head's steps (the chunk loop's; shard_math has the composed backend's) ----
 
 def head_operands(hidden, head_weight):
     """(what the chunks of hidden are taken from, the head weight as the products take it): both as they are,
-    any float dtype (the kernels convert blocks of them; at H = 4096 a float32 copy of a half-precision hidden
-    was a tenth of the logits)."""
+    any float dtype (the kernels convert blocks of them: a float32 copy of a half-precision hidden is (N, H)
+    float32 beside it)."""
     return hidden, head_weight
 
 

@@ -28,8 +28,10 @@ reference and the portable path for every backend.
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
 
 from . import chunking
 
@@ -54,13 +56,34 @@ _FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What the per-shard steps need to know beyond the tensors: where this rank's slice starts in the
-    full vocabulary, and the two options that change per-element maths. Constant for a loss; GRAPH mode
-    folds it in."""
+    """What the per-shard steps know beyond the tensors they are called with: this rank's place among the
+    model-parallel ranks (its slice of a vocabulary split in `mp` equal slices starts at class
+    `mp_rank * Vl`), the options that change the per-element maths, and this slice's per-class arrays
+    (`weight`: its class weights (Vl,), or None). Built once per loss (`shard_spec`); GRAPH mode folds it in."""
 
-    vocab_start: int = 0
+    mp_rank: int = 0
     logit_softcap: Optional[float] = None
     label_smoothing: float = 0.0
+    weight: Optional[Tensor] = None
+
+    def vocab_start(self, local_vocab: int) -> int:
+        """The first class of this rank's slice, `local_vocab` classes wide."""
+        return self.mp_rank * local_vocab
+
+
+def rank_slice(array: np.ndarray, name: str, mp_rank: int, mp_size: int) -> Tensor:
+    """Rank `mp_rank`'s part of a per-class option (V,) split in `mp_size` equal slices."""
+    if array.shape[0] % mp_size:
+        raise ValueError(f"{name} has {array.shape[0]} classes, not divisible by model_parallel={mp_size}")
+    return Tensor(array.reshape(mp_size, -1)[mp_rank].copy())
+
+
+def shard_spec(options, mp_rank: int, mp_size: int) -> ShardSpec:
+    """The `ShardSpec` of a loss with `options` (`mf_loss.options`) on model-parallel rank `mp_rank` of
+    `mp_size`: each per-class option sliced to the rank's classes."""
+    slices = {name: rank_slice(array, name, mp_rank, mp_size) for name, array in options.per_class_arrays().items()}
+    return ShardSpec(mp_rank, None if options.logit_softcap is None else float(options.logit_softcap),
+                     float(options.label_smoothing), **slices)
 
 
 def is_probability_target(target) -> bool:
@@ -74,9 +97,8 @@ def num_stat_columns(label_smoothing: float) -> int:
 
 def per_row(column, like):
     """The (N,) `column` as `like`'s (N, Vl) shape. Broadcasting is spelled out because MindSpore 2.10's CPU
-    kernels for an implicitly broadcast binary op ((N, Vl) - (N, 1)) keep a workspace of about 4x their
-    output for the rest of a GRAPH-mode run (measured: 5x the logits for one subtraction, and per chunk, so
-    chunking did not help); an explicit BroadcastTo is an ordinary output, freed after its last use. It is
+    kernels for an implicitly broadcast binary op ((N, Vl) - (N, 1)) keep a workspace several times their
+    output for the rest of a GRAPH-mode run, per chunk (docs/design.md); an explicit BroadcastTo is an ordinary output, freed after its last use. It is
     made after `like` (a Depend): depending on `like`'s static shape only, GRAPH mode would otherwise make
     every chunk's broadcast before the first chunk starts."""
     return ops.broadcast_to(_depend(column, like).reshape(-1, 1), like.shape)
@@ -111,12 +133,12 @@ def owned_target(label, vocab_start: int, local_vocab: int):
     return owned, _select(owned, local, _zeros_like(local))
 
 
-def local_row_stats(logits, target, weight, spec: ShardSpec):
+def local_row_stats(logits, target, spec: ShardSpec):
     """This rank's (N, K) statistics (see the module docstring) from its logits slice (N, Vl).
 
     `target`: (N,) integer global class ids, or (N, Vl) float probabilities of this slice.
-    `weight`: this slice's class weights (Vl,), or None.
     """
+    weight = spec.weight
     x = softcapped(logits, spec.logit_softcap)
     row_max = x.max(axis=-1)
     # A slice that is all -inf is legal (the row's mass lives on another rank): re-base it at 0 so that
@@ -125,7 +147,7 @@ def local_row_stats(logits, target, weight, spec: ShardSpec):
     shifted = x - per_row(row_max, x)
     columns = [row_max, _exp(shifted).sum(axis=-1)]
     if not is_probability_target(target):
-        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start(x.shape[-1]), x.shape[-1])
         picked = _gather_d(shifted, 1, index.reshape(-1, 1)).reshape(-1)
         mass = _ones_like(picked) if weight is None else ops.gather(weight, index, 0)
         mass = _select(owned, mass, _zeros_like(mass))
@@ -196,10 +218,11 @@ def grad_coefficients(stats, dout, label_smoothing: float, num_classes: int, wei
     return coef * dout, dout * (label_smoothing / num_classes), dout * (1.0 - label_smoothing)
 
 
-def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients):
+def logits_grad(logits, target, spec: ShardSpec, row_max, log_sum_exp, coefficients):
     """Gradient w.r.t. this rank's logits slice (N, Vl), in the logits' dtype (formula in the docstring);
     `coefficients` is the (a, b, q) of `grad_coefficients`."""
     a, b, q = coefficients
+    weight = spec.weight
     softcap = spec.logit_softcap
     x = softcapped(logits, softcap)
     probs = _exp((x - per_row(row_max, x)) - per_row(log_sum_exp, x))
@@ -208,7 +231,7 @@ def logits_grad(logits, target, weight, spec: ShardSpec, row_max, log_sum_exp, c
         smoothing_term = per_row(b, x)
         grad = grad - (smoothing_term if weight is None else smoothing_term * per_class(weight, x))
     if not is_probability_target(target):
-        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start, x.shape[-1])
+        owned, index = owned_target(_cast(target, ms.int32), spec.vocab_start(x.shape[-1]), x.shape[-1])
         at_target = q if weight is None else q * ops.gather(weight, index, 0)
         at_target = _select(owned, -at_target, _zeros_like(at_target))
         grad = _scatter_add(grad, index.reshape(-1, 1), at_target.reshape(-1, 1))
@@ -238,6 +261,13 @@ _weight_grad_of = ops.MatMul(transpose_a=True)  # (n, Vl)^T x (n, H)
 def float32(tensor):
     """`tensor` in float32, without the copy a same-dtype Cast makes."""
     return tensor if tensor.dtype == ms.float32 else _cast(tensor, ms.float32)
+
+
+def from_float32(tensor, dtype):
+    """A float32 gradient in `dtype`, without the copy a same-dtype Cast makes. Decided on `dtype` alone: in a
+    custom bprop MindSpore 2.10 does not know a Custom operator's output dtype when it parses, and a
+    conditional on it fails to compile ("The func graph is empty")."""
+    return tensor if dtype == ms.float32 else _cast(tensor, dtype)
 
 
 def head_operands(hidden, head_weight):
@@ -279,47 +309,54 @@ def spent(weight_sum, hidden_sum):
     return _depend(weight_sum[0], hidden_sum[-1])
 
 
-def rows_after(tensor, start: int, stop: int, previous):
-    """`tensor[start:stop]`, sliced only once `previous` (the last chunk's result) exists. The Depend goes on
-    the slice's input: on its output it would order the use of the slice but let GRAPH mode make every
-    chunk's slice up front (measured: all chunks' temporaries alive at once)."""
+def after(tensor, previous):
+    """`tensor`, to be read only once `previous` (the last chunk's result) exists (None: at once). The Depend goes
+    on what a chunk is sliced from: on the slice it would order the slice's use but let GRAPH mode make every
+    chunk's slice up front (all chunks' temporaries alive at once)."""
     if previous is not None:
         tensor = _depend(tensor, previous)
-    return tensor[start:stop]
+    return tensor
+
+
+def rows_after(tensor, start: int, stop: int, previous):
+    """`tensor[start:stop]`, sliced only once `previous` exists (`after`)."""
+    return after(tensor, previous)[start:stop]
 
 
 def recompute_rows(rows: int, width: int, local_vocab: int, chunk_size) -> int:
-    """Rows per chunk of `head_row_stats` / `head_grads` (the chunk loop's own)."""
+    """Rows per chunk of the composed backend's recomputing design (the chunk loop's own)."""
     return chunking.chunk_rows(rows, local_vocab, chunk_size, CHUNK_BUFFERS)
 
 
-def head_row_stats(hidden, head_weight, target, weight, spec: ShardSpec, chunk: int):
-    """This rank's (N, K) row statistics of the logits `hidden @ head_weight^T` (`local_row_stats` of them),
-    made `chunk` rows at a time, each chunk after the previous one's statistics."""
-    source, head = head_operands(hidden, head_weight)
-    shares = []
-    previous = None
-    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
-        rows = rows_after(source, start, stop, previous)
-        previous = local_row_stats(chunk_logits(rows, head), target[start:stop], weight, spec)
-        shares.append(previous)
-    return ops.concat(shares, 0)
+def chunk_loop(steps, hidden, head_weight, target, spec: ShardSpec, bounds, chunk_stats, context):
+    """The fused head's one chunk loop, with the steps of a backend (`steps`: a `backends.Backend`): for each chunk
+    [start, stop) of hidden's rows in `bounds`, its logits; `chunk_stats(logits, target, start, stop, context)` ->
+    (row_max, log_sum_exp, coefficients, kept), the chunk's complete row statistics and gradient coefficients
+    and what the caller keeps of them; the logits gradient written over the logits; the chunk's parts of both
+    gradients added to running sums. Each chunk is sliced once the previous one's parts exist (`spent`), so
+    one chunk's buffers are alive at a time. Returns (hidden's float32 gradient, the weight's float32 running
+    sum, [kept of each chunk]).
 
-
-def head_grads(hidden, head_weight, target, weight, spec: ShardSpec, row_max, log_sum_exp, coefficients, chunk: int):
-    """(hidden's gradient (N, H) float32, head_weight's (V/mp, H) in its dtype) through the logits gradient that
-    `logits_grad` gives, the chunk loop replayed `chunk` rows at a time: a chunk's logits are made again and
-    its parts added to the running sums (one float32 (V/mp, H) sum, rounded once)."""
-    a, b, q = coefficients
-    source, head = head_operands(hidden, head_weight)
-    hidden_sum, weight_sum = first_sums(hidden, head_weight)
+    The forward design makes and exchanges each chunk's statistics (`nn.linear_vocab_parallel`); the composed
+    backend's recomputing design replays the loop in the backward with the statistics its forward saved and the
+    per-row upstream gradient (`replayed_chunk_stats`)."""
+    hidden_source, weight = steps.head_operands(hidden, head_weight)
+    hidden_sum, weight_sum = steps.first_sums(hidden, head_weight)
+    kept = []
     previous = None
-    for start, stop in chunking.chunk_bounds(hidden.shape[0], chunk):
-        rows = rows_after(source, start, stop, previous)
-        grad = logits_grad(chunk_logits(rows, head), target[start:stop], weight, spec, row_max[start:stop],
-                           log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]))
-        hidden_sum, weight_sum = add_chunk_grads(hidden_sum, weight_sum, grad, rows, head, start)
+    for start, stop in bounds:
+        chunk = steps.hidden_rows(after(hidden_source, previous), start, stop)
+        logits = steps.chunk_logits(chunk, weight)
+        chunk_target = target[start:stop]
+        row_max, log_sum_exp, coefficients, piece = chunk_stats(logits, chunk_target, start, stop, context)
+        kept.append(piece)
+        grad = steps.scratch_logits_grad(logits, chunk_target, spec, row_max, log_sum_exp, coefficients)
+        hidden_sum, weight_sum = steps.add_chunk_grads(hidden_sum, weight_sum, grad, chunk, weight, start)
         previous = spent(weight_sum, hidden_sum)
-    weight_grad = weight_sum[0]
-    return whole_hidden_grad(hidden_sum), weight_grad if head_weight.dtype == ms.float32 else \
-        _cast(weight_grad, head_weight.dtype)
+    return steps.whole_hidden_grad(hidden_sum), weight_sum[0], kept
+
+
+def replayed_chunk_stats(logits, target, start: int, stop: int, saved):
+    """`chunk_loop`'s statistics of rows [start, stop) from `saved` = (row_max, log_sum_exp, (a, b, q)) of all rows."""
+    row_max, log_sum_exp, (a, b, q) = saved
+    return row_max[start:stop], log_sum_exp[start:stop], (a[start:stop], b[start:stop], q[start:stop]), ()
