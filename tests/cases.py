@@ -191,8 +191,8 @@ def evaluate(loss_fn, logits, label, mask, reduction="mean"):
     return [as_numpy(o) for o in outputs], as_numpy(grad)
 
 
-# Cases that the single-device tests, the simulated ranks and every msrun layout run (issue 2's core list
-# plus every option).
+# Cases that the single-device tests, the in-process model-parallel tests and every msrun layout run: the
+# input kinds (dtypes, shapes, masks, targets) and every option.
 CORE_CASES = [
     Case("ignore_and_int_mask"),
     Case("per_token", options=dict(calculate_per_token_loss=True)),

@@ -21,9 +21,9 @@ ms.runtime.launch_blocking()
 # chosen so that a slip in the loss's math fails at least one of them (which one catches what: the test names).
 QUICK = (
     "test_mp_in_one_process.py",
-    "test_single_device.py",
-    "test_simulated_mp.py::test_core_cases_on_every_mp",
-    "test_simulated_mp.py::test_a_slice_of_minus_inf_logits_holds_no_mass",
+    "test_cross_entropy_options.py",
+    "test_vocab_parallel_math.py::test_core_cases_on_every_mp",
+    "test_vocab_parallel_math.py::test_a_slice_of_minus_inf_logits_holds_no_mass",
     "test_head_kernels.py",
     "test_fused_kernels.py",
     "test_linear_cross_entropy.py::test_option_grid_pynative",

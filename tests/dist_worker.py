@@ -1,7 +1,7 @@
 """The "loss" part of the suite's msrun job (tests/msrun_jobs.py), for tests/test_distributed.py: what one
 rank of CrossEntropyLoss checks, returned by `run_rank` as arrays and a report.
 
-The wiring only (the math of every mp is tests/test_simulated_mp.py's and tests/test_mp_in_one_process.py's):
+The wiring only (the math of every mp is tests/test_vocab_parallel_math.py's and tests/test_mp_in_one_process.py's):
 the core cases on this rank's shard through the real exchange with both backends, in PYNATIVE and (the cases
 that change the compiled graph) GRAPH, and the in-place fused backward on a few of them; the NaN check with a
 NaN planted in one rank's slice; a logits width that disagrees between ranks; and a compiled training step

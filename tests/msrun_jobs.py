@@ -86,7 +86,7 @@ class Jobs:
 
 def executed_graph_collectives(ir_dir) -> tuple:
     """(file, {collective: calls}) of the last IR file the compiler wrote in `ir_dir`: the executed graph,
-    backprop included (read by the benchmark's reader, whose parsing tests/test_bench_quick.py checks)."""
+    backprop included (read by the benchmark's reader, whose parsing tests/test_bench.py checks)."""
     from mf_loss.bench.mp2 import collectives_in_ir  # rank side only: the test side never needs the benchmark
 
     found = collectives_in_ir(ir_dir)

@@ -1,7 +1,7 @@
 """msrun jobs on 2 (mp=2) and 4 (dp=2 x mp=2) ranks, for the wiring: the exchange, the groups, the NaN report
 naming its rank, the width check and the collective count. Every rank's values and gradient slice are compared
 with the float64 NumPy loss on the full vocabulary (tests/reference.py), never with our own mp=1 result. The
-math of every mp and the option grid are tests/test_simulated_mp.py's (one process, no msrun).
+math of every mp and the option grid are tests/test_vocab_parallel_math.py's (one process, no msrun).
 
 One msrun launch per layout per session runs tests/dist_worker.py's part with the other distributed parts
 (tests/msrun_jobs.py); a failed launch is reported by every test with the failing rank's log tail.

@@ -12,7 +12,7 @@ Tolerances: the kernels make the logits with float32 sgemm over H, so every stat
 float32 rounding of the logits (a few ulps of |h| |w| H): statistics within 1e-5 relative or 1e-5 of their
 column's largest value, gradients within 1e-5 relative or 2e-6 of their largest element. A half-precision
 weight's gradient is rounded once from float32: within one unit in its last place of the float64 value
-(`test_half_head.assert_within_one_unit`).
+(`test_half_precision_head.assert_within_one_unit`).
 """
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ from mindspore import Tensor
 from mf_loss.ops import fused
 from mf_loss.ops.shard_math import ShardSpec
 from test_fused_kernels import MS_DTYPES, assert_stats_close, grad_coefficients, reference_grad, reference_stats
-from test_half_head import assert_within_one_unit, round_to
+from test_half_precision_head import assert_within_one_unit, round_to
 
 pytestmark = pytest.mark.kernel
 

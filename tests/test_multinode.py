@@ -1,4 +1,4 @@
-"""Several msrun nodes (issue 11): two nodes simulated on this machine (two msrun processes, node ranks 0 and
+"""Several msrun nodes: two nodes simulated on this machine (two msrun processes, node ranks 0 and
 1 on 127.0.0.1, 2 ranks each) make one world; a node whose ranks are killed stops the other, naming the node
 and rank, and leaves no process. (`mf-loss train` on two nodes is tests/test_reproducible.py's: the same bits
 as on one node.) Unit tests check the arguments and the msrun command line of each node without starting
