@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import mindspore as ms  # noqa: E402
 
+import background  # noqa: E402
 import msrun_jobs  # noqa: E402
 
 # PYNATIVE runs each kernel on a worker thread while Python busy-waits at every host sync; the tests' many
@@ -46,6 +47,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("/", 1)[-1].startswith(QUICK):
             item.add_marker(pytest.mark.quick)
+    # In-process tests first, while the jobs started with the session (tests/background.py) wait on their
+    # clusters; then the tests that start processes of their own. Within each part, the files' order.
+    items.sort(key=lambda item: bool(item.get_closest_marker("distributed") or item.get_closest_marker("slow")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jobs_started_with_the_session(request, tmp_path_factory):
+    pool = background.start({item.module.__name__ for item in request.session.items if getattr(item, "module", None)},
+                            tmp_path_factory)
+    yield
+    pool.shutdown(wait=True)
 
 
 @pytest.fixture(autouse=True)

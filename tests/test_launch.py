@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import background
+
 from mf_loss.launch import launch, log_tail
 from mf_loss.launch.logs import Follower, rank_of_pid, timed_out_ranks
 from mf_loss.launch.processes import alive, descendants, stop
@@ -32,10 +34,12 @@ def test_a_cluster_that_never_formed_is_told_from_the_scripts_failures(tmp_path)
 
 
 class JobProcesses:
-    """Every process started below this test process while a job runs (psutil), to check that none is left."""
+    """Every process started below this test process while a job runs (psutil), to check that none is left;
+    with `tag`, only the processes of the job whose environment carries it (tests/background.py), as other
+    jobs may run at the same time."""
 
-    def __init__(self):
-        self.before = set(psutil.Process().children(recursive=True))
+    def __init__(self, tag=None):
+        self.tag, self.before = tag, set(psutil.Process().children(recursive=True))
         self.seen, self.stopping = {}, threading.Event()  # process -> its command line, read while it runs
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
@@ -44,7 +48,8 @@ class JobProcesses:
         me = psutil.Process()
         while not self.stopping.is_set():
             for process in set(me.children(recursive=True)) - self.before - set(self.seen):
-                self.seen[process] = " ".join(_cmdline(process))
+                if self.tag is None or background.carries_tag(process, self.tag):
+                    self.seen[process] = " ".join(_cmdline(process))
             self.stopping.wait(0.2)
 
     def started(self, name: str) -> int:
@@ -64,29 +69,34 @@ def _cmdline(process):
         return []
 
 
-TIMEOUT_S = 40  # the timed-out job's: long enough for its ranks to start and log on a loaded machine
+TIMEOUT_S = 60  # the timed-out job's: long enough for its ranks to start and log on a loaded machine
 JOBS = {"after_done": ["after_done"], "before_done": ["before_done"], "unformed_once": ["unformed_once", "{out}/marker"],
         "timed_out": ["nodes_forever", "{out}"]}  # job -> launch_worker.py's arguments
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    """The 2-rank msrun jobs of the tests below, started at once (each waits on its cluster and its ranks'
+@background.starts_with_session
+def launch_jobs(tmp_path_factory):
+    """The 2-rank msrun jobs of the tests below, all at once (each waits on its cluster and its ranks'
     start-up more than it computes): job -> (its directory, LaunchResult), and the processes left running
     after all of them ended."""
-    processes, results, threads = JobProcesses(), {}, []
+    processes, results, threads = JobProcesses(tag="launch"), {}, []
     for name, args in JOBS.items():
         out = tmp_path_factory.mktemp(name)
 
         def run(name=name, out=out, args=args):
-            env = dict(os.environ, MF_LOSS_TEST_NODE="0")
             results[name] = out, launch(WORKER, [a.format(out=out) for a in args], workers=2, log_dir=out / "logs",
-                                        timeout=TIMEOUT_S if name == "timed_out" else 300, quiet=True, env=env)
+                                        timeout=TIMEOUT_S if name == "timed_out" else 300, quiet=True,
+                                        env=background.tagged_env("launch", MF_LOSS_TEST_NODE="0"))
         threads.append(threading.Thread(target=run))
         threads[-1].start()
     for thread in threads:
         thread.join()
-    return results, processes
+    return results, processes.left_running(), processes
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    return background.result(launch_jobs, tmp_path_factory)
 
 
 @pytest.mark.distributed
@@ -122,12 +132,12 @@ def test_a_cluster_that_never_formed_is_started_once_more(jobs):
 @pytest.mark.distributed
 def test_a_job_past_its_timeout_is_stopped_whole(jobs):
     """msrun runs its workers in sessions of their own: stopping msrun's process group alone would leave them."""
-    (out, result), processes = jobs[0]["timed_out"], jobs[1]
-    assert result.returncode == 124, result.message
-    assert result.message.startswith(f"msrun job {WORKER} timed out after {TIMEOUT_S} s and was killed"), \
-        result.message
-    assert "--- rank 0 (" in result.message and "--- rank 1 (" in result.message
-    assert processes.left_running() == []  # of every job above
+    (out, timed_out), left_running, processes = jobs[0]["timed_out"], jobs[1], jobs[2]
+    assert timed_out.returncode == 124, timed_out.message
+    assert timed_out.message.startswith(f"msrun job {WORKER} timed out after {TIMEOUT_S} s and was killed"), \
+        timed_out.message
+    assert "--- rank 0 (" in timed_out.message and "--- rank 1 (" in timed_out.message
+    assert left_running == []  # of every job above
     assert processes.started(f"{WORKER} nodes_forever {out}") >= 2  # its workers did run (msrun's scheduler too)
 
 

@@ -53,10 +53,9 @@ def test_half_precision_head_keeps_no_float32_copy_of_the_weight(tmp_path):
     # the logits on their own; the kernels read the weight in its dtype. The default for a half-precision
     # weight (the recomputing kernels) holds one block of classes and hidden and its gradient in float32;
     # grad_mode="forward" adds one float32 running sum of the weight gradient (1.0x these logits at H 1024).
-    rows = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused,linear_unfused", "--shapes", "2048x32000",
+    rows = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused", "--shapes", "2048x32000",
                       dtype="bfloat16")
     assert rows["linear_fused"] < 0.4, rows
-    assert rows["linear_unfused"] > 3.0, rows
     forward = bench_rows(tmp_path, "--head", "1024", "--impls", "linear_fused", "--shapes", "2048x32000",
                          "--linear-option", "grad_mode=forward", dtype="bfloat16")
     assert forward["linear_fused"] < 1.6, forward

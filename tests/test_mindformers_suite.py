@@ -1,6 +1,7 @@
 """The MindFormers tests, run from the main suite: builds the MindFormers environment (scripts/mindformers_env.sh;
-cached when present, about 3 minutes the first time) and runs tests/test_mindformers*.py inside it. A failure
-shows the inner run's tail; a missing or broken environment fails with what to run."""
+cached when present, about 3 minutes the first time) and runs tests/test_mindformers*.py inside it, started
+with the session (tests/background.py). A failure shows the inner run's tail; a missing or broken environment
+fails with what to run."""
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import background
 from mindformers_env import ROOT, build_environment
 
 pytestmark = [pytest.mark.mindformers, pytest.mark.distributed, pytest.mark.slow]
@@ -20,15 +22,27 @@ INNER_TIMEOUT = 900
 INNER_ENV = "MF_LOSS_MINDFORMERS_INNER"
 
 
-@pytest.mark.skipif(os.environ.get(INNER_ENV) == "1", reason="already inside the MindFormers environment")
-def test_mindformers_tests_pass_in_the_mindformers_environment():
+@background.starts_with_session
+def mindformers_tests(tmp_path_factory):
+    """(the inner command, its CompletedProcess or TimeoutExpired): the MindFormers tests run in their own
+    environment, built first when missing. Nothing inside that environment (the suite's test is skipped there)."""
+    if os.environ.get(INNER_ENV) == "1":
+        return None
     python = build_environment()
     env = dict(os.environ, PATH=f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}", **{INNER_ENV: "1"})
     command = [str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *INNER]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=INNER_TIMEOUT, cwd=ROOT, env=env)
+        return command, subprocess.run(command, capture_output=True, text=True, timeout=INNER_TIMEOUT, cwd=ROOT,
+                                       env=env)
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"the MindFormers tests did not finish in {INNER_TIMEOUT} s:\n{str(error.stdout or '')[-6000:]}")
+        return command, error
+
+
+@pytest.mark.skipif(os.environ.get(INNER_ENV) == "1", reason="already inside the MindFormers environment")
+def test_mindformers_tests_pass_in_the_mindformers_environment(tmp_path_factory):
+    command, result = background.result(mindformers_tests, tmp_path_factory)
+    if isinstance(result, subprocess.TimeoutExpired):
+        pytest.fail(f"the MindFormers tests did not finish in {INNER_TIMEOUT} s:\n{str(result.stdout or '')[-6000:]}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
     summary = output.strip().splitlines()[-1]

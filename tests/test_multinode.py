@@ -15,7 +15,8 @@ import pytest
 
 from mf_loss import cli
 from mf_loss.launch import NodeLayout, free_port, launch, msrun_command
-from test_launch import JobProcesses
+import background
+from test_launch import JobProcesses, _cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("launch_worker.py")
@@ -87,7 +88,8 @@ def test_msrun_reads_each_nodes_command_line_as_that_node(monkeypatch, tmp_path)
 def test_launch_refuses_bad_node_arguments_before_starting_anything(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         launch(WORKER, ["none"], workers=2, log_dir=tmp_path, timeout=10, **kwargs)
-    assert psutil.Process().children() == []
+    # (the jobs started with the session have processes of their own: only this launch's would name tmp_path)
+    assert [p for p in psutil.Process().children(recursive=True) if str(tmp_path) in " ".join(_cmdline(p))] == []
     assert not (tmp_path / "msrun.log").exists()
 
 
@@ -190,13 +192,14 @@ def test_a_cluster_that_never_formed_says_how_to_start_the_nodes(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- msrun
 
-def launch_two_nodes(out: Path, mode: str, on_started=None, timeout=300):
-    """Both nodes' launch() calls, each in a thread as on its own machine; returns their results."""
+def launch_two_nodes(out: Path, mode: str, on_started=None, timeout=300, tag="two_nodes"):
+    """Both nodes' launch() calls, each in a thread as on its own machine; returns their results. The nodes'
+    processes carry `tag` (tests/background.py)."""
     port, results = free_port(), {}
 
     def node(k):
-        env = dict(os.environ, MF_LOSS_TEST_NODE=str(k),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env = background.tagged_env(tag, MF_LOSS_TEST_NODE=str(k),
+                                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         results[k] = launch(WORKER, [mode, out], workers=2, nnodes=2, node_rank=k, master_port=port,
                             log_dir=out / "logs" / f"node_{k}", timeout=timeout, env=env, quiet=True,
                             cluster_timeout=180)
@@ -225,24 +228,29 @@ def killer(out: Path, ranks, killed: dict):
     return kill
 
 
-@pytest.fixture(scope="module")
-def two_node_clusters(tmp_path_factory):
+@background.starts_with_session
+def killed_node_clusters(tmp_path_factory):
     """Two two-node clusters at once, each on its own port: in one node 1's ranks are killed, in the other
     node 0's (msrun's scheduler's node). Their ranks first report what they see of the world across the
     nodes, then all-reduce until killed. -> ({'node_1_killed', 'node_0_killed'} -> (out, results, killed at)),
     the processes left running after both)."""
-    processes, clusters, threads = JobProcesses(), {}, []
+    processes, clusters, threads = JobProcesses(tag="multinode"), {}, []
     for name, ranks in (("node_1_killed", (2, 3)), ("node_0_killed", (0, 1))):
         out, killed = tmp_path_factory.mktemp(name), {}
 
         def run(name=name, out=out, ranks=ranks, killed=killed):
-            clusters[name] = (out, launch_two_nodes(out, "nodes_forever", killer(out, ranks, killed), timeout=400),
-                              killed)
+            clusters[name] = (out, launch_two_nodes(out, "nodes_forever", killer(out, ranks, killed), timeout=400,
+                                                    tag="multinode"), killed)
         threads.append(threading.Thread(target=run))
         threads[-1].start()
     for thread in threads:
         thread.join()
     return clusters, processes.left_running()
+
+
+@pytest.fixture(scope="module")
+def two_node_clusters(tmp_path_factory):
+    return background.result(killed_node_clusters, tmp_path_factory)
 
 
 @pytest.mark.distributed

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import background
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = Path(__file__).resolve().parent / "bare_loss_check.py"
 TOOL_PACKAGES = {"matplotlib", "tokenizers", "torch", "tqdm", "psutil", "pytest", "hypothesis"}
@@ -42,9 +44,11 @@ def test_running_both_losses_imports_no_tool_package():
     assert run_check(sys.executable)["tool_packages_imported"] == []
 
 
-@pytest.mark.slow
-def test_bare_install_into_a_fresh_environment_runs_both_losses(tmp_path):
-    """`pip install <repo>` without extras (from the pip cache that the project's environment filled)."""
+@background.starts_with_session
+def bare_install(tmp_path_factory):
+    """`pip install <repo>` without extras (from the pip cache that the project's environment filled) into a
+    fresh virtual environment, checked there (asserts)."""
+    tmp_path = tmp_path_factory.mktemp("bare_install")
     source = tmp_path / "source"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     for name in filter(None, tracked.decode().split("\0")):
@@ -69,3 +73,8 @@ def test_bare_install_into_a_fresh_environment_runs_both_losses(tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert tool.returncode != 0
     assert "mf_loss[train]" in tool.stderr and "tokenizers" in tool.stderr, tool.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bare_install_into_a_fresh_environment_runs_both_losses(tmp_path_factory):
+    background.result(bare_install, tmp_path_factory)

@@ -1,0 +1,52 @@
+"""Jobs that mostly wait (msrun clusters forming, heartbeats and timeouts running out, the MindFormers
+environment's own test run), started in threads when the test session starts, so that the in-process tests
+(which tests/conftest.py runs first) go on meanwhile.
+
+A test module marks the function that runs its job with `@starts_with_session` (it takes pytest's
+tmp_path_factory); its fixture gets the job's result with `result(function)`, which waits for it. A job
+starts only when a selected test of its module asks for it. Each job's processes carry their own tag in the
+environment (`TAG`), so that a job can check that it left none of its own running while others still run.
+"""
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import psutil
+
+TAG = "MF_LOSS_TEST_JOB"
+_JOBS = {}      # name -> (module, function)
+_STARTED = {}   # name -> Future
+
+
+def starts_with_session(function):
+    _JOBS[function.__name__] = (function.__module__, function)
+    return function
+
+
+def start(modules_selected, tmp_path_factory) -> ThreadPoolExecutor:
+    """Starts every registered job of the selected modules; returns the pool (shut it down at the end)."""
+    wanted = [name for name, (module, _) in _JOBS.items() if module in modules_selected]
+    pool = ThreadPoolExecutor(max_workers=max(1, len(wanted)))
+    for name in wanted:
+        _STARTED[name] = pool.submit(_JOBS[name][1], tmp_path_factory)
+    return pool
+
+
+def result(function, tmp_path_factory):
+    """The job's result: waited for when it was started with the session, run here otherwise."""
+    future = _STARTED.get(function.__name__)
+    if future is None:
+        future = _STARTED[function.__name__] = Future()
+        future.set_result(function(tmp_path_factory))
+    return future.result()
+
+
+def tagged_env(tag: str, **extra) -> dict:
+    """This process's environment with the job's tag (and `extra`)."""
+    return dict(os.environ, **{TAG: tag}, **extra)
+
+
+def carries_tag(process: psutil.Process, tag: str) -> bool:
+    try:
+        return process.environ().get(TAG) == tag
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
