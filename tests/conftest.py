@@ -54,8 +54,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _jobs_started_with_the_session(request, tmp_path_factory):
-    pool = background.start({item.module.__name__ for item in request.session.items if getattr(item, "module", None)},
-                            tmp_path_factory)
+    pool = background.start(request.session.items, tmp_path_factory)
     yield
     pool.shutdown(wait=True)
 

@@ -74,7 +74,7 @@ JOBS = {"after_done": ["after_done"], "before_done": ["before_done"], "unformed_
         "timed_out": ["nodes_forever", "{out}"]}  # job -> launch_worker.py's arguments
 
 
-@background.starts_with_session
+@background.starts_with_session("jobs")
 def launch_jobs(tmp_path_factory):
     """The 2-rank msrun jobs of the tests below, all at once (each waits on its cluster and its ranks'
     start-up more than it computes): job -> (its directory, LaunchResult), and the processes left running

@@ -22,7 +22,7 @@ INNER_TIMEOUT = 900
 INNER_ENV = "MF_LOSS_MINDFORMERS_INNER"
 
 
-@background.starts_with_session
+@background.starts_with_session("mindformers_run")
 def mindformers_tests(tmp_path_factory):
     """(the inner command, its CompletedProcess or TimeoutExpired): the MindFormers tests run in their own
     environment, built first when missing. Nothing inside that environment (the suite's test is skipped there)."""
@@ -38,9 +38,14 @@ def mindformers_tests(tmp_path_factory):
         return command, error
 
 
+@pytest.fixture(scope="module")
+def mindformers_run(tmp_path_factory):
+    return background.result(mindformers_tests, tmp_path_factory)
+
+
 @pytest.mark.skipif(os.environ.get(INNER_ENV) == "1", reason="already inside the MindFormers environment")
-def test_mindformers_tests_pass_in_the_mindformers_environment(tmp_path_factory):
-    command, result = background.result(mindformers_tests, tmp_path_factory)
+def test_mindformers_tests_pass_in_the_mindformers_environment(mindformers_run):
+    command, result = mindformers_run
     if isinstance(result, subprocess.TimeoutExpired):
         pytest.fail(f"the MindFormers tests did not finish in {INNER_TIMEOUT} s:\n{str(result.stdout or '')[-6000:]}")
     output = result.stdout + result.stderr

@@ -228,7 +228,7 @@ def killer(out: Path, ranks, killed: dict):
     return kill
 
 
-@background.starts_with_session
+@background.starts_with_session("two_node_clusters")
 def killed_node_clusters(tmp_path_factory):
     """Two two-node clusters at once, each on its own port: in one node 1's ranks are killed, in the other
     node 0's (msrun's scheduler's node). Their ranks first report what they see of the world across the

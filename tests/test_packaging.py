@@ -44,7 +44,7 @@ def test_running_both_losses_imports_no_tool_package():
     assert run_check(sys.executable)["tool_packages_imported"] == []
 
 
-@background.starts_with_session
+@background.starts_with_session("bare_environment")
 def bare_install(tmp_path_factory):
     """`pip install <repo>` without extras (from the pip cache that the project's environment filled) into a
     fresh virtual environment, checked there (asserts)."""
@@ -75,6 +75,11 @@ def bare_install(tmp_path_factory):
     assert "mf_loss[train]" in tool.stderr and "tokenizers" in tool.stderr, tool.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_bare_install_into_a_fresh_environment_runs_both_losses(tmp_path_factory):
+@pytest.fixture(scope="module")
+def bare_environment(tmp_path_factory):
     background.result(bare_install, tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_bare_install_into_a_fresh_environment_runs_both_losses(bare_environment):
+    """The checks are the job's (`bare_install`): it raises on the first that fails."""
