@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _jobs_started_with_the_session(request, tmp_path_factory):
+    tmp_path_factory.getbasetemp()  # made here, once: the jobs' threads would race to make it
     pool = background.start(request.session.items, tmp_path_factory)
     yield
     pool.shutdown(wait=True)

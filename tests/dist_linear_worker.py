@@ -177,10 +177,10 @@ def training_step(config, dp_rank, mp_rank, grad_mode, ir_dir):
                 declared=loss_fn.collectives_per_call(ROWS, width)), net.projection.asnumpy(), net.head.asnumpy()
 
 
-def run_rank(config, dp_rank, mp_rank, ir_dir):
-    """Everything this rank checks: (arrays, report) for tests/test_linear_distributed.py."""
+def run_rank(config, dp_rank, mp_rank, ir_dir, modes):
+    """Everything this rank checks (the cases in `modes`): (arrays, report) for tests/test_linear_distributed.py."""
     results, report = {}, {}
-    for mode in RUNS:
+    for mode in modes:
         run_cases(mode, config, dp_rank, mp_rank, results)
     for mode in MODES:
         for where in ("hidden", "head_weight"):

@@ -10,7 +10,7 @@ part. A part that not every
 rank finished fails each of its tests with the launch's message (the failing rank's log tail); a part that
 every rank finished is read even when a later part failed the job.
 
-Rank side (`python msrun_jobs.py --dp D --mp M --out DIR --parts loss,linear`): the shared command line,
+Rank side (`python msrun_jobs.py --dp D --mp M --out DIR --parts loss,linear --modes pynative,graph`): the shared command line,
 the collective count of the executed graph's IR, and writing a part's results.
 """
 import argparse
@@ -28,6 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mf_loss.launch import launch, mark_rank_done  # noqa: E402
 
 LAYOUTS = {"mp2": (1, 2), "dp2_mp2": (2, 2)}   # name -> (data_parallel, model_parallel)
+# The case suites in GRAPH mode (a compile per case) run on the largest layout; every layout compiles the
+# exchange in GRAPH mode through its training steps.
+GRAPH_CASES_LAYOUT = "dp2_mp2"
+
+
+def modes_of(layout: str) -> tuple:
+    """The modes the layout's job runs the case suites in."""
+    return ("pynative", "graph") if layout == GRAPH_CASES_LAYOUT else ("pynative",)
 PARTS = {"loss": "dist_worker", "linear": "dist_linear_worker"}  # part -> module with run_rank()
 # Both parts on 4 ranks of 2 shared cores: ~4-6 min when the machine is quiet, 2-3x that when it is loaded.
 LAUNCH_TIMEOUT_S = 1500
@@ -59,7 +67,8 @@ class Jobs:
     def _launch(self, layout: str) -> None:
         dp, mp = LAYOUTS[layout]
         out = self.tmp_path_factory.mktemp(f"msrun_{layout}")
-        result = launch(Path(__file__), ["--dp", dp, "--mp", mp, "--out", out, "--parts", ",".join(self.parts)],
+        result = launch(Path(__file__), ["--dp", dp, "--mp", mp, "--out", out, "--parts", ",".join(self.parts),
+                                         "--modes", ",".join(modes_of(layout))],
                         workers=dp * mp, log_dir=out / "logs", timeout=LAUNCH_TIMEOUT_S)
         self.launched[layout] = (dp, mp, out, result)
 
@@ -109,6 +118,7 @@ def main():
     parser.add_argument("--mp", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--modes", default="pynative,graph", help="the case suites' modes, comma-separated")
     args = parser.parse_args()
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in PARTS]
@@ -122,7 +132,8 @@ def main():
     where = dict(rank=rank, dp_rank=rank // args.mp, mp_rank=rank % args.mp)
     for part in parts:
         arrays, report = importlib.import_module(PARTS[part]).run_rank(config, where["dp_rank"], where["mp_rank"],
-                                                                       args.out / f"{part}_ir_rank{rank}")
+                                                                       args.out / f"{part}_ir_rank{rank}",
+                                                                       args.modes.split(","))
         write_results(args.out, part, rank, arrays, dict(where, **report))
         print(f"rank {rank}: {part} done, {len(arrays)} arrays", flush=True)
     mark_rank_done(rank)

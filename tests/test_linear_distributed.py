@@ -14,7 +14,7 @@ from cases import upstream_weights
 from dist_linear_worker import (CASES, DESIGNS, NAN_HIDDEN_ROW, ROWS, RUNS, VOCAB, job_inputs, nan_arrays,
                                 train_inputs)
 from mf_loss import ParallelConfig
-from msrun_jobs import LAYOUTS
+from msrun_jobs import LAYOUTS, modes_of
 from reference import numpy_cross_entropy
 from test_linear_cross_entropy import assert_matches_reference, reference
 
@@ -29,8 +29,7 @@ def dp_rows(array, dp, dp_rank):
     return array[dp_rank * per_dp:(dp_rank + 1) * per_dp]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("layout, mode", [(layout, mode) for layout in LAYOUTS for mode in modes_of(layout)])
 def test_every_rank_equals_numpy_on_the_full_vocabulary(layout, mode, msrun_ranks):
     dp, mp, ranks = msrun_ranks(layout, MSRUN_PART)
     width = VOCAB // mp
