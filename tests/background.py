@@ -4,11 +4,12 @@ environment's own test run), started in threads when the test session starts, so
 
 A test module marks the function that runs its job with `@starts_with_session("fixture")` (the function
 takes pytest's tmp_path_factory); that fixture of the module gets the job's result with `result(function)`,
-which waits for it. A job starts only when a selected test uses its fixture. Each job's processes carry their own tag in the
-environment (`TAG`), so that a job can check that it left none of its own running while others still run.
+which waits for it. A job starts only when a selected test uses its fixture. Each job's processes carry its
+tag in the environment (`TAG`), so that a job can check that it left none of its own running while others
+still run.
 """
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -36,13 +37,9 @@ def start(items, tmp_path_factory) -> ThreadPoolExecutor:
     return pool
 
 
-def result(function, tmp_path_factory):
-    """The job's result: waited for when it was started with the session, run here otherwise."""
-    future = _STARTED.get(function.__name__)
-    if future is None:
-        future = _STARTED[function.__name__] = Future()
-        future.set_result(function(tmp_path_factory))
-    return future.result()
+def result(function):
+    """The job's result, waited for (the session started it: a test uses its fixture)."""
+    return _STARTED[function.__name__].result()
 
 
 def tagged_env(tag: str, **extra) -> dict:

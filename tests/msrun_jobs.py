@@ -6,12 +6,11 @@ each part's results to OUT/<part>_rank<r>.npz and .json as soon as the part is d
 Test side: `Jobs.rank_results(layout, part)` (the `msrun_ranks` fixture of tests/conftest.py) launches, on
 first use, the jobs of every layout the session's tests read, at once (each job waits on its cluster and its
 ranks' start-up, which the others' work fills), each with a timeout; it returns every rank's results of one
-part. A part that not every
-rank finished fails each of its tests with the launch's message (the failing rank's log tail); a part that
-every rank finished is read even when a later part failed the job.
+part. A part that not every rank finished fails each of its tests with the launch's message (the failing
+rank's log tail); a part that every rank finished is read even when a later part failed the job.
 
-Rank side (`python msrun_jobs.py --dp D --mp M --out DIR --parts loss,linear --modes pynative,graph`): the shared command line,
-the collective count of the executed graph's IR, and writing a part's results.
+Rank side (`python msrun_jobs.py --dp D --mp M --out DIR --parts loss,linear --modes pynative,graph`): the
+shared command line, the collective count of the executed graph's IR, and writing a part's results.
 """
 import argparse
 import importlib

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -79,24 +80,23 @@ def launch_jobs(tmp_path_factory):
     """The 2-rank msrun jobs of the tests below, all at once (each waits on its cluster and its ranks'
     start-up more than it computes): job -> (its directory, LaunchResult), and the processes left running
     after all of them ended."""
-    processes, results, threads = JobProcesses(tag="launch"), {}, []
-    for name, args in JOBS.items():
-        out = tmp_path_factory.mktemp(name)
+    processes = JobProcesses(tag="launch")
 
-        def run(name=name, out=out, args=args):
-            results[name] = out, launch(WORKER, [a.format(out=out) for a in args], workers=2, log_dir=out / "logs",
-                                        timeout=TIMEOUT_S if name == "timed_out" else 300, quiet=True,
-                                        env=background.tagged_env("launch", MF_LOSS_TEST_NODE="0"))
-        threads.append(threading.Thread(target=run))
-        threads[-1].start()
-    for thread in threads:
-        thread.join()
+    def run(job):
+        name, args = job
+        out = tmp_path_factory.mktemp(name)
+        return out, launch(WORKER, [a.format(out=out) for a in args], workers=2, log_dir=out / "logs",
+                           timeout=TIMEOUT_S if name == "timed_out" else 300, quiet=True,
+                           env=background.tagged_env("launch", MF_LOSS_TEST_NODE="0"))
+
+    with ThreadPoolExecutor(len(JOBS)) as pool:
+        results = dict(zip(JOBS, pool.map(run, JOBS.items())))
     return results, processes.left_running(), processes
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    return background.result(launch_jobs, tmp_path_factory)
+def jobs():
+    return background.result(launch_jobs)
 
 
 @pytest.mark.distributed

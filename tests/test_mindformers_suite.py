@@ -39,8 +39,8 @@ def mindformers_tests(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mindformers_run(tmp_path_factory):
-    return background.result(mindformers_tests, tmp_path_factory)
+def mindformers_run():
+    return background.result(mindformers_tests)
 
 
 @pytest.mark.skipif(os.environ.get(INNER_ENV) == "1", reason="already inside the MindFormers environment")

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -234,23 +235,22 @@ def killed_node_clusters(tmp_path_factory):
     node 0's (msrun's scheduler's node). Their ranks first report what they see of the world across the
     nodes, then all-reduce until killed. -> ({'node_1_killed', 'node_0_killed'} -> (out, results, killed at)),
     the processes left running after both)."""
-    processes, clusters, threads = JobProcesses(tag="multinode"), {}, []
-    for name, ranks in (("node_1_killed", (2, 3)), ("node_0_killed", (0, 1))):
-        out, killed = tmp_path_factory.mktemp(name), {}
+    processes = JobProcesses(tag="multinode")
+    kills = {"node_1_killed": (2, 3), "node_0_killed": (0, 1)}  # cluster -> the ranks killed
 
-        def run(name=name, out=out, ranks=ranks, killed=killed):
-            clusters[name] = (out, launch_two_nodes(out, "nodes_forever", killer(out, ranks, killed), timeout=400,
-                                                    tag="multinode"), killed)
-        threads.append(threading.Thread(target=run))
-        threads[-1].start()
-    for thread in threads:
-        thread.join()
+    def run(name):
+        out, killed = tmp_path_factory.mktemp(name), {}
+        return out, launch_two_nodes(out, "nodes_forever", killer(out, kills[name], killed), timeout=400,
+                                     tag="multinode"), killed
+
+    with ThreadPoolExecutor(len(kills)) as pool:
+        clusters = dict(zip(kills, pool.map(run, kills)))
     return clusters, processes.left_running()
 
 
 @pytest.fixture(scope="module")
-def two_node_clusters(tmp_path_factory):
-    return background.result(killed_node_clusters, tmp_path_factory)
+def two_node_clusters():
+    return background.result(killed_node_clusters)
 
 
 @pytest.mark.distributed

@@ -76,8 +76,8 @@ def bare_install(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bare_environment(tmp_path_factory):
-    background.result(bare_install, tmp_path_factory)
+def bare_environment():
+    background.result(bare_install)
 
 
 @pytest.mark.slow
